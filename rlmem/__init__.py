@@ -1,0 +1,11 @@
+"""rlmem: measure what neural memory systems remember, for how long and at what cost, in RL.
+
+``import rlmem`` registers the ``rlmem/<Name>-v0`` Gymnasium environments and the memory systems.
+"""
+
+import envs  # noqa: F401  (registers the environments)
+from rlmem.memory import MemorySystem, available_memories, build_memory, register_memory
+
+__version__ = "0.1.0"
+
+__all__ = ["MemorySystem", "available_memories", "build_memory", "register_memory", "__version__"]

@@ -1,0 +1,16 @@
+"""Memory systems behind one contract (see :mod:`rlmem.memory.base`), built by name."""
+
+from rlmem.memory.base import MemorySystem, reset_state
+from rlmem.memory.registry import available_memories, build_memory, memory_class, register_memory
+
+# Importing a module registers its systems.
+from rlmem.memory import baselines  # noqa: E402,F401  isort:skip
+
+__all__ = [
+    "MemorySystem",
+    "available_memories",
+    "build_memory",
+    "memory_class",
+    "register_memory",
+    "reset_state",
+]

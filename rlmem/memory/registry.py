@@ -1,0 +1,45 @@
+"""Registry of memory systems by name (``build_memory("gru", d_in=32, hidden_size=64)``)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from rlmem.memory.base import MemorySystem
+
+_REGISTRY: dict[str, type[MemorySystem]] = {}
+
+
+def register_memory(name: str) -> Callable[[type[MemorySystem]], type[MemorySystem]]:
+    """Class decorator: make a memory system buildable by ``name``."""
+
+    def decorator(cls: type[MemorySystem]) -> type[MemorySystem]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"memory system {name!r} is already registered to {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return decorator
+
+
+def available_memories() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def memory_class(name: str) -> type[MemorySystem]:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown memory system {name!r}; valid choices: {', '.join(available_memories())}")
+    return _REGISTRY[name]
+
+
+def build_memory(name: str, d_in: int, **kwargs) -> MemorySystem:
+    """Build a registered memory system; unknown keyword arguments raise naming the valid ones."""
+    cls = memory_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        valid = [p for p in params if p not in ("self", "d_in")]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(f"memory system {name!r} got unknown parameters {unknown}; valid: {valid}")
+    return cls(d_in=d_in, **kwargs)

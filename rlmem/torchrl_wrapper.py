@@ -1,0 +1,94 @@
+"""Turn any :class:`~rlmem.memory.MemorySystem` into a recurrent TorchRL module.
+
+TorchRL's recurrent conventions (as in ``torchrl.modules.GRUModule``):
+
+- ``is_init`` comes from the env's ``InitTracker`` transform;
+- the state is read from ``td[STATE_KEY]`` and written to ``td["next", STATE_KEY]``, so the
+  collector's ``step_mdp`` carries it to the next step;
+- a ``TensorDictPrimer`` (:meth:`MemoryModule.make_tensordict_primer`) declares the state in the env
+  specs, so resets put a state of the right shape in the data;
+- step mode by default (``td.batch_size == [*B]``, one step per call) and sequence mode under
+  ``torchrl.modules.set_recurrent_mode(True)`` (``td.batch_size == [B, T]``): the whole slice is
+  replayed from its stored start state ``td[STATE_KEY][:, 0]``, resetting where ``is_init``.
+
+In sequence mode nothing is written to ``("next", STATE_KEY)``: the loss needs outputs, not states.
+"""
+
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torchrl.data import Composite, Unbounded
+from torchrl.envs import TensorDictPrimer
+from torchrl.modules import recurrent_mode
+
+from rlmem.memory.base import MemorySystem
+
+STATE_KEY = "memory_state"
+
+
+class MemoryModule(TensorDictModuleBase):
+    """``td[in_key]: [*B, d_in]`` (step) or ``[B, T, d_in]`` (sequence) -> ``td[out_key]`` of ``d_out``."""
+
+    def __init__(self, memory: MemorySystem, in_key: str = "embed", out_key: str = "features"):
+        super().__init__()
+        self.memory = memory
+        self._state_names = list(memory.initial_state(1, "cpu").keys())
+        state_keys = [(STATE_KEY, k) for k in self._state_names]
+        self.in_keys = [in_key, "is_init", *state_keys]
+        self.out_keys = [out_key, *[("next", *k) for k in state_keys]]
+        self.in_key, self.out_key = in_key, out_key
+
+    def state_spec(self) -> Composite:
+        """Spec of one environment's state (no batch dims)."""
+        example = self.memory.initial_state(1, "cpu")
+        return Composite({k: Unbounded(shape=v.shape[1:], dtype=v.dtype) for k, v in example.items()})
+
+    def make_tensordict_primer(self) -> TensorDictPrimer:
+        """The env transform that puts an initial state in every reset (append it after ``InitTracker``)."""
+        primer = TensorDictPrimer({STATE_KEY: self.state_spec()}, expand_specs=True)
+        init = self.memory.initial_state(1, "cpu")
+        if any(v.abs().sum() > 0 for v in init.values()):
+            raise NotImplementedError("non-zero initial states need a primer default_value")
+        return primer
+
+    def _state_from(self, td: TensorDictBase, batch: int, device) -> TensorDict:
+        if not self._state_names:
+            return self.memory.initial_state(batch, device)
+        state = td.get(STATE_KEY, None)
+        if state is None:
+            return self.memory.initial_state(batch, device)
+        return state
+
+    def forward(self, td: TensorDictBase) -> TensorDictBase:
+        if recurrent_mode():
+            return self._forward_sequence(td)
+        return self._forward_step(td)
+
+    def _forward_sequence(self, td: TensorDictBase) -> TensorDictBase:
+        if td.batch_dims != 2:
+            raise ValueError(f"sequence mode needs a [B, T] tensordict, got batch_size={td.batch_size}")
+        x = td.get(self.in_key)
+        is_init = td.get("is_init").reshape(td.batch_size)
+        state = self._state_from(td, x.shape[0], x.device)
+        if self._state_names and state.batch_dims == 2:
+            state = state[:, 0]
+        y, _ = self.memory(x, state, is_init)
+        td.set(self.out_key, y)
+        return td
+
+    def _forward_step(self, td: TensorDictBase) -> TensorDictBase:
+        shape = td.batch_size
+        flat = td.reshape(-1) if td.batch_dims != 1 else td
+        x = flat.get(self.in_key).unsqueeze(1)
+        is_init = flat.get("is_init", None)
+        if is_init is None:
+            is_init = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        state = self._state_from(flat, x.shape[0], x.device)
+        y, next_state = self.memory(x, state, is_init.reshape(-1, 1))
+        out = TensorDict({self.out_key: y.squeeze(1)}, batch_size=flat.batch_size)
+        if self._state_names:
+            out.set(("next", STATE_KEY), next_state)
+        td.update(out.reshape(shape))
+        return td

@@ -1,0 +1,224 @@
+"""Tests every registered ``rlmem/`` env passes (registering an env adds it here).
+
+Per task class, ``test_kwargs`` (small sizes) and ``invalid_kwargs`` (a list of bad kwarg dicts) are read
+from the :class:`envs.core.MemoryTask` subclass.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.envs.registration import load_env_creator
+from gymnasium.utils.env_checker import check_env as gym_check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from torchrl.envs import Compose, InitTracker, TransformedEnv
+from torchrl.envs.libs.gym import GymWrapper
+from torchrl.envs.utils import check_env_specs
+
+import rlmem  # noqa: F401  (registers the envs)
+from envs import ENV_IDS
+
+IDS = sorted(i for i in gym.registry if i.startswith("rlmem/"))
+
+
+def task_cls(env_id):
+    return load_env_creator(gym.spec(env_id).entry_point).task_cls
+
+
+def kwargs_for(env_id):
+    return dict(getattr(task_cls(env_id), "test_kwargs", {}))
+
+
+def make(env_id, **extra):
+    return gym.make(env_id, **kwargs_for(env_id), **extra)
+
+
+def make_vec(env_id, num_envs, autoreset_mode="NextStep"):
+    return gym.make_vec(
+        env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
+        autoreset_mode=autoreset_mode, **kwargs_for(env_id),
+    )
+
+
+def rollout_single(env, seed, actions_rng, n_steps):
+    """Observations, rewards and dones of ``n_steps`` steps, resetting (unseeded) after each episode."""
+    obs, _ = env.reset(seed=seed)
+    out = [obs]
+    rewards, dones = [], []
+    for _ in range(n_steps):
+        obs, r, term, trunc, _ = env.step(env.action_space.sample() if actions_rng is None else int(actions_rng()))
+        rewards.append(r)
+        dones.append(term or trunc)
+        if term or trunc:
+            out.append(obs)  # final obs of the episode
+            obs, _ = env.reset()
+        out.append(obs)
+    return out, rewards, dones
+
+
+def test_every_config_name_is_registered():
+    assert IDS, "no rlmem/ envs registered"
+    assert set(ENV_IDS.values()) == set(IDS)
+
+
+def test_delayed_cue_make_with_kwargs():
+    env = gym.make("rlmem/DelayedCue-v0", delay=50, n_cues=4)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (5,)
+    n = 0
+    done = False
+    while not done:
+        _, r, term, trunc, _ = env.step(0)
+        done, n = term or trunc, n + 1
+    assert n == 52
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_gymnasium_check_env(env_id):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gym_check_env(make(env_id).unwrapped, skip_render_check=True)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_sb3_check_env(env_id):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sb3_check_env(make(env_id).unwrapped, warn=False)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_torchrl_check_env_specs(env_id):
+    env = TransformedEnv(
+        GymWrapper(make_vec(env_id, 4, "Disabled"), categorical_action_encoding=True), Compose(InitTracker())
+    )
+    check_env_specs(env, seed=0)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_seeded_determinism(env_id):
+    runs = []
+    for _ in range(2):
+        env = make(env_id)
+        env.action_space.seed(3)
+        runs.append(rollout_single(env, seed=11, actions_rng=None, n_steps=200))
+    (o1, r1, d1), (o2, r2, d2) = runs
+    assert r1 == r2 and d1 == d2
+    np.testing.assert_array_equal(np.stack(o1), np.stack(o2))
+    # a different seed gives a different run
+    env = make(env_id)
+    env.action_space.seed(3)
+    o3, _, _ = rollout_single(env, seed=12, actions_rng=None, n_steps=200)
+    assert len(o3) != len(o1) or not np.array_equal(np.stack(o3), np.stack(o1))
+
+
+@pytest.mark.parametrize("env_id", IDS)
+@pytest.mark.parametrize("mode", ["NextStep", "SameStep", "Disabled"])
+def test_vector_env_equals_single_envs(env_id, mode):
+    """Vector env seeded s == single envs seeded s, s+1, ... (same actions), in every autoreset mode."""
+    n, steps, seed = 3, 150, 5
+    vec = make_vec(env_id, n, mode)
+    singles = [make(env_id) for _ in range(n)]
+    rng = np.random.default_rng(0)
+    obs_v, _ = vec.reset(seed=seed)
+    obs_s = [env.reset(seed=seed + i)[0] for i, env in enumerate(singles)]
+    np.testing.assert_array_equal(obs_v, np.stack(obs_s))
+    single_done = np.zeros(n, dtype=bool)
+    for _ in range(steps):
+        actions = rng.integers(vec.single_action_space.n, size=n)
+        obs_v, r_v, term_v, trunc_v, info = vec.step(actions)
+        for i, env in enumerate(singles):
+            if mode == "NextStep" and single_done[i]:
+                o, _ = env.reset()
+                r, term, trunc = 0.0, False, False
+            else:
+                o, r, term, trunc, _ = env.step(int(actions[i]))
+            single_done[i] = term or trunc
+            assert r_v[i] == r and term_v[i] == term and trunc_v[i] == trunc
+            if single_done[i] and mode == "SameStep":
+                np.testing.assert_array_equal(info["final_obs"][i], o)
+                o, _ = env.reset()
+            np.testing.assert_array_equal(obs_v[i], o)
+        if mode == "Disabled" and single_done.any():
+            obs_v, _ = vec.reset(options={"reset_mask": single_done.copy()})
+            for i in np.flatnonzero(single_done):
+                np.testing.assert_array_equal(obs_v[i], singles[i].reset()[0])
+            single_done[:] = False
+
+
+def episode_returns(env_id, policy, n_episodes, seed=0):
+    vec = make_vec(env_id, 16, "NextStep")
+    rng = np.random.default_rng(seed)
+    vec.reset(seed=seed)
+    returns, current = [], np.zeros(16)
+    done_prev = np.zeros(16, dtype=bool)
+    while len(returns) < n_episodes:
+        actions = policy(vec, rng)
+        _, r, term, trunc, _ = vec.step(actions)
+        current[~done_prev] += r[~done_prev]
+        done = (term | trunc) & ~done_prev
+        returns.extend(current[done].tolist())
+        current[done] = 0.0
+        done_prev = done
+    return np.array(returns)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_oracle_reaches_documented_optimal_return(env_id):
+    task = make_vec(env_id, 1).task
+    returns = episode_returns(env_id, lambda vec, rng: vec.task.oracle_action(), 200)
+    assert returns.mean() == pytest.approx(task.optimal_return(), abs=0.05 * max(1.0, abs(task.optimal_return())))
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_random_policy_lands_near_documented_chance_return(env_id):
+    task = make_vec(env_id, 1).task
+    returns = episode_returns(env_id, lambda vec, rng: rng.integers(vec.single_action_space.n, size=16), 2000)
+    tol = 4 * returns.std() / np.sqrt(len(returns)) + 1e-6
+    assert returns.mean() == pytest.approx(task.chance_return(), abs=tol)
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_invalid_actions_raise_clear_errors(env_id):
+    env = make(env_id)
+    env.reset(seed=0)
+    n = env.action_space.n
+    for bad in (n, -1, 0.5):
+        with pytest.raises(ValueError, match=r"\[0, "):
+            env.step(bad)
+    vec = make_vec(env_id, 2)
+    vec.reset(seed=0)
+    with pytest.raises(ValueError, match=r"\[0, "):
+        vec.step(np.array([0, n]))
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_invalid_kwargs_raise_clear_errors(env_id):
+    cls = task_cls(env_id)
+    bad_kwargs = getattr(cls, "invalid_kwargs", [])
+    assert bad_kwargs, f"{cls.__name__} declares no invalid_kwargs to test"
+    for bad in bad_kwargs:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            gym.make(env_id, **bad)
+    with pytest.raises(ValueError, match="valid"):
+        gym.make(env_id, difficulty="impossible")
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_presets_build(env_id):
+    for name in task_cls(env_id).presets:
+        env = gym.make(env_id, difficulty=name)
+        env.reset(seed=0)
+        env.step(env.action_space.sample())
+
+
+def test_get_state_exposes_the_cue():
+    env = gym.make("rlmem/DelayedCue-v0", delay=3)
+    obs, _ = env.reset(seed=4)
+    state = env.unwrapped.get_state()
+    assert obs[state["cue"]] == 1.0 and state["t"] == 0
+    assert torch.is_tensor(torch.as_tensor(obs))
