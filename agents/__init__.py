@@ -1,0 +1,78 @@
+"""Agent recipes: observation encoder -> memory system -> policy and value heads.
+
+An agent is described by a flat config (``scripts/conf/agent/<name>.yaml``)::
+
+    memory: gru          # a registered memory system (rlmem.memory.available_memories())
+    encoder_dim: 64      # observation -> encoder_dim features (Linear + Tanh)
+    hidden_size: 64      # every other key is a keyword argument of the memory system
+
+so ``agent.hidden_size=128`` on the command line resizes the memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from tensordict.nn import TensorDictModule, TensorDictSequential
+from torch import nn
+from torchrl.modules import ProbabilisticActor, ValueOperator
+
+from rlmem.memory import build_memory
+from rlmem.torchrl_wrapper import MemoryModule
+
+#: keys of an agent config that are not memory-system parameters
+AGENT_KEYS = ("name", "memory", "encoder_dim")
+
+
+class ActorCritic(nn.Module):
+    """The TorchRL pieces of one agent, sharing one memory.
+
+    - ``backbone``: ``observation -> embed -> features`` (encoder + :class:`MemoryModule`);
+    - ``actor``: ``features -> logits -> action`` (categorical), ``critic``: ``features -> state_value``;
+    - ``policy``: backbone + actor + critic in one step-mode module for the collector (values are
+      recorded while acting, as in CleanRL, so GAE needs no second pass).
+    """
+
+    def __init__(self, obs_dim: int, n_actions: int, action_spec, cfg: Mapping[str, Any]):
+        super().__init__()
+        cfg = dict(cfg)
+        memory_name = cfg.pop("memory")
+        encoder_dim = int(cfg.pop("encoder_dim", 64))
+        cfg.pop("name", None)
+        memory = build_memory(memory_name, d_in=encoder_dim, **cfg)
+        self.memory_name = memory_name
+        encoder = nn.Sequential(nn.Linear(obs_dim, encoder_dim), nn.Tanh())
+        self.backbone = TensorDictSequential(
+            TensorDictModule(encoder, in_keys=["observation"], out_keys=["embed"]),
+            MemoryModule(memory, in_key="embed", out_key="features"),
+        )
+        policy_head = nn.Linear(memory.d_out, n_actions)
+        value_head = nn.Linear(memory.d_out, 1)
+        # small policy init (as in CleanRL / "What matters in on-policy RL"): near-uniform first actions
+        nn.init.orthogonal_(policy_head.weight, 0.01)
+        nn.init.zeros_(policy_head.bias)
+        nn.init.orthogonal_(value_head.weight, 1.0)
+        nn.init.zeros_(value_head.bias)
+        self.actor = ProbabilisticActor(
+            TensorDictModule(policy_head, in_keys=["features"], out_keys=["logits"]),
+            in_keys=["logits"],
+            out_keys=["action"],
+            distribution_class=torch.distributions.Categorical,
+            spec=action_spec,
+            return_log_prob=True,
+        )
+        self.critic = ValueOperator(value_head, in_keys=["features"])
+        self.policy = TensorDictSequential(self.backbone, self.actor, self.critic)
+
+    @property
+    def memory_module(self) -> MemoryModule:
+        return self.backbone[1]
+
+    @property
+    def memory(self):
+        return self.memory_module.memory
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.memory.aux_loss()
