@@ -1,0 +1,196 @@
+"""Mamba: a selective state-space model (Gu & Dao 2023) with its full recurrent state in a TensorDict.
+
+Per layer (pre-norm residual block ``h <- h + Mixer(RMSNorm(h))``, final RMSNorm):
+
+- ``in_proj``: ``d_model -> (x, z)``, each ``d_inner = expand * d_model``;
+- causal depthwise conv1d over ``x`` (kernel ``d_conv``), then SiLU -> ``u``; its last ``d_conv - 1``
+  inputs are part of the state, so one step sees the same window as the sequence does;
+- selective SSM: ``(dt, B, C) = x_proj(u)``, ``delta = softplus(dt_proj(dt))`` (input-dependent),
+  ``A = -exp(A_log)`` diagonal, ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``, ``y_t = C_t h_t + D u_t``;
+- output ``out_proj(y * SiLU(z))``.
+
+Sequence mode runs the recurrence as a parallel (Hillis-Steele) scan, ``log2(T)`` tensor operations
+instead of ``T`` Python steps; T=1 is the same code with zero scan rounds (constant time per step).
+Episode starts inside a sequence zero the decay at that step (so ``h`` restarts from the zero initial
+state) and mask conv inputs from before the start. On CUDA with ``mamba_ssm`` installed, sequences that
+start fresh in every row and contain no other reset use its fused selective-scan kernel.
+
+State (``L = n_layers``): ``conv: [B, L, d_inner, d_conv - 1]``, ``ssm: [B, L, d_inner, d_state]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import nn
+
+from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.registry import register_memory
+
+
+def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """All ``h_t = a_t * h_{t-1} + b_t`` of a sequence, with ``h_{-1} = h0``.
+
+    ``a, b: [B, T, *S]``, ``h0: [B, *S]`` -> ``h: [B, T, *S]``. Hillis-Steele prefix scan over the
+    associative operator ``(a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)``: ``ceil(log2 T)`` rounds, each a
+    few whole-tensor ops. Only products of the ``a`` (decays in [0, 1]) are formed, never their logs, so
+    a zero decay (an episode start) is exact and nothing overflows.
+    """
+    T, span = a.shape[1], 1
+    while span < T:
+        # b uses the a of the previous round, so it is updated first
+        b = torch.cat([b[:, :span], torch.addcmul(b[:, span:], a[:, span:], b[:, :-span])], 1)
+        a = torch.cat([a[:, :span], a[:, span:] * a[:, :-span]], 1)
+        span *= 2
+    return torch.addcmul(b, a, h0.unsqueeze(1))
+
+
+def episode_ids(is_init: torch.Tensor, n_before: int) -> torch.Tensor:
+    """``is_init: [B, T] -> [B, n_before + T]`` episode index of every position; the ``n_before``
+    buffered positions (from the state) belong to the episode that was running before the sequence."""
+    seg = is_init.long().cumsum(1)
+    return torch.cat([seg.new_zeros(seg.shape[0], n_before), seg], 1)
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor, buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seg: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv whose left context comes from the state.
+
+    ``x: [B, T, C]``, ``buffer: [B, C, k-1]`` (the last k-1 inputs), ``weight: [C, k]``, ``bias: [C]``,
+    ``seg: [B, k-1+T]`` episode ids (None: no reset anywhere) -> ``(y: [B, T, C], next buffer [B, C, k-1])``.
+    Inputs from another episode than the output's are masked out, which is what resetting the buffer to
+    zeros at the episode start does when stepping.
+    """
+    k = weight.shape[1]
+    full = torch.cat([buffer.transpose(1, 2), x], 1)  # [B, k-1+T, C]
+    windows = full.unfold(1, k, 1)  # [B, T, C, k]; windows[:, t, :, j] = full[:, t + j]
+    tail = full[:, full.shape[1] - (k - 1) :]
+    if seg is not None:
+        same = seg.unfold(1, k, 1) == seg[:, k - 1 :, None]  # [B, T, k]
+        windows = windows * same.unsqueeze(2).to(x.dtype)
+        tail = tail * (seg[:, seg.shape[1] - (k - 1) :] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
+    y = torch.einsum("btck,ck->btc", windows, weight) + bias
+    return y, tail.transpose(1, 2)
+
+
+@functools.cache
+def _cuda_selective_scan():
+    """``mamba_ssm``'s fused selective scan, or None when it is not installed (it needs its CUDA build)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except (ImportError, OSError):
+        return None
+    return selective_scan_fn
+
+
+def _kernel_applies(ssm_state: torch.Tensor, keep: torch.Tensor | None) -> bool:
+    """True when ``mamba_ssm`` is importable and the scan starts from zero with no reset after t=0."""
+    if _cuda_selective_scan() is None or (keep is not None and not bool(keep[:, 1:].all())):
+        return False
+    h0 = ssm_state if keep is None else ssm_state * keep[:, :1, None]  # a reset at t=0 zeroes h0
+    return not bool(h0.any())
+
+
+class MambaMixer(nn.Module):
+    """One Mamba mixer. ``x: [B, T, d_model]`` -> ``[B, T, d_model]`` plus its next (conv, ssm) state."""
+
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dt_rank: int,
+                 dt_min: float = 1e-3, dt_max: float = 0.1):
+        super().__init__()
+        d_inner = expand * d_model
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = d_inner, d_state, d_conv, dt_rank
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner)  # weights only; applied by hand
+        self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, d_inner)
+        # Mamba's initialisation: delta starts log-uniform in [dt_min, dt_max], A_n = -n (S4D-real)
+        nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def forward(self, x, conv_state, ssm_state, seg, keep):
+        """``x: [B, T, d_model]``, ``conv_state: [B, d_inner, d_conv-1]``, ``ssm_state: [B, d_inner, d_state]``,
+        ``seg: [B, d_conv-1+T]`` or None, ``keep: [B, T]`` float (0 where an episode starts) or None."""
+        xs, z = self.in_proj(x).chunk(2, -1)
+        u, conv_state = causal_depthwise_conv(xs, conv_state, self.conv.weight.squeeze(1), self.conv.bias, seg)
+        u = F.silu(u)  # [B, T, d_inner]
+        dt, Bm, Cm = self.x_proj(u).split([self.dt_rank, self.d_state, self.d_state], -1)
+        delta = F.softplus(self.dt_proj(dt))  # [B, T, d_inner]
+        A = -torch.exp(self.A_log)  # [d_inner, d_state]
+        if x.is_cuda and _kernel_applies(ssm_state, keep):
+            # the fused kernel starts from h = 0 and knows no resets: fresh sequences without inner resets
+            u_, delta_, B_, C_ = (t.transpose(1, 2).contiguous() for t in (u, delta, Bm, Cm))  # [B, *, T]
+            y, ssm_state = _cuda_selective_scan()(u_, delta_, A, B_, C_, self.D, return_last_state=True)
+            y = y.transpose(1, 2)
+        else:
+            decay = torch.exp(delta.unsqueeze(-1) * A)  # [B, T, d_inner, d_state]
+            if keep is not None:
+                decay = decay * keep[:, :, None, None]  # h restarts from zero at episode starts
+            drive = (delta * u).unsqueeze(-1) * Bm.unsqueeze(2)  # [B, T, d_inner, d_state]
+            h = linear_scan(decay, drive, ssm_state)
+            y = torch.einsum("btdn,btn->btd", h, Cm) + self.D * u
+            ssm_state = h[:, -1]
+        return self.out_proj(y * F.silu(z)), conv_state, ssm_state
+
+
+@register_memory("mamba")
+class MambaMemory(MemorySystem):
+    """Stack of Mamba blocks. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+
+    State: ``conv: [B, n_layers, d_inner, d_conv - 1]``, ``ssm: [B, n_layers, d_inner, d_state]``,
+    zero at episode start; ``d_inner = expand * d_model``.
+    """
+
+    test_kwargs = {"d_model": 16, "n_layers": 2, "d_state": 4, "d_conv": 3, "expand": 2}
+
+    def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, dt_rank: int | None = None):
+        super().__init__()
+        for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 1), ("d_state", d_state, 1),
+                                 ("d_conv", d_conv, 2), ("expand", expand, 1)):
+            if value < low:
+                raise ValueError(f"mamba: {name} must be >= {low}, got {value}")
+        dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        if dt_rank < 1:
+            raise ValueError(f"mamba: dt_rank must be >= 1 (or null for ceil(d_model/16)), got {dt_rank}")
+        self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
+        self.embed = nn.Linear(d_in, d_model)
+        self.norms = nn.ModuleList(nn.RMSNorm(d_model) for _ in range(n_layers))
+        self.mixers = nn.ModuleList(MambaMixer(d_model, d_state, d_conv, expand, dt_rank) for _ in range(n_layers))
+        self.norm_f = nn.RMSNorm(d_model)
+        self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
+
+    def initial_state(self, batch_size, device=None):
+        L = self.n_layers
+        return TensorDict(
+            {
+                "conv": torch.zeros(batch_size, L, self.d_inner, self.d_conv - 1, device=device),
+                "ssm": torch.zeros(batch_size, L, self.d_inner, self.d_state, device=device),
+            },
+            batch_size=[batch_size],
+        )
+
+    def forward(self, x, state, is_init):
+        check_inputs(self, x, state, is_init)
+        resets = bool(is_init.any())
+        seg = episode_ids(is_init, self.d_conv - 1) if resets else None
+        keep = (~is_init).to(x.dtype) if resets else None
+        h = self.embed(x)
+        convs, ssms = [], []
+        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
+            out, conv, ssm = mixer(norm(h), state["conv"][:, i], state["ssm"][:, i], seg, keep)
+            h = h + out
+            convs.append(conv)
+            ssms.append(ssm)
+        next_state = TensorDict({"conv": torch.stack(convs, 1), "ssm": torch.stack(ssms, 1)},
+                                batch_size=state.batch_size)
+        return self.norm_f(h), next_state
