@@ -1,0 +1,142 @@
+"""DualTierMiras: two online associative memories, a fast tier always written and a deep tier written
+only on surprise (after the MIRAS / Titans view of memory as online regression).
+
+Every step, with per-head queries/keys ``q, k`` (unit length, ``mem_slots`` dims) and values ``v``
+(``d_model / n_heads`` dims), each tier is a matrix ``M: [d_head, mem_slots]`` per head:
+
+- read (before writing): ``r = M q`` for both tiers, all heads -> ``out_proj([r_fast; r_deep])``;
+- fast tier, delta rule with forgetting: ``M <- (1 - decay) M + lr_fast (v - M k) k^T``;
+- deep tier, Titans' momentum update, applied through a surprise gate ``g`` per head::
+
+      e = v - M k,   surprise = |e|^2 / (|v|^2 + eps)          (the tier's own relative prediction error)
+      g = sigmoid((surprise - surprise_threshold) / temperature)  (temperature learned)
+      S' = momentum S + lr_deep e k^T,   M' = (1 - decay) M + S'
+      S <- S + g (S' - S),   M <- M + g (M' - M)
+
+  so an input the deep tier already predicts leaves it untouched (no write, no forgetting), and a novel
+  one is written. The gate is a smooth function of the projections, so it is trained by the task loss.
+
+``mem_slots`` is the key dimension: the number of orthogonal keys a head can hold without
+interference. A matrix memory needs no slot mask: a never-written memory is zero and reads as zero.
+All writes are batched tensor ops; each batch row has its own memory in the state.
+
+State: ``fast, deep, deep_momentum: [B, n_heads, d_head, mem_slots]``, zero at episode start.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import nn
+
+from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.registry import register_memory
+
+_EPS = 1e-4
+
+
+@register_memory("miras")
+class DualTierMiras(MemorySystem):
+    """Fast + surprise-gated deep associative memory. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+
+    ``y_t = LayerNorm(h_t + out_proj([fast.read(q_t); deep.read(q_t)]))`` with ``h_t = in_proj(x_t)``;
+    the step's own key/value is written after the read, so ``y_t`` retrieves from steps ``< t``.
+    """
+
+    test_kwargs = {"d_model": 16, "mem_slots": 8, "n_heads": 2}
+
+    def __init__(self, d_in: int, d_model: int = 64, mem_slots: int = 32, n_heads: int = 4,
+                 surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
+                 momentum: float = 0.5, temperature: float = 0.1):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("mem_slots", mem_slots), ("n_heads", n_heads)):
+            if value < 1:
+                raise ValueError(f"miras: {name} must be >= 1, got {value}")
+        if d_model % n_heads:
+            raise ValueError(f"miras: d_model={d_model} must be divisible by n_heads={n_heads}")
+        for name, value in (("lr_fast", lr_fast), ("lr_deep", lr_deep), ("decay", decay), ("momentum", momentum)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"miras: {name} must be in [0, 1], got {value}")
+        if temperature <= 0:
+            raise ValueError(f"miras: temperature must be > 0, got {temperature}")
+        self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
+        self.mem_slots, self.n_heads, self.d_head = mem_slots, n_heads, d_model // n_heads
+        self.surprise_threshold, self.lr_fast, self.lr_deep = surprise_threshold, lr_fast, lr_deep
+        self.decay, self.momentum = decay, momentum
+        self.in_proj = nn.Identity() if d_in == d_model else nn.Linear(d_in, d_model)
+        self.q_proj = nn.Linear(d_model, n_heads * mem_slots, bias=False)
+        self.k_proj = nn.Linear(d_model, n_heads * mem_slots, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(2 * d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def initial_state(self, batch_size, device=None):
+        shape = (batch_size, self.n_heads, self.d_head, self.mem_slots)
+        return TensorDict(
+            {name: torch.zeros(shape, device=device) for name in ("fast", "deep", "deep_momentum")},
+            batch_size=[batch_size],
+        )
+
+    # -- the pieces, usable on their own (tests, the Infinity memory) ------------------------------------
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``h: [B, T, d_model]`` -> ``q, k: [B, T, n_heads, mem_slots]`` (unit length), ``v: [B, T, n_heads, d_head]``."""
+        B, T, _ = h.shape
+        q = F.normalize(self.q_proj(h).view(B, T, self.n_heads, self.mem_slots), dim=-1)
+        k = F.normalize(self.k_proj(h).view(B, T, self.n_heads, self.mem_slots), dim=-1)
+        return q, k, self.v_proj(h).view(B, T, self.n_heads, self.d_head)
+
+    @staticmethod
+    def read(memory: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """``memory: [B, H, d_head, S]``, ``query: [B, H, S]`` -> ``[B, H, d_head]``."""
+        return (memory @ query.unsqueeze(-1)).squeeze(-1)
+
+    def write_fast(self, fast: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Delta rule with forgetting. ``fast: [B, H, d_head, S]``, ``k: [B, H, S]``, ``v: [B, H, d_head]``."""
+        error = v - self.read(fast, k)
+        return (1 - self.decay) * fast + self.lr_fast * error.unsqueeze(-1) * k.unsqueeze(-2)
+
+    def write_deep(self, deep, momentum_state, k, v):
+        """Surprise-gated Titans update. Shapes as :meth:`write_fast`; returns ``(deep, momentum, gate [B, H])``."""
+        error = v - self.read(deep, k)
+        surprise = error.pow(2).sum(-1) / (v.pow(2).sum(-1) + _EPS)  # [B, H]
+        gate = torch.sigmoid((surprise - self.surprise_threshold) / self.log_temperature.exp())
+        g = gate[..., None, None]
+        full_momentum = self.momentum * momentum_state + self.lr_deep * error.unsqueeze(-1) * k.unsqueeze(-2)
+        full_deep = (1 - self.decay) * deep + full_momentum
+        return torch.lerp(deep, full_deep, g), torch.lerp(momentum_state, full_momentum, g), gate
+
+    # -- the memory-system contract ----------------------------------------------------------------------
+
+    def retrieve(self, h, state, is_init):
+        """Run the memory over ``h: [B, T, d_model]``: ``-> (reads [B, T, 2 * d_model], next_state)``.
+
+        Also sets ``self.last_write_rate`` (mean deep-tier gate of this call, detached) for logging.
+        """
+        B, T, _ = h.shape
+        q, k, v = self.project(h)
+        keep = (~is_init).to(h.dtype)[:, :, None, None, None] if bool(is_init.any()) else None
+        fast, deep, mom = state["fast"], state["deep"], state["deep_momentum"]
+        reads, gates = [], []
+        for t in range(T):  # the delta rule is sequential in t; everything inside is batched over rows and heads
+            if keep is not None:
+                fast, deep, mom = fast * keep[:, t], deep * keep[:, t], mom * keep[:, t]
+            reads.append(torch.cat([self.read(fast, q[:, t]), self.read(deep, q[:, t])], -1))  # [B, H, 2*d_head]
+            fast = self.write_fast(fast, k[:, t], v[:, t])
+            deep, mom, gate = self.write_deep(deep, mom, k[:, t], v[:, t])
+            gates.append(gate)
+        self.last_write_rate = torch.stack(gates).mean().detach()
+        r = torch.stack(reads, 1)  # [B, T, H, 2 * d_head]
+        r = torch.cat([r[..., : self.d_head].flatten(2), r[..., self.d_head :].flatten(2)], -1)
+        next_state = TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
+        return r, next_state
+
+    def forward(self, x, state, is_init):
+        check_inputs(self, x, state, is_init)
+        h = self.in_proj(x)
+        r, next_state = self.retrieve(h, state, is_init)
+        return self.norm(h + self.out_proj(r)), next_state
