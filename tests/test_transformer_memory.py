@@ -1,0 +1,52 @@
+"""Sliding-window Transformer memory: what it sees is bounded by its window and by episode starts."""
+
+from __future__ import annotations
+
+import torch
+
+from rlmem.memory import build_memory
+
+D_IN, W = 5, 6
+
+
+def transformer(n_layers=1):
+    torch.manual_seed(0)
+    return build_memory("transformer", d_in=D_IN, d_model=16, n_heads=2, window=W, n_layers=n_layers)
+
+
+def test_one_layer_sees_exactly_the_last_window_steps():
+    memory = transformer()
+    x = torch.randn(1, 20, D_IN, requires_grad=True)
+    y, _ = memory(x, memory.initial_state(1), torch.zeros(1, 20, dtype=torch.bool))
+    t = 15
+    (grad,) = torch.autograd.grad(y[0, t].sum(), x)
+    seen = grad[0].abs().sum(-1) > 0
+    expected = torch.zeros(20, dtype=torch.bool)
+    expected[t - W : t + 1] = True
+    assert torch.equal(seen, expected)
+
+
+def test_nothing_before_an_episode_start_is_attended():
+    memory = transformer(n_layers=2)
+    x = torch.randn(1, 20, D_IN, requires_grad=True)
+    is_init = torch.zeros(1, 20, dtype=torch.bool)
+    is_init[0, 10] = True
+    y, _ = memory(x, memory.initial_state(1), is_init)
+    (grad,) = torch.autograd.grad(y[0, 10:].sum(), x)
+    assert grad[0, :10].abs().sum() == 0 and grad[0, 10:].abs().sum() > 0
+
+
+def test_state_is_bounded_by_the_window_and_tracks_filled_slots():
+    memory = transformer(n_layers=2)
+    state = memory.initial_state(2)
+    assert state["valid"].sum() == 0  # nothing cached yet: nothing to attend
+    x = torch.randn(2, 40, D_IN)
+    is_init = torch.zeros(2, 40, dtype=torch.bool)
+    with torch.no_grad():
+        _, s3 = memory(x[:, :3], state, is_init[:, :3])
+        _, s40 = memory(x, state, is_init)
+        is_init[1, 37] = True
+        _, s_reset = memory(x, state, is_init)
+    assert s3["valid"].tolist() == [[0.0] * (W - 3) + [1.0] * 3] * 2
+    assert s40["mem"].shape == (2, 2, W, 16) and s40["valid"].sum() == 2 * W
+    assert s_reset["valid"][1].tolist() == [0.0] * (W - 3) + [1.0] * 3  # only the 3 steps since the start
