@@ -43,13 +43,13 @@ class ActorCritic(nn.Module):
         cfg.pop("name", None)
         memory = build_memory(memory_name, d_in=encoder_dim, **cfg)
         self.memory_name = memory_name
-        encoder = nn.Sequential(nn.Linear(obs_dim, encoder_dim), nn.Tanh())
+        self.encoder = nn.Sequential(nn.Linear(obs_dim, encoder_dim), nn.Tanh())
         self.backbone = TensorDictSequential(
-            TensorDictModule(encoder, in_keys=["observation"], out_keys=["embed"]),
+            TensorDictModule(self.encoder, in_keys=["observation"], out_keys=["embed"]),
             MemoryModule(memory, in_key="embed", out_key="features"),
         )
-        policy_head = nn.Linear(memory.d_out, n_actions)
-        value_head = nn.Linear(memory.d_out, 1)
+        self.policy_head = policy_head = nn.Linear(memory.d_out, n_actions)
+        self.value_head = value_head = nn.Linear(memory.d_out, 1)
         # small policy init (as in CleanRL / "What matters in on-policy RL"): near-uniform first actions
         nn.init.orthogonal_(policy_head.weight, 0.01)
         nn.init.zeros_(policy_head.bias)
@@ -73,6 +73,12 @@ class ActorCritic(nn.Module):
     @property
     def memory(self):
         return self.memory_module.memory
+
+    @torch.no_grad()
+    def act_greedy(self, obs: torch.Tensor, state, is_init: torch.Tensor):
+        """One greedy step outside TorchRL: ``obs: [N, obs_dim]``, ``is_init: [N]`` -> ``(action [N], state)``."""
+        y, state = self.memory(self.encoder(obs).unsqueeze(1), state, is_init.unsqueeze(1))
+        return self.policy_head(y[:, 0]).argmax(-1), state
 
     def aux_loss(self) -> torch.Tensor | None:
         return self.memory.aux_loss()
