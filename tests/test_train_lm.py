@@ -1,0 +1,119 @@
+"""scripts/train_lm.py and the training pieces in lm_tasks.training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import rlmem  # noqa: F401  (registers the memory systems)
+from lm_tasks import build_task
+from lm_tasks.training import ConfigError, LMModel, answer_loss, evaluate, run, setup
+from rlmem.run_io import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_COPY = {"name": "copy_memory", "n_items": 3, "delay": 2, "vocab_size": 6}  # chance 1/4
+GRU = {"memory": "gru", "d_model": 32, "hidden_size": 32}
+
+
+def train_lm(*overrides: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_lm.py"), *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_script_writes_outputs_and_a_gru_learns_copy_memory(tmp_path):
+    proc = train_lm(
+        "model=gru", "task=copy_memory", "task.n_items=3", "task.delay=2", "task.vocab_size=6",
+        "steps=300", "eval_every=100", "checkpoint_every=100", f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 300 and metrics["tokens_per_s"] > 0 and metrics["wall_seconds"] > 0
+    assert metrics["chance_accuracy"] == pytest.approx(0.25)
+    assert metrics["eval_accuracy"] >= 0.6, metrics  # well above chance (0.25)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 300 and "model" in ckpt
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"lm/train_loss", "lm/eval_accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("lm/eval_accuracy")] == [100, 200, 300]
+
+
+def test_script_rejects_bad_config_before_training(tmp_path):
+    proc = train_lm("model.memory=nope", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0
+    assert "valid choices" in proc.stderr and "gru" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def cfg(**overrides):
+    return {"model": dict(GRU), "task": dict(TINY_COPY), "steps": 10, "batch_size": 8, "eval_every": 5,
+            "eval_batches": 2, "checkpoint_every": 5, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"task": {"name": "copy"}}, "valid choices: assoc_recall, copy_memory"),
+        ({"task": {"name": "copy_memory", "items": 3}}, "valid: .*n_items"),
+        ({"task": {"name": "copy_memory", "n_items": 0}}, "n_items"),
+        ({"model": {"memory": "grux"}}, "valid choices: .*gru"),
+        ({"model": {"memory": "gru", "hidden": 3}}, "valid: .*hidden_size"),
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"eval_seed": 0}, "eval_seed"),
+        ({"stepz": 3}, "valid: .*steps"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_bad_config_values_name_the_valid_choices(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        setup(cfg(**overrides))
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
+    full = run(cfg(steps=10), tmp_path / "full", progress=False)
+    run(cfg(steps=5), tmp_path / "split", progress=False)
+    resumed = run(cfg(steps=10), tmp_path / "split", progress=False)
+    assert resumed["steps"] == 10
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert resumed["eval_accuracy"] == full["eval_accuracy"]
+    with pytest.raises(ValueError, match="resume=false"):  # another task in the same run dir
+        run(cfg(steps=12, task={**TINY_COPY, "delay": 3}), tmp_path / "split", progress=False)
+
+
+def test_loss_and_eval_use_answer_positions_only():
+    task = build_task("copy_memory", n_items=2, delay=1, vocab_size=5)
+    batch = next(task.batches(4, seed=0))
+    torch.manual_seed(0)
+    model = LMModel(task.vocab_size, "gru", d_model=8, hidden_size=8)
+    logits = model(batch.inputs)
+    assert logits.shape == (4, task.seq_len, task.vocab_size)
+    perfect = torch.full_like(logits, -10.0)
+    perfect[batch.mask] = perfect[batch.mask].scatter(1, batch.targets[batch.mask].unsqueeze(1), 10.0)
+    assert answer_loss(perfect, batch.targets, batch.mask) < 1e-6  # non-answer positions never count
+
+    class Oracle(torch.nn.Module):
+        def forward(self, inputs):
+            return perfect
+
+    result = evaluate(Oracle(), [batch])
+    assert result["accuracy"] == result["sequence_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("memory", ["gru", "lstm", "mlp"])
+def test_model_wrapper_shapes(memory):
+    inputs = next(build_task("induction_head", seq_len=6, vocab_size=5).batches(2, seed=0)).inputs
+    assert LMModel(5, memory, d_model=8, hidden_size=8)(inputs).shape == (2, 6, 5)
