@@ -95,15 +95,18 @@ def test_tmaze_default_penalty_and_exact_chance_return():
 
 # --- cards: step for step against POPGym on the same deal ---------------------------------------------
 class DealAs:
-    """Stands in for ``np.random.Generator`` in ``sample_episode``: returns POPGym's deal orders."""
+    """Stands in for ``np.random.Generator`` in ``sample_episode``: shuffles into POPGym's deal orders."""
 
     def __init__(self, *decks):
         self.orders = [deck.idx[::-1].copy() for deck in decks]  # POPGym deals from the end of ``idx``
 
-    def permutation(self, n):
-        order = self.orders.pop(0)
-        assert len(order) == n
-        return order
+    def permutation(self, cards):
+        (order,) = self.orders
+        return cards[order]
+
+    def permuted(self, decks, axis):
+        assert axis == 1 and len(decks) == len(self.orders)
+        return np.stack([deck[order] for deck, order in zip(decks, self.orders)])
 
 
 CARD_CASES = [  # (popgym class, our task, our kwargs, popgym decks, obs -> our one-hot)
@@ -172,14 +175,16 @@ def test_presets_match_popgym(name, difficulty):
         assert task.n_categories == ref.num_distinct_cards
 
 
-def test_count_recall_answers_count_the_value_cards():
+def test_count_recall_answer_counts_the_value_cards_dealt_so_far():
     task = CountRecallTask(num_envs=2, deck_type="ranks", num_decks=2)
     task.reset_envs(np.arange(2), [np.random.default_rng(s) for s in range(2)])
-    ep = task.episode
-    for t in (0, 7, 103):
-        for i in range(2):
-            assert ep["answer"][i, t] == np.sum(ep["values"][i, : t + 1] == ep["queries"][i, t])
-    assert task.action_space.n == 8 + 1 and task.chance_return() == pytest.approx(2 / 9 - 1)
+    values, queries = task.episode["deal"][:, 0], task.episode["deal"][:, 1]
+    for t in range(task.num_cards - 1):
+        want = [np.sum(values[i, : t + 1] == queries[i, t]) for i in range(2)]
+        np.testing.assert_array_equal(task.oracle_action(), want)
+        reward, term, _ = task.step(task.oracle_action())
+        np.testing.assert_allclose(reward, 1 / (task.num_cards - 1))
+    assert term.all() and task.action_space.n == 8 + 1 and task.chance_return() == pytest.approx(2 / 9 - 1)
 
 
 # --- PositionOnlyCartPole ----------------------------------------------------------------------------
