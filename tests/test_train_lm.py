@@ -105,9 +105,12 @@ def test_loss_and_eval_use_answer_positions_only():
     perfect[batch.mask] = perfect[batch.mask].scatter(1, batch.targets[batch.mask].unsqueeze(1), 10.0)
     assert answer_loss(perfect, batch.targets, batch.mask) < 1e-6  # non-answer positions never count
 
+    assert answer_loss(perfect[batch.mask], batch.targets, batch.mask) < 1e-6
+    torch.testing.assert_close(model(batch.inputs, batch.mask), logits[batch.mask])
+
     class Oracle(torch.nn.Module):
-        def forward(self, inputs):
-            return perfect
+        def forward(self, inputs, mask):
+            return perfect[mask]
 
     result = evaluate(Oracle(), [batch])
     assert result["accuracy"] == result["sequence_accuracy"] == 1.0
