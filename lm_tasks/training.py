@@ -183,7 +183,7 @@ def _train(tc: TrainConfig, task: LMTask, model: LMModel, cfg, out_dir: Path, wr
     if tc.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["identity"] != identity:
-            raise ValueError(
+            raise ConfigError(
                 f"{ckpt_path} was written for {ckpt['identity']}, not {identity}; "
                 "use another hydra.run.dir or resume=false"
             )
