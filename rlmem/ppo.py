@@ -301,9 +301,9 @@ class RecurrentPPO:
                 if aux is not None:
                     loss = loss + aux
                 if not torch.isfinite(loss):
+                    parts = {k: float(v.detach().float().mean()) for k, v in out.items() if v.is_floating_point()}
                     raise FloatingPointError(
-                        f"non-finite PPO loss at frame {self.frames}: { {k: v.item() for k, v in out.items()} }; "
-                        "try a lower ppo.lr or ppo.max_grad_norm"
+                        f"non-finite PPO loss at frame {self.frames}: {parts}; try a lower ppo.lr or ppo.max_grad_norm"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,7 +1,7 @@
 """Train an agent with recurrent PPO: ``python scripts/train_rl.py agent=gru env=delayed_cue``.
 
 Config groups (scripts/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``ppo``,
-``logger``; top-level ``seed``, ``total_frames``, ``device``, ``resume``. Outputs (TensorBoard events,
+``logger``; top-level ``seed``, ``total_frames``, ``device``, ``threads``, ``resume``. Outputs (TensorBoard events,
 ``metrics.json``, ``checkpoints/last.pt``) go to the Hydra run dir (``hydra.run.dir=...``).
 """
 
@@ -57,6 +57,7 @@ def _flatten(d, prefix=""):
 @hydra.main(config_path="conf", config_name="train_rl", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
+    torch.set_num_threads(int(cfg.threads))
     try:
         trainer = build_trainer(cfg, run_dir)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as err:
