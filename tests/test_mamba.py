@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from collections import Counter
 
 import pytest
 import torch
@@ -97,31 +96,54 @@ def test_the_selection_is_input_dependent_and_A_is_negative():
     assert not torch.allclose(s_a["ssm"], s_b["ssm"]) and not torch.allclose(s_a["conv"], s_b["conv"])
 
 
+def test_scan_gradients_match_autograd_through_the_recurrence():
+    """The hand-written backward of the scan (a reversed scan) against autograd through a plain loop."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(2, 11, 3, dtype=torch.float64, generator=g)
+    a[1, 4] = 0
+    b, h0 = torch.randn(2, 11, 3, dtype=torch.float64, generator=g), torch.randn(2, 3, dtype=torch.float64, generator=g)
+    for chunk in (1, 4, 64):
+        assert torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, chunk),
+                                        (a.requires_grad_(), b.requires_grad_(), h0.requires_grad_()))
+
+
 class _CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.ops = Counter()
+        self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func] += 1
+        self.n += 1
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", ["mamba", "ssm"])
-def test_sequence_mode_is_a_parallel_scan_not_a_python_loop_over_time(name):
-    memory = mamba() if name == "mamba" else build_memory("ssm", d_in=D_IN, d_model=16, n_layers=2)
-
+def test_within_a_chunk_the_scan_is_parallel():
     def n_ops(T):
-        x = torch.randn(2, T, D_IN)
-        is_init = torch.zeros(2, T, dtype=torch.bool)
-        is_init[:, 0] = is_init[0, T // 2] = True
-        with torch.no_grad(), _CountOps() as counter:
-            memory(x, memory.initial_state(2), is_init)
-        return sum(counter.ops.values())
+        a, b, h0 = torch.rand(2, T, 3), torch.randn(2, T, 3), torch.zeros(2, 3)
+        with _CountOps() as counter:
+            linear_scan(a, b, h0, chunk=T)
+        return counter.n
 
-    # 4x more steps add two scan rounds per layer (~11 aten ops each: slices, cat, mul, addcmul),
-    # where a Python loop over time would add several ops for each of the 192 extra steps
-    assert n_ops(256) - n_ops(64) <= 2 * 2 * 15
+    # 4x more steps add two scan rounds (~11 aten ops each: slices, cat, mul, addcmul), where a loop
+    # over time would add at least one op for each of the 192 extra steps
+    assert n_ops(256) - n_ops(64) <= 2 * 12
+
+
+@pytest.mark.parametrize("name", ["mamba", "ssm"])
+def test_sequence_mode_loops_over_chunks_not_steps(name, monkeypatch):
+    from rlmem.memory import mamba as mamba_module
+
+    memory = mamba() if name == "mamba" else build_memory("ssm", d_in=D_IN, d_model=16, n_layers=2)
+    calls = []
+    original = mamba_module._parallel_scan
+    monkeypatch.setattr(mamba_module, "_parallel_scan", lambda a, *rest: calls.append(a.shape[1]) or original(a, *rest))
+    x = torch.randn(2, 200, D_IN)
+    is_init = torch.zeros(2, 200, dtype=torch.bool)
+    is_init[:, 0] = is_init[0, 77] = True
+    with torch.no_grad():
+        memory(x, memory.initial_state(2), is_init)
+    chunk = mamba_module.SCAN_CHUNK
+    assert len(calls) == 2 * -(-200 // chunk) and max(calls) == chunk  # 2 layers x ceil(T / chunk)
 
 
 def test_mamba_ssm_is_not_imported_on_cpu():
