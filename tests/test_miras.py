@@ -39,10 +39,10 @@ def test_fast_tier_retrieves_a_stored_key_exactly_after_one_write():
         v = memory.v_proj(x0)
     assert torch.equal(reads[0, 0], torch.zeros(2 * D))  # nothing written before t=0 reads as zero
     assert torch.equal(reads[0, 1, :D], v[0])  # the fast tier returns the stored value exactly
-    # the same through the building blocks
-    k = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])
-    fast = memory.write_fast(memory.initial_state(1)["fast"], k, v.view(1, 1, D))
-    assert torch.equal(memory.read(fast, k), v.view(1, 1, D))
+    # the fast tier in the state is exactly the outer product v k^T (lr_fast = 1, nothing to forget)
+    k = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    _, state = memory.retrieve(x[:, :1], memory.initial_state(1), no_reset(1, 1))
+    assert torch.equal(state["fast"][0, 0], torch.outer(v[0], k))
 
 
 def test_deep_tier_writes_on_a_surprising_input_and_not_on_a_repeated_one():

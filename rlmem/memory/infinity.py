@@ -25,12 +25,17 @@ _PARTS = ("mamba", "miras")
 
 @register_memory("infinity")
 class InfinityMemory(MemorySystem):
-    """``x: [B, T, d_in] -> y: [B, T, d_model]``; keyword arguments are those of the two parts."""
+    """``x: [B, T, d_in] -> y: [B, T, d_model]``; keyword arguments are those of the two parts.
+
+    The defaults are sized for PPO on a CPU (a narrow backbone: ``expand=1``, ``d_state=8``): the cost of a
+    training pass is dominated by the ``[B, T, d_inner, d_state]`` scan tensors and by the per-step ops of
+    the DualTierMiras time loop (see docs/memory.md).
+    """
 
     test_kwargs = {"d_model": 16, "n_layers": 1, "d_state": 4, "d_conv": 3, "mem_slots": 8, "n_heads": 2}
 
-    def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, dt_rank: int | None = None, mem_slots: int = 32, n_heads: int = 4,
+    def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 8, d_conv: int = 4,
+                 expand: int = 1, dt_rank: int | None = None, mem_slots: int = 16, n_heads: int = 4,
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
                  momentum: float = 0.5, temperature: float = 0.1):
         super().__init__()

@@ -48,7 +48,7 @@ class DualTierMiras(MemorySystem):
 
     test_kwargs = {"d_model": 16, "mem_slots": 8, "n_heads": 2}
 
-    def __init__(self, d_in: int, d_model: int = 64, mem_slots: int = 32, n_heads: int = 4,
+    def __init__(self, d_in: int, d_model: int = 64, mem_slots: int = 16, n_heads: int = 4,
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
                  momentum: float = 0.5, temperature: float = 0.1):
         super().__init__()
@@ -81,7 +81,7 @@ class DualTierMiras(MemorySystem):
             batch_size=[batch_size],
         )
 
-    # -- the pieces, usable on their own (tests, the Infinity memory) ------------------------------------
+    # -- the pieces ------------------------------------------------------------------------------------
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``h: [B, T, d_model]`` -> ``q, k: [B, T, n_heads, mem_slots]`` (unit length), ``v: [B, T, n_heads, d_head]``."""
@@ -92,47 +92,49 @@ class DualTierMiras(MemorySystem):
 
     @staticmethod
     def read(memory: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """``memory: [B, H, d_head, S]``, ``query: [B, H, S]`` -> ``[B, H, d_head]``."""
+        """``memory: [..., d_head, S]``, ``query: [..., S]`` -> ``[..., d_head]``."""
         return (memory @ query.unsqueeze(-1)).squeeze(-1)
-
-    def write_fast(self, fast: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Delta rule with forgetting. ``fast: [B, H, d_head, S]``, ``k: [B, H, S]``, ``v: [B, H, d_head]``."""
-        error = v - self.read(fast, k)
-        return (1 - self.decay) * fast + self.lr_fast * error.unsqueeze(-1) * k.unsqueeze(-2)
-
-    def write_deep(self, deep, momentum_state, k, v):
-        """Surprise-gated Titans update. Shapes as :meth:`write_fast`; returns ``(deep, momentum, gate [B, H])``."""
-        error = v - self.read(deep, k)
-        surprise = error.pow(2).sum(-1) / (v.pow(2).sum(-1) + _EPS)  # [B, H]
-        gate = torch.sigmoid((surprise - self.surprise_threshold) / self.log_temperature.exp())
-        g = gate[..., None, None]
-        full_momentum = self.momentum * momentum_state + self.lr_deep * error.unsqueeze(-1) * k.unsqueeze(-2)
-        full_deep = (1 - self.decay) * deep + full_momentum
-        return torch.lerp(deep, full_deep, g), torch.lerp(momentum_state, full_momentum, g), gate
-
-    # -- the memory-system contract ----------------------------------------------------------------------
 
     def retrieve(self, h, state, is_init):
         """Run the memory over ``h: [B, T, d_model]``: ``-> (reads [B, T, 2 * d_model], next_state)``.
 
-        Also sets ``self.last_write_rate`` (mean deep-tier gate of this call, detached) for logging.
+        ``reads[:, t]`` is ``[fast heads; deep heads]`` read before step t's write. Both tiers are updated
+        by one stacked Titans step (tier 0 = fast: momentum 0, gate 1; tier 1 = deep) to keep the number
+        of small ops in this time loop low: it is the cost of the system. Also sets
+        ``self.last_write_rate``, the mean deep-tier gate of this call (detached), for logging.
         """
         B, T, _ = h.shape
         q, k, v = self.project(h)
-        keep = (~is_init).to(h.dtype)[:, :, None, None, None] if bool(is_init.any()) else None
-        fast, deep, mom = state["fast"], state["deep"], state["deep_momentum"]
+        qk = torch.stack([q, k], -1).unsqueeze(2)  # [B, T, 1, H, S, 2]: read and predict in one matmul
+        k_row = k[:, :, None, :, None, :]  # [B, T, 1, H, 1, S]
+        v_tier = v.unsqueeze(2)  # [B, T, 1, H, d_head]
+        v_energy = v.pow(2).sum(-1) + _EPS  # [B, T, H]
+        lr = h.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
+        eta = h.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
+        is_fast = h.new_tensor([1.0, 0.0]).view(2, 1)
+        temperature = self.log_temperature.exp()
+        keep = (~is_init).to(h.dtype)[:, :, None, None, None, None]
+        reset_steps = set(is_init.any(0).nonzero().flatten().tolist())  # one host sync per call
+        mem = torch.stack([state["fast"], state["deep"]], 1)  # [B, 2, H, d_head, S]
+        mom = torch.stack([torch.zeros_like(state["deep_momentum"]), state["deep_momentum"]], 1)
         reads, gates = [], []
         for t in range(T):  # the delta rule is sequential in t; everything inside is batched over rows and heads
-            if keep is not None:
-                fast, deep, mom = fast * keep[:, t], deep * keep[:, t], mom * keep[:, t]
-            reads.append(torch.cat([self.read(fast, q[:, t]), self.read(deep, q[:, t])], -1))  # [B, H, 2*d_head]
-            fast = self.write_fast(fast, k[:, t], v[:, t])
-            deep, mom, gate = self.write_deep(deep, mom, k[:, t], v[:, t])
-            gates.append(gate)
+            if t in reset_steps:
+                mem, mom = mem * keep[:, t], mom * keep[:, t]
+            out = mem @ qk[:, t]  # [B, 2, H, d_head, 2]
+            reads.append(out[..., 0])
+            error = v_tier[:, t] - out[..., 1]  # the tier's prediction error on the new pair
+            surprise = error.pow(2).sum(-1) / v_energy[:, t, None]  # [B, 2, H]
+            gate = torch.sigmoid((surprise - self.surprise_threshold) / temperature)
+            gates.append(gate[:, 1])
+            g = torch.lerp(gate, torch.ones_like(gate), is_fast)[..., None, None]  # the fast tier always writes
+            full_mom = torch.addcmul(eta * mom, lr * error.unsqueeze(-1), k_row[:, t])
+            full_mem = torch.add(full_mom, mem, alpha=1 - self.decay)
+            mem, mom = torch.lerp(mem, full_mem, g), torch.lerp(mom, full_mom, g)
         self.last_write_rate = torch.stack(gates).mean().detach()
-        r = torch.stack(reads, 1)  # [B, T, H, 2 * d_head]
-        r = torch.cat([r[..., : self.d_head].flatten(2), r[..., self.d_head :].flatten(2)], -1)
-        next_state = TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
+        r = torch.stack(reads, 1).flatten(2)  # [B, T, 2 * d_model]: fast heads, then deep heads
+        next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
+                                batch_size=state.batch_size)
         return r, next_state
 
     def forward(self, x, state, is_init):
