@@ -14,7 +14,8 @@ and ``c_0 .. c_{C-1}`` the deal order (``c_0`` is shown by reset, ``c_i`` after 
 - RepeatFirst: ``C - 1`` steps; every action must name the suit of ``c_0``.
 - CountRecall (``deck_type``): a value deck and an independent query deck are dealt together; each
   observation shows a value card and a query card (their colour, suit or rank). The action at step ``i``
-  must say how many value cards so far (``c_0 .. c_{i-1}``) share the category of the last query card.
+  must say how many value cards so far (``c_0 .. c_{i-1}``, the one on show included) share the
+  category of the query card on show.
 - Autoencode: ``C - 1`` watch steps deal the cards, then ``C`` play steps must name their suits in
   reverse order. A flag channel turns on when playing starts (the step that deals the last card);
   during play the card channels are blank.

@@ -20,8 +20,9 @@ junction and the goal cells. The episode lasts exactly ``L + 2 o + 1`` steps (th
 behind the fastest schedule (``x < t - o`` after step ``t``); on the final step ``goal_reward`` if the
 agent stands on the paying goal, else 0.
 
-Optimal return ``goal_reward``. The return of a uniformly random policy is computed exactly by
-dynamic programming over the agent's position (:func:`random_policy_return`).
+Optimal return ``goal_reward``. The best memoryless policy (run to the junction, always turn the same
+way) gets ``goal_reward / 2``. The return of a uniformly random policy (``chance_return``) is computed
+exactly by dynamic programming over the agent's position (:func:`random_policy_return`).
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class TMazeTask(MemoryTask):
         super().__init__(num_envs)
         self.corridor_length = check_int("corridor_length", kw["corridor_length"], low=1)
         self.goal_reward = check_float("goal_reward", kw["goal_reward"], low=0.0)
-        if self.goal_reward == 0:
-            raise ValueError("goal_reward must be > 0, got 0")
+        if self.goal_reward == 0:  # nothing to remember for
+            raise ValueError("goal_reward must be > 0, got 0.0")
         penalty = -1.0 / self.corridor_length if kw["penalty"] is None else kw["penalty"]
         self.penalty = check_float("penalty", penalty, high=0.0)
         self.junction = self.oracle_length + self.corridor_length
@@ -126,7 +127,8 @@ class TMazeTask(MemoryTask):
         self.t += 1
         final = self.t >= self.episode_length
         late = self.x < self.t - self.oracle_length
-        reward = np.where(final, self.goal_reward * (self.y == self.episode["goal_y"]), self.penalty * late)
+        on_goal = self.y == self.episode["goal_y"]
+        reward = np.where(final, np.where(on_goal, self.goal_reward, 0.0), np.where(late, self.penalty, 0.0))
         return reward, final, np.zeros(self.num_envs, dtype=bool)
 
     def optimal_return(self):
