@@ -12,12 +12,12 @@ import numpy as np
 import popgym.envs as popgym_envs
 import pytest
 import yaml
+from gymnasium.envs.registration import load_env_creator
 
 import rlmem  # noqa: F401  (registers the envs)
 from envs import ENV_IDS
 from envs.cards import AutoencodeTask, CountRecallTask, RepeatFirstTask, RepeatPreviousTask
 from envs.cartpole import PositionOnlyCartPoleTask, random_policy_lengths
-from envs.memory_length import MemoryLengthTask
 from envs.tmaze import DOWN, LEFT, RIGHT, UP, random_policy_return
 
 CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf" / "env"
@@ -109,7 +109,7 @@ class DealAs:
         return np.stack([deck[order] for deck, order in zip(decks, self.orders)])
 
 
-CARD_CASES = [  # (popgym class, our task, our kwargs, popgym decks, obs -> our one-hot)
+CARD_CASES = [  # (POPGym class, our task, our kwargs, the POPGym decks whose deal we replay)
     ("RepeatPreviousEasy", RepeatPreviousTask, {"k": 4}, ["deck"]),
     ("RepeatPreviousMedium", RepeatPreviousTask, {"difficulty": "medium"}, ["deck"]),
     ("RepeatFirstEasy", RepeatFirstTask, {}, ["deck"]),
@@ -260,8 +260,6 @@ TASKS = {
 
 @pytest.mark.parametrize("config_name", sorted(TASKS))
 def test_env_config_lists_every_knob_with_its_default(config_name):
-    from gymnasium.envs.registration import load_env_creator
-
     conf = yaml.safe_load((CONF / f"{config_name}.yaml").read_text())
     task_cls = load_env_creator(TASKS[config_name])
     assert conf.pop("id") == ENV_IDS[config_name]
