@@ -15,15 +15,32 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from tensordict.nn import TensorDictModule, TensorDictSequential
+from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torch import nn
-from torchrl.modules import ProbabilisticActor, ValueOperator
+from torchrl.modules import ProbabilisticActor
 
 from rlmem.memory import build_memory
 from rlmem.torchrl_wrapper import MemoryModule
 
 #: keys of an agent config that are not memory-system parameters
 AGENT_KEYS = ("name", "memory", "encoder_dim")
+
+
+class Apply(TensorDictModuleBase):
+    """``td[out_key] = module(td[in_key])``.
+
+    Used instead of ``TensorDictModule`` on the acting path: tensordict 0.14's ``TensorDictModule`` passes
+    every output through ``TensorDict.from_any``, which calls ``importlib.util.find_spec("pandas")``
+    (~0.3 ms when pandas is absent) on each write, more than the rest of a policy step costs.
+    """
+
+    def __init__(self, module: nn.Module, in_key: str, out_key: str):
+        super().__init__()
+        self.module, self.in_keys, self.out_keys = module, [in_key], [out_key]
+
+    def forward(self, td):
+        td.set(self.out_keys[0], self.module(td.get(self.in_keys[0])))
+        return td
 
 
 class ActorCritic(nn.Module):
@@ -45,7 +62,7 @@ class ActorCritic(nn.Module):
         self.memory_name = memory_name
         self.encoder = nn.Sequential(nn.Linear(obs_dim, encoder_dim), nn.Tanh())
         self.backbone = TensorDictSequential(
-            TensorDictModule(self.encoder, in_keys=["observation"], out_keys=["embed"]),
+            Apply(self.encoder, "observation", "embed"),
             MemoryModule(memory, in_key="embed", out_key="features"),
         )
         self.policy_head = policy_head = nn.Linear(memory.d_out, n_actions)
@@ -56,14 +73,14 @@ class ActorCritic(nn.Module):
         nn.init.orthogonal_(value_head.weight, 1.0)
         nn.init.zeros_(value_head.bias)
         self.actor = ProbabilisticActor(
-            TensorDictModule(policy_head, in_keys=["features"], out_keys=["logits"]),
+            Apply(policy_head, "features", "logits"),
             in_keys=["logits"],
             out_keys=["action"],
             distribution_class=torch.distributions.Categorical,
             spec=action_spec,
             return_log_prob=True,
         )
-        self.critic = ValueOperator(value_head, in_keys=["features"])
+        self.critic = Apply(value_head, "features", "state_value")
         self.policy = TensorDictSequential(self.backbone, self.actor, self.critic)
 
     @property

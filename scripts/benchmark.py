@@ -1,0 +1,174 @@
+"""Benchmarks of the whole PPO loop, side by side with the reference, in one run.
+
+``python scripts/benchmark.py throughput``: frames/s and peak memory of rlmem's recurrent PPO
+(collect + update, ``agent=gru env=delayed_cue``) against sb3-contrib ``RecurrentPPO``
+(``MlpLstmPolicy``) on the same env with the same number of envs, hidden size, rollout length, epochs
+and minibatch count. Each measurement runs in a fresh subprocess (clean peak-RSS, no shared warm-up).
+
+``python scripts/benchmark.py learning --agents gru mamba --delays 50 200 --frames 1000000``: eval
+success on DelayedCue per agent and delay, and the frames at which it first reached 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_rlmem(a: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    from rlmem.ppo import PPOConfig, RecurrentPPO
+
+    ppo = PPOConfig(num_envs=a["num_envs"], rollout_len=a["rollout_len"], seq_len=a["rollout_len"],
+                    epochs=a["epochs"], minibatches=a["minibatches"], eval_interval=10**9)
+    trainer = RecurrentPPO({"memory": a["memory"], "encoder_dim": a["hidden"], "hidden_size": a["hidden"]},
+                           {"id": "rlmem/DelayedCue-v0", "delay": a["delay"], "n_cues": 4}, ppo,
+                           Path(a["tmp"]) / "rlmem", total_frames=a["frames"], progress_bar=False)
+    trainer.next_eval = 10**12  # throughput only: no evaluation episodes
+    start = time.perf_counter()
+    metrics = trainer.train()
+    return {"fps": metrics["frames"] / (time.perf_counter() - start), "frames": metrics["frames"]}
+
+
+def worker_sb3(a: dict) -> dict:
+    import gymnasium as gym
+    import torch
+    from sb3_contrib import RecurrentPPO
+    from stable_baselines3.common.env_util import make_vec_env
+
+    import rlmem  # noqa: F401
+
+    torch.set_num_threads(a["threads"])
+    venv = make_vec_env(lambda: gym.make("rlmem/DelayedCue-v0", delay=a["delay"], n_cues=4), n_envs=a["num_envs"],
+                        seed=0)
+    policy_kwargs = {"lstm_hidden_size": a["hidden"], "net_arch": [a["hidden"]]}
+    if a["shared_lstm"]:
+        policy_kwargs.update(shared_lstm=True, enable_critic_lstm=False)
+    model = RecurrentPPO("MlpLstmPolicy", venv, n_steps=a["rollout_len"], n_epochs=a["epochs"],
+                         batch_size=a["num_envs"] * a["rollout_len"] // a["minibatches"],
+                         policy_kwargs=policy_kwargs, seed=0, device="cpu", verbose=0)
+    start = time.perf_counter()
+    model.learn(a["frames"])
+    return {"fps": a["frames"] / (time.perf_counter() - start), "frames": a["frames"]}
+
+
+def worker_learning(a: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(a["threads"])
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlmem.ppo import PPOConfig, RecurrentPPO
+
+    with initialize_config_dir(str(ROOT / "scripts" / "conf"), version_base="1.3"):
+        cfg = compose("train_rl", overrides=[f"agent={a['agent']}", f"env.delay={a['delay']}",
+                                             f"ppo.eval_interval={a['eval_interval']}"])
+    c = OmegaConf.to_container(cfg, resolve=True)
+    trainer = RecurrentPPO(c["agent"], c["env"], PPOConfig.from_mapping(c["ppo"]), Path(a["tmp"]) / "learn",
+                           seed=a["seed"], total_frames=a["frames"], progress_bar=False)
+    history = []
+    evaluate = trainer._evaluate
+
+    def record(writer):
+        evaluate(writer)
+        history.append((trainer.frames, trainer.metrics["eval_success"]))
+
+    trainer._evaluate = record
+    start = time.perf_counter()
+    metrics = trainer.train()
+    reached = next((f for f, s in history if s >= 0.9), None)
+    return {"eval_success": metrics["eval_success"], "frames_to_0.9": reached, "fps": metrics["fps"],
+            "wall_seconds": time.perf_counter() - start, "history": history}
+
+
+WORKERS = {"rlmem": worker_rlmem, "sb3": worker_sb3, "learning": worker_learning}
+
+
+def run_worker(kind: str, args: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_worker", kind, json.dumps(args)], capture_output=True,
+                         text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def throughput(ns: argparse.Namespace) -> None:
+    import tempfile
+
+    base = {"num_envs": ns.num_envs, "rollout_len": ns.rollout_len, "epochs": ns.epochs,
+            "minibatches": ns.minibatches, "hidden": ns.hidden, "delay": ns.delay, "frames": ns.frames,
+            "threads": ns.threads, "memory": "gru"}
+    print(f"PPO throughput on rlmem/DelayedCue-v0 (delay {ns.delay}, 4 cues): {ns.num_envs} envs, rollout "
+          f"{ns.rollout_len}, {ns.epochs} epochs x {ns.minibatches} minibatches, hidden {ns.hidden}, "
+          f"{ns.frames} frames, {ns.threads} torch thread(s)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.append(("rlmem RecurrentPPO (gru)", run_worker("rlmem", {**base, "tmp": tmp})))
+        rows.append(("sb3-contrib RecurrentPPO (MlpLstmPolicy)", run_worker("sb3", {**base, "shared_lstm": False})))
+        rows.append(("sb3-contrib RecurrentPPO (shared LSTM)", run_worker("sb3", {**base, "shared_lstm": True})))
+    ours = rows[0][1]["fps"]
+    print(f"{'implementation':44s} {'frames/s':>10s} {'peak RSS MB':>12s} {'rlmem / this':>13s}")
+    for name, r in rows:
+        print(f"{name:44s} {r['fps']:10.0f} {r['peak_rss_mb']:12.0f} {ours / r['fps']:13.2f}x")
+
+
+def learning(ns: argparse.Namespace) -> None:
+    import tempfile
+
+    print(f"DelayedCue (4 cues) eval success within {ns.frames} frames, seed {ns.seed}")
+    print(f"{'agent':12s} {'delay':>6s} {'success':>8s} {'frames to 0.9':>14s} {'frames/s':>9s} {'minutes':>8s}")
+    for agent in ns.agents:
+        for delay in ns.delays:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = run_worker("learning", {"agent": agent, "delay": delay, "frames": ns.frames, "seed": ns.seed,
+                                            "threads": ns.threads, "eval_interval": ns.eval_interval, "tmp": tmp})
+            reached = "-" if r["frames_to_0.9"] is None else str(r["frames_to_0.9"])
+            print(f"{agent:12s} {delay:6d} {r['eval_success']:8.2f} {reached:>14s} {r['fps']:9.0f} "
+                  f"{r['wall_seconds'] / 60:8.1f}", flush=True)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        result = WORKERS[sys.argv[2]](json.loads(sys.argv[3]))
+        print(json.dumps({**result, "peak_rss_mb": _peak_rss_mb()}))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("throughput", help="frames/s of the PPO loop vs sb3-contrib RecurrentPPO")
+    t.add_argument("--num-envs", type=int, default=64)
+    t.add_argument("--rollout-len", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=4)
+    t.add_argument("--minibatches", type=int, default=4)
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--delay", type=int, default=10)
+    t.add_argument("--frames", type=int, default=131072)
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(func=throughput)
+    s = sub.add_parser("learning", help="eval success on DelayedCue per agent and delay")
+    s.add_argument("--agents", nargs="+", default=["gru"])
+    s.add_argument("--delays", nargs="+", type=int, default=[50, 200])
+    s.add_argument("--frames", type=int, default=1_000_000)
+    s.add_argument("--eval-interval", type=int, default=50_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=learning)
+    ns = parser.parse_args()
+    ns.func(ns)
+
+
+if __name__ == "__main__":
+    main()
