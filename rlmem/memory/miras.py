@@ -111,7 +111,7 @@ class DualTierMiras(MemorySystem):
         v_energy = v.pow(2).sum(-1) + _EPS  # [B, T, H]
         lr = h.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
         eta = h.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
-        is_fast = h.new_tensor([1.0, 0.0]).view(2, 1)
+        is_fast = torch.tensor([True, False], device=h.device).view(2, 1)
         temperature = self.log_temperature.exp()
         keep = (~is_init).to(h.dtype)[:, :, None, None, None, None]
         reset_steps = set(is_init.any(0).nonzero().flatten().tolist())  # one host sync per call
@@ -127,7 +127,7 @@ class DualTierMiras(MemorySystem):
             surprise = error.pow(2).sum(-1) / v_energy[:, t, None]  # [B, 2, H]
             gate = torch.sigmoid((surprise - self.surprise_threshold) / temperature)
             gates.append(gate[:, 1])
-            g = torch.lerp(gate, torch.ones_like(gate), is_fast)[..., None, None]  # the fast tier always writes
+            g = torch.where(is_fast, 1.0, gate)[..., None, None]  # the fast tier always writes
             full_mom = torch.addcmul(eta * mom, lr * error.unsqueeze(-1), k_row[:, t])
             full_mem = torch.add(full_mom, mem, alpha=1 - self.decay)
             mem, mom = torch.lerp(mem, full_mem, g), torch.lerp(mom, full_mom, g)

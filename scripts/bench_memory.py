@@ -1,0 +1,114 @@
+"""Per-step acting latency early vs late in one long episode, for the memory systems of the agents.
+
+    python scripts/bench_memory.py                       # mamba ssm infinity transformer gru, B = 1 and 16
+    python scripts/bench_memory.py --systems mamba transformer:window=256 --steps 2000 --batch-sizes 1
+
+Each system is built from its agent config (``scripts/conf/agent/<name>.yaml``: ``encoder_dim`` is
+``d_in``, the other keys are memory kwargs) and stepped like an acting policy: ``forward`` with T=1 under
+``no_grad``, carrying its state, ``is_init`` only at step 0. The latency "at step s" is the median time
+of one more step from the state reached after s steps (early and late steps timed alternately); a
+constant-state system has ratio late/early ~ 1, a windowed one is bounded once its window is full. Also reported: one training pass (sequence mode, forward + backward) on a
+``[16, 64]`` batch, the shape of a PPO minibatch slice group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from rlmem.memory import build_memory
+
+AGENT_DIR = Path(__file__).resolve().parent / "conf" / "agent"
+
+
+def build(spec: str):
+    """``"transformer"`` or with overrides of the agent config, ``"transformer:window=256,n_layers=2"``."""
+    name, _, overrides = spec.partition(":")
+    cfg = yaml.safe_load((AGENT_DIR / f"{name}.yaml").read_text())
+    for item in filter(None, overrides.split(",")):
+        key, _, value = item.partition("=")
+        cfg[key] = yaml.safe_load(value)
+    cfg.pop("name", None)
+    memory = cfg.pop("memory")
+    d_in = int(cfg.pop("encoder_dim", 64))
+    return build_memory(memory, d_in=d_in, **cfg), d_in
+
+
+@torch.no_grad()
+def latencies(memory, d_in: int, batch: int, steps: int, early: int, samples: int) -> tuple[list, list, int]:
+    """Play one episode of ``steps`` steps, keeping the states after ``early`` and after ``steps`` steps;
+    then time one more step from each, alternating, ``samples`` times (alternating keeps the comparison
+    fair when other jobs share the machine). Returns seconds per step (early, late) and the state size
+    (floats per row) after ``steps`` steps."""
+    memory.eval()
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(64, batch, 1, d_in, generator=g)  # inputs cycle through a small pool
+    state = memory.initial_state(batch)
+    start, cont = torch.ones(batch, 1, dtype=torch.bool), torch.zeros(batch, 1, dtype=torch.bool)
+    for t in range(steps):
+        _, state = memory(pool[t % len(pool)], state, start if t == 0 else cont)
+        if t + 1 == early:
+            early_state = state
+    x = pool[steps % len(pool)]
+    times = {"early": [], "late": []}
+    for _ in range(samples):
+        for key, s in (("early", early_state), ("late", state)):
+            t0 = time.perf_counter()
+            memory(x, s, cont)
+            times[key].append(time.perf_counter() - t0)
+    return times["early"], times["late"], sum(v[0].numel() for v in state.values())
+
+
+def train_pass_ms(memory, d_in: int, batch: int = 16, T: int = 64, reps: int = 5) -> float:
+    memory.train()
+    x = torch.randn(batch, T, d_in)
+    is_init = torch.zeros(batch, T, dtype=torch.bool)
+    is_init[:, 0] = True
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        y, _ = memory(x, memory.initial_state(batch), is_init)
+        y.pow(2).mean().backward()
+        times.append(time.perf_counter() - t0)
+    memory.zero_grad(set_to_none=True)
+    return 1e3 * statistics.median(times[1:])  # the first pass warms up
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", nargs="+", default=["mamba", "ssm", "infinity", "transformer", "gru"],
+                        help="agent names (scripts/conf/agent/<name>.yaml), optionally name:key=value,...")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--steps", type=int, default=5000, help="episode length; the late point")
+    parser.add_argument("--early", type=int, default=10, help="the early point")
+    parser.add_argument("--samples", type=int, default=200, help="timed steps per point")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    if not (0 < args.early < args.steps and args.samples > 0):
+        parser.error("need 0 < early < steps and samples > 0")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(f"torch {torch.__version__}, {args.threads} thread(s); median ms per step over {args.samples} steps\n")
+    header = (f"| system | params | state floats/row | B | ms @ step {args.early} | ms @ step {args.steps} "
+              f"| ratio | train fwd+bwd [16x64] ms |")
+    print(header)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.systems:
+        memory, d_in = build(name)
+        n_params = sum(p.numel() for p in memory.parameters())
+        train_ms = train_pass_ms(memory, d_in)
+        for batch in args.batch_sizes:
+            early, late, state_size = latencies(memory, d_in, batch, args.steps, args.early, args.samples)
+            early, late = 1e3 * statistics.median(early), 1e3 * statistics.median(late)
+            print(f"| {name} | {n_params} | {state_size} | {batch} | {early:.3f} | {late:.3f} | {late / early:.2f} "
+                  f"| {train_ms:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
