@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -24,6 +25,39 @@ def compose_rl(*overrides):
 
 def test_every_registered_env_has_a_config():
     assert set(ENV_IDS) <= set(ENVS), f"missing env configs: {set(ENV_IDS) - set(ENVS)}"
+
+
+def task_cls(env_id):
+    import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
+
+    return load_env_creator(gym.spec(env_id).entry_point).task_cls
+
+
+@pytest.mark.parametrize("name", sorted(ENV_IDS))
+def test_env_config_lists_every_knob_null_with_its_default(name):
+    """Knobs are null in the yaml so ``env.difficulty=...`` can take effect; the comment shows the default."""
+    text = (CONF / "env" / f"{name}.yaml").read_text()
+    conf = OmegaConf.to_container(OmegaConf.create(text))
+    assert conf.pop("id") == ENV_IDS[name]
+    cls = task_cls(ENV_IDS[name])
+    assert set(conf) == {"difficulty", *cls.defaults}
+    assert all(v is None for v in conf.values()), conf
+    for knob, default in cls.defaults.items():
+        line = next(line for line in text.splitlines() if line.startswith(f"{knob}:"))
+        shown = line.split("# default", 1)[1].strip()
+        assert yaml.safe_load(shown) == default, (knob, shown, default)
+
+
+@pytest.mark.parametrize("name", sorted(ENV_IDS))
+def test_difficulty_override_applies_the_preset(name):
+    cls = task_cls(ENV_IDS[name])
+    for difficulty, preset in cls.presets.items():
+        cfg = OmegaConf.to_container(compose_rl(f"env={name}", f"env.difficulty={difficulty}").env)
+        task = make_vector_env(cfg, 1).task
+        for knob, value in preset.items():
+            if hasattr(task, knob):
+                assert getattr(task, knob) == value, (difficulty, knob)
 
 
 @pytest.mark.parametrize("agent", AGENTS)

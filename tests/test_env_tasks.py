@@ -12,7 +12,6 @@ import numpy as np
 import popgym.envs as popgym_envs
 import pytest
 import yaml
-from gymnasium.envs.registration import load_env_creator
 
 import rlmem  # noqa: F401  (registers the envs)
 from envs import ENV_IDS
@@ -246,25 +245,4 @@ def test_memory_length_context_noise_query_and_reward():
         np.testing.assert_array_equal(obs[1:4], np.eye(3)[query] if t == 5 else 0)
     _, r, term, _, _ = env.step(int(1 - bits[0, query]))
     assert (r, term) == (-1.0, True)
-
-
-# --- configs ------------------------------------------------------------------------------------------
-TASKS = {
-    "tmaze_passive": "envs.tmaze:TMazePassiveTask", "tmaze_active": "envs.tmaze:TMazeActiveTask",
-    "repeat_previous": "envs.cards:RepeatPreviousTask", "repeat_first": "envs.cards:RepeatFirstTask",
-    "count_recall": "envs.cards:CountRecallTask", "autoencode": "envs.cards:AutoencodeTask",
-    "position_only_cartpole": "envs.cartpole:PositionOnlyCartPoleTask",
-    "memory_length": "envs.memory_length:MemoryLengthTask",
-}
-
-
-@pytest.mark.parametrize("config_name", sorted(TASKS))
-def test_env_config_lists_every_knob_with_its_default(config_name):
-    conf = yaml.safe_load((CONF / f"{config_name}.yaml").read_text())
-    task_cls = load_env_creator(TASKS[config_name])
-    assert conf.pop("id") == ENV_IDS[config_name]
-    assert conf == task_cls.defaults
-    env = gym.make(ENV_IDS[config_name], **conf)
-    env.reset(seed=0)
-    env.step(env.action_space.sample())
 
