@@ -7,8 +7,9 @@ Each system is built from its agent config (``scripts/conf/agent/<name>.yaml``: 
 ``d_in``, the other keys are memory kwargs) and stepped like an acting policy: ``forward`` with T=1 under
 ``no_grad``, carrying its state, ``is_init`` only at step 0. The latency "at step s" is the median time
 of one more step from the state reached after s steps (early and late steps timed alternately); a
-constant-state system has ratio late/early ~ 1, a windowed one is bounded once its window is full. Also reported: one training pass (sequence mode, forward + backward) on a
-``[16, 64]`` batch, the shape of a PPO minibatch slice group.
+constant-state system has ratio late/early ~ 1, a windowed one is bounded once its window is full.
+Also reported: one training pass (sequence mode, forward + backward) on a ``[16, 64]`` batch (16 replayed
+slices of 64 steps).
 """
 
 from __future__ import annotations

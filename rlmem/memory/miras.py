@@ -84,7 +84,8 @@ class DualTierMiras(MemorySystem):
     # -- the pieces ------------------------------------------------------------------------------------
 
     def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``h: [B, T, d_model]`` -> ``q, k: [B, T, n_heads, mem_slots]`` (unit length), ``v: [B, T, n_heads, d_head]``."""
+        """``h: [B, T, d_model]`` -> ``q, k: [B, T, n_heads, mem_slots]`` (unit length),
+        ``v: [B, T, n_heads, d_head]``."""
         B, T, _ = h.shape
         q = F.normalize(self.q_proj(h).view(B, T, self.n_heads, self.mem_slots), dim=-1)
         k = F.normalize(self.k_proj(h).view(B, T, self.n_heads, self.mem_slots), dim=-1)
