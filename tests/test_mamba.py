@@ -85,7 +85,7 @@ def test_split_sequence_continues_from_the_state():
 
 def test_the_selection_is_input_dependent_and_A_is_negative():
     memory = mamba(n_layers=1)
-    mixer = memory.mixers[0]
+    mixer = memory.layers[0]
     assert (-torch.exp(mixer.A_log) < 0).all()
     state = memory.initial_state(1)
     x = torch.randn(1, 2, D_IN, generator=torch.Generator().manual_seed(4))

@@ -187,39 +187,33 @@ class MambaMixer(nn.Module):
         return self.out_proj(y * F.silu(z)), conv_state, ssm_state
 
 
-@register_memory("mamba")
-class MambaMemory(MemorySystem):
-    """Stack of Mamba blocks. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+class ResidualScanStack(MemorySystem):
+    """Shared body of Mamba and StreamingSSM: ``Linear`` embedding, then pre-norm residual layers
+    ``h <- h + layer(RMSNorm(h))``, final RMSNorm. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
 
-    State: ``conv: [B, n_layers, d_inner, d_conv - 1]``, ``ssm: [B, n_layers, d_inner, d_state]``,
-    zero at episode start; ``d_inner = expand * d_model``.
+    Every layer is called as ``layer(x, conv_state, scan_state, seg, keep) -> (out, conv_state, scan_state)``;
+    the state stacks them over layers: ``conv: [B, L, d_inner, d_conv - 1]`` and
+    ``<scan_key>: [B, L, *scan_shape]``, zero at episode start.
     """
 
-    test_kwargs = {"d_model": 16, "n_layers": 2, "d_state": 4, "d_conv": 3, "expand": 2}
+    scan_key: str
 
-    def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 2, dt_rank: int | None = None):
+    def __init__(self, d_in: int, d_model: int, layers: list[nn.Module], d_inner: int, d_conv: int,
+                 scan_shape: tuple[int, ...]):
         super().__init__()
-        for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 1), ("d_state", d_state, 1),
-                                 ("d_conv", d_conv, 2), ("expand", expand, 1)):
-            if value < low:
-                raise ValueError(f"mamba: {name} must be >= {low}, got {value}")
-        dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
-        if dt_rank < 1:
-            raise ValueError(f"mamba: dt_rank must be >= 1 (or null for ceil(d_model/16)), got {dt_rank}")
-        self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
+        self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, len(layers)
+        self.d_inner, self.d_conv, self.scan_shape = d_inner, d_conv, scan_shape
         self.embed = nn.Linear(d_in, d_model)
-        self.norms = nn.ModuleList(nn.RMSNorm(d_model) for _ in range(n_layers))
-        self.mixers = nn.ModuleList(MambaMixer(d_model, d_state, d_conv, expand, dt_rank) for _ in range(n_layers))
+        self.norms = nn.ModuleList(nn.RMSNorm(d_model) for _ in layers)
+        self.layers = nn.ModuleList(layers)
         self.norm_f = nn.RMSNorm(d_model)
-        self.d_inner, self.d_state, self.d_conv = expand * d_model, d_state, d_conv
 
     def initial_state(self, batch_size, device=None):
         L = self.n_layers
         return TensorDict(
             {
                 "conv": torch.zeros(batch_size, L, self.d_inner, self.d_conv - 1, device=device),
-                "ssm": torch.zeros(batch_size, L, self.d_inner, self.d_state, device=device),
+                self.scan_key: torch.zeros(batch_size, L, *self.scan_shape, device=device),
             },
             batch_size=[batch_size],
         )
@@ -230,12 +224,36 @@ class MambaMemory(MemorySystem):
         seg = episode_ids(is_init, self.d_conv - 1) if resets else None
         keep = (~is_init).to(x.dtype) if resets else None
         h = self.embed(x)
-        convs, ssms = [], []
-        for i, (norm, mixer) in enumerate(zip(self.norms, self.mixers)):
-            out, conv, ssm = mixer(norm(h), state["conv"][:, i], state["ssm"][:, i], seg, keep)
+        convs, scans = [], []
+        for i, (norm, layer) in enumerate(zip(self.norms, self.layers)):
+            out, conv, scan = layer(norm(h), state["conv"][:, i], state[self.scan_key][:, i], seg, keep)
             h = h + out
             convs.append(conv)
-            ssms.append(ssm)
-        next_state = TensorDict({"conv": torch.stack(convs, 1), "ssm": torch.stack(ssms, 1)},
-                                batch_size=state.batch_size)
-        return self.norm_f(h), next_state
+            scans.append(scan)
+        next_state = {"conv": torch.stack(convs, 1), self.scan_key: torch.stack(scans, 1)}
+        return self.norm_f(h), TensorDict(next_state, batch_size=state.batch_size)
+
+
+@register_memory("mamba")
+class MambaMemory(ResidualScanStack):
+    """Stack of Mamba blocks. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+
+    State: ``conv: [B, n_layers, d_inner, d_conv - 1]``, ``ssm: [B, n_layers, d_inner, d_state]``,
+    zero at episode start; ``d_inner = expand * d_model``.
+    """
+
+    scan_key = "ssm"
+    test_kwargs = {"d_model": 16, "n_layers": 2, "d_state": 4, "d_conv": 3, "expand": 2}
+
+    def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 2, dt_rank: int | None = None):
+        for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 1), ("d_state", d_state, 1),
+                                 ("d_conv", d_conv, 2), ("expand", expand, 1)):
+            if value < low:
+                raise ValueError(f"mamba: {name} must be >= {low}, got {value}")
+        dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
+        if dt_rank < 1:
+            raise ValueError(f"mamba: dt_rank must be >= 1 (or null for ceil(d_model/16)), got {dt_rank}")
+        layers = [MambaMixer(d_model, d_state, d_conv, expand, dt_rank) for _ in range(n_layers)]
+        super().__init__(d_in, d_model, layers, expand * d_model, d_conv, (expand * d_model, d_state))
+        self.d_state = d_state

@@ -23,11 +23,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDict
 from torch import nn
 
-from rlmem.memory.base import MemorySystem, check_inputs
-from rlmem.memory.mamba import causal_depthwise_conv, episode_ids, linear_scan
+from rlmem.memory.mamba import ResidualScanStack, causal_depthwise_conv, linear_scan
 from rlmem.memory.registry import register_memory
 
 
@@ -56,54 +54,24 @@ class StreamingLayer(nn.Module):
 
 
 @register_memory("ssm")
-class StreamingSSM(MemorySystem):
+class StreamingSSM(ResidualScanStack):
     """Stack of StreamingSSM layers. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
 
     State: ``conv: [B, n_layers, d_inner, d_conv - 1]``, ``s: [B, n_layers, d_inner]``, zero at episode
     start; ``d_inner = expand * d_model``.
     """
 
+    scan_key = "s"
     test_kwargs = {"d_model": 16, "n_layers": 2, "d_conv": 3, "expand": 2}
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, expand: int = 2, d_conv: int = 4,
                  min_timescale: float = 1.0, max_timescale: float = 1000.0):
-        super().__init__()
         for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 1), ("expand", expand, 1),
                                  ("d_conv", d_conv, 2)):
             if value < low:
                 raise ValueError(f"ssm: {name} must be >= {low}, got {value}")
         if not 0 < min_timescale <= max_timescale:
             raise ValueError(f"ssm: need 0 < min_timescale <= max_timescale, got {min_timescale}, {max_timescale}")
-        self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
-        self.d_inner, self.d_conv = expand * d_model, d_conv
-        self.embed = nn.Linear(d_in, d_model)
-        self.norms = nn.ModuleList(nn.RMSNorm(d_model) for _ in range(n_layers))
-        self.layers = nn.ModuleList(
-            StreamingLayer(d_model, self.d_inner, d_conv, min_timescale, max_timescale) for _ in range(n_layers)
-        )
-        self.norm_f = nn.RMSNorm(d_model)
-
-    def initial_state(self, batch_size, device=None):
-        L = self.n_layers
-        return TensorDict(
-            {
-                "conv": torch.zeros(batch_size, L, self.d_inner, self.d_conv - 1, device=device),
-                "s": torch.zeros(batch_size, L, self.d_inner, device=device),
-            },
-            batch_size=[batch_size],
-        )
-
-    def forward(self, x, state, is_init):
-        check_inputs(self, x, state, is_init)
-        resets = bool(is_init.any())
-        seg = episode_ids(is_init, self.d_conv - 1) if resets else None
-        keep = (~is_init).to(x.dtype) if resets else None
-        h = self.embed(x)
-        convs, ss = [], []
-        for i, (norm, layer) in enumerate(zip(self.norms, self.layers)):
-            out, conv, s = layer(norm(h), state["conv"][:, i], state["s"][:, i], seg, keep)
-            h = h + out
-            convs.append(conv)
-            ss.append(s)
-        next_state = TensorDict({"conv": torch.stack(convs, 1), "s": torch.stack(ss, 1)}, batch_size=state.batch_size)
-        return self.norm_f(h), next_state
+        d_inner = expand * d_model
+        layers = [StreamingLayer(d_model, d_inner, d_conv, min_timescale, max_timescale) for _ in range(n_layers)]
+        super().__init__(d_in, d_model, layers, d_inner, d_conv, (d_inner,))
