@@ -55,7 +55,7 @@ class PPOConfig:
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip_epsilon: float = 0.2
-    entropy_coef: float = 0.01
+    entropy_coef: float = 0.003
     value_coef: float = 0.5
     max_grad_norm: float = 0.5
     normalize_advantage: bool = True
@@ -201,6 +201,7 @@ class RecurrentPPO:
             self.agent.policy,
             frames_per_batch=ppo.frames_per_batch,
             total_frames=-1,
+            device="cpu",  # env, policy and storage on one device: no per-step casts
             exploration_type=ExplorationType.RANDOM,
         )
         self._t0 = time.perf_counter()
