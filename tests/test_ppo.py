@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torchrl.collectors import Collector
@@ -89,3 +92,22 @@ def test_ppo_uses_memory_gru_solves_and_mlp_stays_at_chance(tmp_path):
     mlp = train_delayed_cue("mlp", tmp_path / "mlp", frames=80_000)
     assert gru["eval_success"] >= 0.9, gru
     assert mlp["eval_success"] <= 0.45, mlp  # chance is 1/4
+
+
+ENV_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "scripts" / "conf" / "env").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("env_name", ENV_CONFIGS)
+def test_trainer_runs_on_every_env_config(tmp_path, env_name):
+    """One tiny iteration + evaluation on each env config (the RL memory suite and the LM sequence envs)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "scripts" / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        env_cfg = OmegaConf.to_container(compose("train_rl", overrides=[f"env={env_name}"]).env)
+    ppo = PPOConfig(num_envs=2, rollout_len=8, seq_len=4, minibatches=2, epochs=1, eval_episodes=2)
+    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, ppo, tmp_path,
+                           total_frames=16, progress_bar=False)
+    metrics = trainer.train()
+    assert metrics["frames"] == 16 and np.isfinite(metrics["eval_return"])
