@@ -63,6 +63,9 @@ def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None) -> 
         transforms.insert(0, DoubleToFloat(in_keys=["observation"]))
     if primer is not None:
         transforms.append(primer)
+    if isinstance(base, TransformedEnv):  # GymWrapper adds VecGymEnvTransform for SAME_STEP autoreset
+        base.append_transform(Compose(*transforms))
+        return base
     return TransformedEnv(base, Compose(*transforms))
 
 
