@@ -145,6 +145,7 @@ class RecurrentPPO:
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=ppo.lr, eps=1e-5)
 
         self.frames, self.iteration, self.wall_before = 0, 0, 0.0
+        self._t0: float | None = None  # perf_counter at the start of train()
         self.next_eval = 0
         self.metrics: dict[str, Any] = {}
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
@@ -184,7 +185,7 @@ class RecurrentPPO:
         torch.set_rng_state(ckpt["torch_rng"])
 
     def wall_seconds(self) -> float:
-        return self.wall_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0)
+        return self.wall_before + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
