@@ -222,3 +222,16 @@ def test_get_state_exposes_the_cue():
     state = env.unwrapped.get_state()
     assert obs[state["cue"]] == 1.0 and state["t"] == 0
     assert torch.is_tensor(torch.as_tensor(obs))
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_sb3_contrib_recurrent_ppo_trains_unchanged(env_id):
+    """The reference users compare against runs on every env as it is (no wrappers of ours)."""
+    from sb3_contrib import RecurrentPPO
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = RecurrentPPO("MlpLstmPolicy", make(env_id), n_steps=16, batch_size=16, n_epochs=1,
+                             policy_kwargs={"lstm_hidden_size": 8, "net_arch": [8]}, seed=0, device="cpu")
+        model.learn(32)
+    assert model.num_timesteps >= 32
