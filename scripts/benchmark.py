@@ -76,7 +76,7 @@ def worker_learning(a: dict) -> dict:
 
     with initialize_config_dir(str(ROOT / "scripts" / "conf"), version_base="1.3"):
         cfg = compose("train_rl", overrides=[f"agent={a['agent']}", f"env.delay={a['delay']}",
-                                             f"ppo.eval_interval={a['eval_interval']}"])
+                                             f"ppo.eval_interval={a['eval_interval']}", *long_delay_overrides(a)])
     c = OmegaConf.to_container(cfg, resolve=True)
     trainer = RecurrentPPO(c["agent"], c["env"], PPOConfig.from_mapping(c["ppo"]), Path(a["tmp"]) / "learn",
                            seed=a["seed"], total_frames=a["frames"], progress_bar=False)
@@ -93,6 +93,19 @@ def worker_learning(a: dict) -> dict:
     reached = next((f for f, s in history if s >= 0.9), None)
     return {"eval_success": metrics["eval_success"], "frames_to_0.9": reached, "fps": metrics["fps"],
             "wall_seconds": time.perf_counter() - start, "history": history}
+
+
+def long_delay_overrides(a: dict) -> list[str]:
+    """PPO learns a delay only if the cue and the query fall in one replayed slice (the gradient path goes
+    through the state between them). Slices of the default 64 steps cannot hold a 52- or 202-step
+    episode, so the slice (= rollout) length is the power of two >= 2 episode lengths, with fewer envs to
+    keep about 2048 frames per iteration; the transformer's window covers the episode."""
+    episode = a["delay"] + 2
+    length = 1 << (2 * episode - 1).bit_length()
+    overrides = [f"ppo.rollout_len={length}", f"ppo.seq_len={length}", f"ppo.num_envs={max(4, 2048 // length)}"]
+    if a["agent"] == "transformer":
+        overrides.append(f"agent.window={episode}")
+    return overrides
 
 
 WORKERS = {"rlmem": worker_rlmem, "sb3": worker_sb3, "learning": worker_learning}
@@ -129,7 +142,9 @@ def throughput(ns: argparse.Namespace) -> None:
 def learning(ns: argparse.Namespace) -> None:
     import tempfile
 
-    print(f"DelayedCue (4 cues) eval success within {ns.frames} frames, seed {ns.seed}")
+    print(f"DelayedCue (4 cues) eval success within {ns.frames} frames, seed {ns.seed}; per delay: "
+          + "; ".join(f"{d}: {' '.join(long_delay_overrides({'delay': d, 'agent': 'transformer'}))}"
+                      for d in ns.delays))
     print(f"{'agent':12s} {'delay':>6s} {'success':>8s} {'frames to 0.9':>14s} {'frames/s':>9s} {'minutes':>8s}")
     for agent in ns.agents:
         for delay in ns.delays:
