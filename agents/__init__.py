@@ -22,10 +22,6 @@ from torchrl.modules import ProbabilisticActor
 from rlmem.memory import build_memory
 from rlmem.torchrl_wrapper import MemoryModule
 
-#: keys of an agent config that are not memory-system parameters
-AGENT_KEYS = ("name", "memory", "encoder_dim")
-
-
 class Apply(TensorDictModuleBase):
     """``td[out_key] = module(td[in_key])``.
 
@@ -57,9 +53,7 @@ class ActorCritic(nn.Module):
         cfg = dict(cfg)
         memory_name = cfg.pop("memory")
         encoder_dim = int(cfg.pop("encoder_dim", 64))
-        cfg.pop("name", None)
         memory = build_memory(memory_name, d_in=encoder_dim, **cfg)
-        self.memory_name = memory_name
         self.encoder = nn.Sequential(nn.Linear(obs_dim, encoder_dim), nn.Tanh())
         self.backbone = TensorDictSequential(
             Apply(self.encoder, "observation", "embed"),

@@ -20,10 +20,8 @@ from rlmem.ppo import PPOConfig, RecurrentPPO
 
 def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
     """Everything is validated here, before any training starts."""
-    if cfg.device != "cpu" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device!r} is not available here; valid: 'cpu'")
     if cfg.device != "cpu":
-        raise ValueError("only device=cpu is supported by the trainer for now")
+        raise ValueError(f"device={cfg.device!r}: the trainer runs on the CPU only for now; valid: 'cpu'")
     resume = cfg.resume
     if not isinstance(resume, (bool, str)):
         raise ValueError(f"resume must be true, false or a checkpoint path, got {resume!r}")
@@ -39,7 +37,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
         log_interval=int(cfg.logger.log_interval),
         checkpoint_interval=int(cfg.logger.checkpoint_interval),
         progress_bar=bool(cfg.logger.progress_bar),
-        hparams={k: v for k, v in _flatten(container).items()},
+        hparams=_flatten(container),
     )
 
 
