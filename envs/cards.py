@@ -32,7 +32,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
 
 DECK_SIZE, N_SUITS, N_RANKS, N_COLORS = 52, 4, 13, 2
 

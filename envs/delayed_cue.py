@@ -19,7 +19,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs, check_float, check_int
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs, check_float, check_int
 
 
 class DelayedCueTask(MemoryTask):

@@ -1,7 +1,7 @@
 """The synthetic LM tasks of :mod:`lm_tasks` as Gymnasium sequence envs.
 
 An episode is one sample of the task (``seq_len`` steps), drawn at reset by the task's own numpy
-generator (:meth:`lm_tasks.tasks.LMTask.sample`) from the env's generator, so the rules live in one
+generator (:meth:`rlmem.lm_tasks.tasks.LMTask.sample`) from the env's generator, so the rules live in one
 place for supervised training and RL.
 
 - Observation at step t: ``Box(vocab_size + 1)`` float32, the one-hot of token ``inputs[t]`` plus a last
@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import gymnasium as gym
 import numpy as np
 
-from envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
-from lm_tasks.tasks import AssocRecall, CopyMemory, InductionHead, LMTask, SelectiveCopy
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
+from rlmem.lm_tasks.tasks import AssocRecall, CopyMemory, InductionHead, LMTask, SelectiveCopy
 
 
 class LMSequenceTask(MemoryTask):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
 
 
 class MemoryLengthTask(MemoryTask):

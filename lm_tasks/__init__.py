@@ -1,13 +1,13 @@
 """Synthetic LM tasks (copy, multi-query associative recall, selective copy, induction head).
 
-- :mod:`lm_tasks.tasks`: batched seeded generators and the task registry (``build_task("assoc_recall", ...)``);
-- :mod:`lm_tasks.solvers`: plain rule-based solvers that prove every target is determined by the input;
-- :mod:`lm_tasks.training`: model wrapper, answer-only loss, evaluation and the loop of ``scripts/train_lm.py``.
+- :mod:`rlmem.lm_tasks.tasks`: batched seeded generators and the task registry (``build_task("assoc_recall", ...)``);
+- :mod:`rlmem.lm_tasks.solvers`: plain rule-based solvers that prove every target is determined by the input;
+- :mod:`rlmem.lm_tasks.training`: model wrapper, answer-only loss, evaluation and the loop of ``scripts/train_lm.py``.
 
-The same tasks are Gymnasium sequence envs in :mod:`envs.lm_sequence` (``rlmem/CopyMemory-v0``, ...).
+The same tasks are Gymnasium sequence envs in :mod:`rlmem.envs.lm_sequence` (``rlmem/CopyMemory-v0``, ...).
 """
 
-from lm_tasks.solvers import solve
-from lm_tasks.tasks import IGNORE_INDEX, TASKS, LMBatch, LMTask, available_tasks, build_task
+from rlmem.lm_tasks.solvers import solve
+from rlmem.lm_tasks.tasks import IGNORE_INDEX, TASKS, LMBatch, LMTask, available_tasks, build_task
 
 __all__ = ["IGNORE_INDEX", "TASKS", "LMBatch", "LMTask", "available_tasks", "build_task", "solve"]

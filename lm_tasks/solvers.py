@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lm_tasks.tasks import BLANK, DELIM, AssocRecall, CopyMemory, InductionHead, LMTask, SelectiveCopy
+from rlmem.lm_tasks.tasks import BLANK, DELIM, AssocRecall, CopyMemory, InductionHead, LMTask, SelectiveCopy
 
 
 def _recall_after_delim(row: np.ndarray, data: np.ndarray, pred: np.ndarray) -> None:

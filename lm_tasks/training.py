@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from envs.core import check_float, check_int
-from lm_tasks.tasks import LMBatch, LMTask, build_task
+from rlmem.envs.core import check_float, check_int
+from rlmem.lm_tasks.tasks import LMBatch, LMTask, build_task
 from rlmem.memory import build_memory
 from rlmem.run_io import load_checkpoint, save_checkpoint, write_metrics
 

@@ -3,7 +3,7 @@
 ``import rlmem`` registers the ``rlmem/<Name>-v0`` Gymnasium environments and the memory systems.
 """
 
-import envs  # noqa: F401  (registers the environments)
+import rlmem.envs  # noqa: F401  (registers the environments)
 from rlmem.memory import MemorySystem, available_memories, build_memory, register_memory
 
 __version__ = "0.1.0"

@@ -16,8 +16,8 @@ from gymnasium.vector import AutoresetMode
 from torchrl.envs import Compose, DoubleToFloat, InitTracker, RewardSum, TransformedEnv
 from torchrl.envs.libs.gym import GymWrapper
 
-import envs  # noqa: F401  (registers rlmem/ ids)
-from envs.core import TaskVectorEnv
+import rlmem.envs  # noqa: F401  (registers rlmem/ ids)
+from rlmem.envs.core import TaskVectorEnv
 
 
 def split_env_config(env_cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

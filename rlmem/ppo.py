@@ -37,7 +37,7 @@ from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from tqdm import tqdm
 
-from agents import ActorCritic
+from rlmem.agents import ActorCritic
 from rlmem.env_factory import make_torchrl_env, success_threshold
 from rlmem.evaluate import evaluate_greedy
 from rlmem.run_io import load_checkpoint, save_checkpoint, write_metrics

@@ -21,7 +21,7 @@ import numpy as np
 import popgym.envs as popgym_envs
 
 import rlmem  # noqa: F401  (registers the envs)
-from envs import ENV_IDS
+from rlmem.envs import ENV_IDS
 
 #: rlmem config name -> POPGym class of the same task at the Easy difficulty (None: POPGym has none)
 POPGYM_TWIN = {
@@ -63,7 +63,7 @@ def popgym_vec(class_name: str, num_envs: int) -> gym.vector.VectorEnv:
 
 
 def measure_chance(n_episodes: int) -> None:
-    from envs.cartpole import RANDOM_POLICY_MEAN_LENGTH, random_policy_lengths
+    from rlmem.envs.cartpole import RANDOM_POLICY_MEAN_LENGTH, random_policy_lengths
 
     lengths = random_policy_lengths(n_episodes)
     sem = lengths.std() / np.sqrt(n_episodes)

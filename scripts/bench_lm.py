@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lm_tasks import build_task  # noqa: E402
+from rlmem.lm_tasks import build_task  # noqa: E402
 
 # every config has sequence length 256; assoc_recall as in Zoology's MQAR (16 pairs, vocabulary 8192)
 GENERATOR_CONFIGS = {

@@ -4,7 +4,7 @@
 
 Embedding -> memory system (sequence mode) -> LM head, cross-entropy on answer positions only, evaluated
 on held-out batches of another seed. Writes TensorBoard events (lm/train_loss, lm/eval_accuracy),
-metrics.json and checkpoints/last.pt into the Hydra run dir. The pieces live in lm_tasks.training.
+metrics.json and checkpoints/last.pt into the Hydra run dir. The pieces live in rlmem.lm_tasks.training.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import rlmem  # noqa: F401  (registers the memory systems)
-from lm_tasks.training import ConfigError, run
+from rlmem.lm_tasks.training import ConfigError, run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train_lm")

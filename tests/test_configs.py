@@ -9,7 +9,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from envs import ENV_IDS
+from rlmem.envs import ENV_IDS
 from rlmem.ppo import PPOConfig
 from rlmem.env_factory import make_vector_env
 
@@ -81,7 +81,7 @@ def test_agent_configs_build(agent):
     import torch
     from torchrl.data import Categorical
 
-    from agents import ActorCritic
+    from rlmem.agents import ActorCritic
 
     cfg = OmegaConf.to_container(compose_rl(f"agent={agent}").agent)
     agent_module = ActorCritic(obs_dim=5, n_actions=4, action_spec=Categorical(4), cfg=cfg)

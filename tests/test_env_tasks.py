@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 import rlmem  # noqa: F401  (registers the envs)
-from envs import ENV_IDS
-from envs.cards import AutoencodeTask, CountRecallTask, RepeatFirstTask, RepeatPreviousTask
-from envs.cartpole import PositionOnlyCartPoleTask, random_policy_lengths
-from envs.tmaze import DOWN, LEFT, RIGHT, UP, random_policy_return
+from rlmem.envs import ENV_IDS
+from rlmem.envs.cards import AutoencodeTask, CountRecallTask, RepeatFirstTask, RepeatPreviousTask
+from rlmem.envs.cartpole import PositionOnlyCartPoleTask, random_policy_lengths
+from rlmem.envs.tmaze import DOWN, LEFT, RIGHT, UP, random_policy_return
 
 CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf" / "env"
 

@@ -1,7 +1,7 @@
 """Tests every registered ``rlmem/`` env passes (registering an env adds it here).
 
 Per task class, ``test_kwargs`` (small sizes) and ``invalid_kwargs`` (a list of bad kwarg dicts) are read
-from the :class:`envs.core.MemoryTask` subclass.
+from the :class:`rlmem.envs.core.MemoryTask` subclass.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torchrl.envs.libs.gym import GymWrapper
 from torchrl.envs.utils import check_env_specs
 
 import rlmem  # noqa: F401  (registers the envs)
-from envs import ENV_IDS
+from rlmem.envs import ENV_IDS
 
 IDS = sorted(i for i in gym.registry if i.startswith("rlmem/"))
 

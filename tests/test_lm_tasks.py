@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import rlmem  # noqa: F401  (registers the envs)
-from lm_tasks import IGNORE_INDEX, available_tasks, build_task, solve
-from lm_tasks.tasks import BLANK, sample_without_replacement
+from rlmem.lm_tasks import IGNORE_INDEX, available_tasks, build_task, solve
+from rlmem.lm_tasks.tasks import BLANK, sample_without_replacement
 
 # per task: the defaults, edge cases (no delay, one item, minimal lengths, few queries) and a bigger one
 CONFIGS = [

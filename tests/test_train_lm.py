@@ -1,4 +1,4 @@
-"""scripts/train_lm.py and the training pieces in lm_tasks.training."""
+"""scripts/train_lm.py and the training pieces in rlmem.lm_tasks.training."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import rlmem  # noqa: F401  (registers the memory systems)
-from lm_tasks import build_task
-from lm_tasks.training import ConfigError, LMModel, answer_loss, evaluate, run, setup
+from rlmem.lm_tasks import build_task
+from rlmem.lm_tasks.training import ConfigError, LMModel, answer_loss, evaluate, run, setup
 from rlmem.run_io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
