@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -16,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rlmem.envs.core import check_float, check_int
+from rlmem.interrupts import GracefulStop, TrainingInterrupted
 from rlmem.lm_tasks.tasks import LMBatch, LMTask, build_task
 from rlmem.memory import build_memory
-from rlmem.run_io import load_checkpoint, save_checkpoint, write_metrics
+from rlmem.run_io import (NonFiniteError, check_finite, load_checkpoint, run_dir_holds_a_run, save_checkpoint,
+                          write_metrics)
+from rlmem.user_code import import_modules
+
+log = logging.getLogger(__name__)
 
 #: keys of a model config that are not memory-system parameters
 MODEL_KEYS = ("memory", "d_model")
@@ -101,6 +110,8 @@ class TrainConfig:
     resume: bool = True
     threads: int = 1
     device: str = "cpu"
+    progress_bar: bool = True  # on a terminal; elsewhere a one-line summary at each evaluation
+    imports: list[str] = dataclasses.field(default_factory=list)  # user modules imported before building
 
     def __post_init__(self):
         check_int("seed", self.seed)
@@ -112,8 +123,9 @@ class TrainConfig:
         check_float("lr", self.lr, low=1e-12)
         check_float("weight_decay", self.weight_decay, low=0.0)
         check_float("grad_clip", self.grad_clip, low=0.0)  # 0 = no clipping
-        if not isinstance(self.resume, bool):
-            raise ValueError(f"resume must be true or false, got {self.resume!r}")
+        for name in ("resume", "progress_bar"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
             raise ValueError(f"device must be 'cpu' or, when CUDA is available, 'cuda[:i]'; got {self.device!r}")
 
@@ -145,6 +157,7 @@ def setup(cfg: Mapping[str, Any]) -> tuple[TrainConfig, LMTask, LMModel]:
 def _setup(cfg: dict[str, Any]) -> tuple[TrainConfig, LMTask, LMModel]:
     model_cfg, task_cfg = dict(cfg.pop("model", {})), dict(cfg.pop("task", {}))
     train_cfg = TrainConfig.from_mapping(cfg)
+    import_modules(train_cfg.imports)  # the user's own memory systems register themselves
     if "name" not in task_cfg:
         raise ValueError(f"task config needs a 'name' key, got keys {sorted(task_cfg)}")
     task = build_task(task_cfg.pop("name"), **task_cfg)
@@ -153,101 +166,152 @@ def _setup(cfg: dict[str, Any]) -> tuple[TrainConfig, LMTask, LMModel]:
     return train_cfg, task, model
 
 
-def run(cfg: Mapping[str, Any], out_dir: str | Path, writer=None, progress: bool = True) -> dict[str, Any]:
-    """Train on ``cfg`` (see :func:`setup`), writing to ``out_dir``: ``checkpoints/last.pt`` (resumed from
-    if present and ``resume``), ``metrics.json``, and TensorBoard events unless another ``writer`` is given.
-    Returns the metrics."""
-    tc, task, model = setup(cfg)
-    out_dir = Path(out_dir)
-    torch.set_num_threads(tc.threads)
-    own_writer = writer is None
-    if own_writer:
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+class LMTrainer:
+    """Supervised training of one config (see :func:`setup`) into ``out_dir``: ``checkpoints/last.pt``,
+    ``metrics.json``, TensorBoard events (unless another ``writer`` is given) and a log line per evaluation.
 
-        writer = SummaryWriter(str(out_dir))
-    try:
-        return _train(tc, task, model, cfg, out_dir, writer, progress)
-    finally:
-        if own_writer:
-            writer.close()
+    With ``resume`` (the default) a run continues from its checkpoint, and a finished run is reported, not
+    retrained; without it, an ``out_dir`` that already holds a run is refused. Ctrl-C / SIGTERM save a
+    checkpoint and raise :class:`~rlmem.interrupts.TrainingInterrupted`. Config errors raise
+    :class:`ConfigError` from the constructor, before anything is written.
+    """
 
+    def __init__(self, cfg: Mapping[str, Any], out_dir: str | Path, writer=None, progress: bool = True):
+        self.cfg = dict(cfg)
+        self.tc, self.task, self.model = setup(self.cfg)
+        self.out_dir, self.writer, self.progress = Path(out_dir), writer, progress
+        torch.set_num_threads(self.tc.threads)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.tc.lr, weight_decay=self.tc.weight_decay)
+        self.rng = np.random.default_rng(self.tc.seed)
+        self.ckpt_path = self.out_dir / "checkpoints" / "last.pt"
+        self.identity = {"model": dict(self.cfg.get("model", {})), "task": dict(self.cfg.get("task", {}))}
+        self.step, self.train_seconds, self.wall_before = 0, 0.0, 0.0
+        self.last_checkpoint_step: int | None = None
+        if self.tc.resume and self.ckpt_path.exists():
+            self._load()
+        elif not self.tc.resume and run_dir_holds_a_run(self.out_dir):
+            raise ConfigError(f"{self.out_dir} already holds a run; resume=true continues it (or reports it if "
+                              "finished), or choose another run dir (hydra.run.dir=...)")
 
-def _train(tc: TrainConfig, task: LMTask, model: LMModel, cfg, out_dir: Path, writer, progress: bool) -> dict:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    rng = np.random.default_rng(tc.seed)
-    eval_rng = np.random.default_rng(tc.eval_seed)
-    eval_set = [task.batch(tc.batch_size, eval_rng).to(tc.device) for _ in range(tc.eval_batches)]
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    identity = {"model": dict(cfg.get("model", {})), "task": dict(cfg.get("task", {}))}
-    step = 0
-    if tc.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["identity"] != identity:
-            raise ConfigError(
-                f"{ckpt_path} was written for {ckpt['identity']}, not {identity}; "
-                "use another hydra.run.dir or resume=false"
-            )
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        rng.bit_generator.state = ckpt["data_rng"]
+    def _load(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt["identity"] != self.identity:
+            raise ConfigError(f"{self.ckpt_path} was written for {ckpt['identity']}, not {self.identity}; "
+                              "use another hydra.run.dir or resume=false")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.rng.bit_generator.state = ckpt["data_rng"]
         torch.set_rng_state(ckpt["torch_rng"])
-        step = ckpt["step"]
+        self.step = self.last_checkpoint_step = ckpt["step"]
+        self.train_seconds, self.wall_before = ckpt.get("train_seconds", 0.0), ckpt.get("wall_seconds", 0.0)
+        log.info("resuming from %s at step %d", self.ckpt_path, self.step)
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "data_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "identity": identity,
+    def _checkpoint(self, wall_seconds: float) -> None:
+        kept = self._kept_checkpoint()
+        check_finite(self.model.state_dict(), f"the model parameters at step {self.step}", kept)
+        save_checkpoint(self.ckpt_path, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+            "data_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "identity": self.identity,
+            "train_seconds": self.train_seconds, "wall_seconds": wall_seconds,
         })
+        self.last_checkpoint_step = self.step
 
-    start_step, train_seconds, t_start = step, 0.0, time.perf_counter()
-    losses: list[float] = []
-    ev = evaluate(model, eval_set) if step >= tc.steps else None
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train_lm {task.name}/{cfg['model'].get('memory')}",
-               disable=not progress, dynamic_ncols=True)
-    model.train()
-    while step < tc.steps:
-        t0 = time.perf_counter()
-        inputs, targets, mask = task.batch(tc.batch_size, rng).to(tc.device)
-        loss = answer_loss(model(inputs, mask), targets, mask)
-        aux = model.memory.aux_loss()
-        if aux is not None:
-            loss = loss + aux
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        train_seconds += time.perf_counter() - t0
-        step += 1
-        losses.append(loss.item())
-        writer.add_scalar("lm/train_loss", losses[-1], step)
-        if step % tc.eval_every == 0 or step == tc.steps:
-            ev = evaluate(model, eval_set)
-            writer.add_scalar("lm/eval_accuracy", ev["accuracy"], step)
-            writer.add_scalar("lm/eval_sequence_accuracy", ev["sequence_accuracy"], step)
-            writer.add_scalar("lm/eval_loss", ev["loss"], step)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", eval_acc=f"{ev['accuracy']:.3f}")
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            checkpoint()
-        bar.update(1)
-    bar.close()
-    trained_tokens = (step - start_step) * tc.batch_size * task.seq_len
-    metrics = {
-        "task": task.name,
-        "task_knobs": task.knobs(),
-        "model": cfg["model"].get("memory"),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": step,
-        "eval_accuracy": ev["accuracy"],
-        "eval_sequence_accuracy": ev["sequence_accuracy"],
-        "eval_loss": ev["loss"],
-        "chance_accuracy": task.chance_accuracy(),
-        "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
-        # training throughput of this process: batch tokens through forward + backward + optimizer step
-        "tokens_per_s": trained_tokens / train_seconds if train_seconds > 0 else float("nan"),
-        "wall_seconds": time.perf_counter() - t_start,
-    }
-    write_metrics(out_dir / "metrics.json", metrics)
-    return metrics
+    def _kept_checkpoint(self) -> str:
+        if self.last_checkpoint_step is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {self.ckpt_path} (step {self.last_checkpoint_step}) is kept"
+
+    def train(self) -> dict[str, Any]:
+        metrics_path = self.out_dir / "metrics.json"
+        if self.step >= self.tc.steps and metrics_path.exists():
+            metrics = json.loads(metrics_path.read_text())
+            log.info("%s already finished at step %d, results kept: eval_accuracy=%.4f", self.out_dir,
+                     metrics["steps"], metrics["eval_accuracy"])
+            return metrics
+        writer = self.writer
+        if writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+            # purge events a killed run wrote after its checkpoint (or all, when starting over)
+            writer = SummaryWriter(str(self.out_dir), purge_step=self.step + 1 if self.step else 0)
+        try:
+            metrics = self._train(writer)
+        finally:
+            if self.writer is None:
+                writer.close()
+        write_metrics(metrics_path, metrics)
+        return metrics
+
+    def _train(self, writer) -> dict[str, Any]:
+        tc, task, model, optimizer = self.tc, self.task, self.model, self.optimizer
+        eval_rng = np.random.default_rng(tc.eval_seed)
+        eval_set = [task.batch(tc.batch_size, eval_rng).to(tc.device) for _ in range(tc.eval_batches)]
+        t_start = time.perf_counter()
+        wall = lambda: self.wall_before + time.perf_counter() - t_start  # noqa: E731
+        losses: list[float] = []
+        ev = evaluate(model, eval_set) if self.step >= tc.steps else None
+        log.info("training %s on %s from step %d to %d; outputs in %s", self.cfg["model"].get("memory"),
+                 task.name, self.step, tc.steps, self.out_dir)
+        show_bar = self.progress and tc.progress_bar and sys.stderr.isatty()
+        model.train()
+        with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(
+            total=tc.steps, initial=self.step, desc=f"train_lm {task.name}/{self.cfg['model'].get('memory')}",
+            disable=not show_bar, dynamic_ncols=True,
+        ) as bar:
+            while self.step < tc.steps:
+                t0 = time.perf_counter()
+                inputs, targets, mask = task.batch(tc.batch_size, self.rng).to(tc.device)
+                loss = answer_loss(model(inputs, mask), targets, mask)
+                aux = model.memory.aux_loss()
+                if aux is not None:
+                    loss = loss + aux
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"non-finite training loss {loss.item()} at step {self.step + 1}; "
+                                         f"training stopped, {self._kept_checkpoint()}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if tc.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                optimizer.step()
+                self.train_seconds += time.perf_counter() - t0
+                self.step += 1
+                losses.append(loss.item())
+                writer.add_scalar("lm/train_loss", losses[-1], self.step)
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    ev = evaluate(model, eval_set)
+                    writer.add_scalar("lm/eval_accuracy", ev["accuracy"], self.step)
+                    writer.add_scalar("lm/eval_sequence_accuracy", ev["sequence_accuracy"], self.step)
+                    writer.add_scalar("lm/eval_loss", ev["loss"], self.step)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", eval_acc=f"{ev['accuracy']:.3f}")
+                    log.info("step=%d/%d train_loss=%.4f eval_accuracy=%.4f eval_loss=%.4f", self.step, tc.steps,
+                             float(np.mean(losses[-50:])), ev["accuracy"], ev["loss"])
+                if self.step % tc.checkpoint_every == 0 or self.step == tc.steps or stop.requested:
+                    writer.flush()  # events up to the checkpoint are on disk before it is
+                    self._checkpoint(wall())
+                bar.update(1)
+                if stop.requested and self.step < tc.steps:
+                    raise TrainingInterrupted(stop.requested, f"step {self.step}", self.ckpt_path)
+        trained_tokens = self.step * tc.batch_size * task.seq_len
+        return {
+            "task": task.name,
+            "task_knobs": task.knobs(),
+            "model": self.cfg["model"].get("memory"),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "seed": tc.seed,
+            "steps": self.step,
+            "eval_accuracy": ev["accuracy"],
+            "eval_sequence_accuracy": ev["sequence_accuracy"],
+            "eval_loss": ev["loss"],
+            "chance_accuracy": task.chance_accuracy(),
+            "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+            # training throughput over every step of the run (resumed parts included): batch tokens through
+            # forward + backward + optimizer step, per second of those steps
+            "tokens_per_s": trained_tokens / self.train_seconds if self.train_seconds > 0 else float("nan"),
+            "wall_seconds": wall(),
+            "config": self.cfg,
+        }
+
+
+def run(cfg: Mapping[str, Any], out_dir: str | Path, writer=None, progress: bool = True) -> dict[str, Any]:
+    """Train on ``cfg`` (see :func:`setup` and :class:`LMTrainer`) into ``out_dir``; returns the metrics."""
+    return LMTrainer(cfg, out_dir, writer, progress).train()

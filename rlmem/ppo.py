@@ -13,14 +13,18 @@ One iteration (CleanRL's loop, TorchRL's pieces):
    ``is_init``; TorchRL's ``ClipPPOLoss`` (advantage normalization, entropy bonus) on the replayed
    features, gradient-norm clipping.
 
-Greedy evaluation episodes run every ``eval_interval`` frames; checkpoints are atomic and ``resume``
-continues from the last one.
+Greedy evaluation episodes run every ``eval_interval`` frames. Checkpoints are atomic; a run resumes from
+its last one (TensorBoard events after it are purged, so curves stay one clean line), a finished run is
+reported rather than retrained, and Ctrl-C / SIGTERM checkpoint before stopping.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,11 +40,18 @@ from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rlmem.agents import ActorCritic
-from rlmem.env_factory import make_torchrl_env, success_threshold
+from rlmem.env_factory import effective_env_kwargs, make_torchrl_env, success_threshold
+from rlmem.envs.core import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
-from rlmem.run_io import load_checkpoint, save_checkpoint, write_metrics
+from rlmem.interrupts import GracefulStop, TrainingInterrupted
+from rlmem.run_io import (NonFiniteError, check_finite, flatten, load_checkpoint, run_dir_holds_a_run,
+                          save_checkpoint, write_metrics)
+from rlmem.torchrl_wrapper import STATE_KEY
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -49,7 +60,7 @@ class PPOConfig:
     rollout_len: int = 64  # steps per env per iteration
     seq_len: int = 64  # length of the replayed slices; divides rollout_len
     epochs: int = 4
-    minibatches: int = 4
+    minibatches: int = 4  # equal groups of slices per epoch; divides the number of slices
     lr: float = 1e-3
     anneal_lr: bool = True
     gamma: float = 0.99
@@ -63,16 +74,22 @@ class PPOConfig:
     eval_episodes: int = 64
 
     def __post_init__(self):
-        positive = ("num_envs", "rollout_len", "seq_len", "epochs", "minibatches", "eval_interval", "eval_episodes")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ppo.{name} must be a positive integer, got {value!r}")
+        # types first, so a wrong one names its key instead of failing in a comparison
+        for field in dataclasses.fields(self):
+            name, value = f"ppo.{field.name}", getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+            if field.type == "int":
+                check_int(name, value, low=1)
+            if field.type == "float":
+                setattr(self, field.name, check_float(name, value))
         if self.rollout_len % self.seq_len:
             raise ValueError(f"ppo.seq_len={self.seq_len} must divide ppo.rollout_len={self.rollout_len}")
         n_slices = self.num_envs * self.rollout_len // self.seq_len
-        if self.minibatches > n_slices:
-            raise ValueError(f"ppo.minibatches={self.minibatches} > number of slices {n_slices}")
+        if n_slices % self.minibatches:
+            valid = [d for d in range(1, n_slices + 1) if n_slices % d == 0]
+            raise ValueError(f"ppo.minibatches={self.minibatches} must divide the number of replayed slices "
+                             f"num_envs * rollout_len / seq_len = {n_slices} (equal minibatches); valid: {valid}")
         for name in ("lr", "max_grad_norm", "clip_epsilon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ppo.{name} must be > 0, got {getattr(self, name)}")
@@ -97,7 +114,14 @@ class PPOConfig:
 
 
 class RecurrentPPO:
-    """Trains one agent on one env; every output goes to ``run_dir``."""
+    """Trains one agent on one env; every output goes to ``run_dir``.
+
+    ``resume``: True continues from ``run_dir/checkpoints/last.pt`` when it exists (else starts fresh);
+    False starts fresh and refuses a ``run_dir`` that already holds a run; a path resumes from that
+    checkpoint. ``progress_bar``: a bar on a terminal; elsewhere (a log file) a one-line summary is logged
+    every ``summary_interval`` seconds and at each evaluation. ``config``: the resolved run config, recorded
+    in ``metrics.json`` and TensorBoard.
+    """
 
     def __init__(
         self,
@@ -108,18 +132,27 @@ class RecurrentPPO:
         *,
         seed: int = 0,
         total_frames: int = 200_000,
-        resume: bool | str = False,
+        resume: bool | str | Path = True,
         log_interval: int = 1,
         checkpoint_interval: int = 50_000,
         progress_bar: bool = True,
-        hparams: Mapping[str, Any] | None = None,
+        summary_interval: float = 30.0,
+        config: Mapping[str, Any] | None = None,
     ):
-        if total_frames < 1:
-            raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+        check_int("seed", seed, low=0)
+        check_int("total_frames", total_frames, low=1)
+        check_int("logger.log_interval", log_interval, low=1)
+        check_int("logger.checkpoint_interval", checkpoint_interval, low=1)
+        check_float("logger.summary_interval", summary_interval, low=0.0)
+        if not isinstance(progress_bar, bool):
+            raise ValueError(f"logger.progress_bar must be true or false, got {progress_bar!r}")
+        if not isinstance(resume, (bool, str, Path)):
+            raise ValueError(f"resume must be true, false or a checkpoint path, got {resume!r}")
         self.ppo, self.env_cfg, self.agent_cfg = ppo, dict(env_cfg), dict(agent_cfg)
         self.run_dir, self.seed, self.total_frames = Path(run_dir), seed, total_frames
-        self.log_interval, self.checkpoint_interval, self.progress_bar = log_interval, checkpoint_interval, progress_bar
-        self.hparams = dict(hparams or {})
+        self.log_interval, self.checkpoint_interval = log_interval, checkpoint_interval
+        self.progress_bar, self.summary_interval = progress_bar, summary_interval
+        self.config = dict(config or {})
         torch.manual_seed(seed)
         np.random.seed(seed)
 
@@ -131,6 +164,7 @@ class RecurrentPPO:
         probe.close()
         self.agent = ActorCritic(obs_dim, n_actions, action_spec, self.agent_cfg)
         self.success_threshold = success_threshold(self.env_cfg)
+        self.env_kwargs = effective_env_kwargs(self.env_cfg)
 
         self.loss_module = ClipPPOLoss(
             self.agent.actor,
@@ -149,8 +183,14 @@ class RecurrentPPO:
         self.next_eval = 0
         self.metrics: dict[str, Any] = {}
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
-        if resume:
-            self._load(Path(resume) if isinstance(resume, str) else self.checkpoint_path)
+        self.last_checkpoint_frames: int | None = None
+        if isinstance(resume, (str, Path)):
+            self._load(Path(resume))
+        elif resume and self.checkpoint_path.exists():
+            self._load(self.checkpoint_path)
+        elif not resume and run_dir_holds_a_run(self.run_dir):
+            raise FileExistsError(f"{self.run_dir} already holds a run; resume=true continues it (or reports it if "
+                                  "finished), or choose another run dir (hydra.run.dir=...)")
 
     # --- checkpoints ----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -175,25 +215,102 @@ class RecurrentPPO:
         if ckpt["agent_cfg"] != self.agent_cfg or ckpt["env_cfg"] != self.env_cfg:
             raise ValueError(
                 f"resume: checkpoint {path} was trained with agent={ckpt['agent_cfg']} env={ckpt['env_cfg']}, "
-                f"not agent={self.agent_cfg} env={self.env_cfg}"
+                f"not agent={self.agent_cfg} env={self.env_cfg}; use another run dir (hydra.run.dir=...)"
             )
         self.agent.load_state_dict(ckpt["agent"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.frames, self.iteration = ckpt["frames"], ckpt["iteration"]
         self.wall_before, self.next_eval = ckpt["wall_seconds"], ckpt["next_eval"]
         self.metrics = ckpt["metrics"]
+        self.last_checkpoint_frames = self.frames
         torch.set_rng_state(ckpt["torch_rng"])
+        log.info("resuming from %s at frames=%d", path, self.frames)
+
+    def _save_checkpoint(self) -> None:
+        # a model that went non-finite must not replace the last good checkpoint
+        check_finite(self.agent.state_dict(), f"agent parameters at frames={self.frames}", self._kept_checkpoint())
+        save_checkpoint(self.checkpoint_path, self._state())
+        self.last_checkpoint_frames = self.frames
+
+    def _kept_checkpoint(self) -> str:
+        if self.last_checkpoint_frames is None:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {self.checkpoint_path} (frames={self.last_checkpoint_frames}) is kept"
 
     def wall_seconds(self) -> float:
         return self.wall_before + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
+    @property
+    def finished(self) -> bool:
+        return self.frames >= self.total_frames
+
+    def _records(self) -> dict[str, Any]:
+        """What the run really used, for ``metrics.json``."""
+        return {
+            "env_id": self.env_cfg["id"],
+            "env_kwargs": self.env_kwargs,
+            "memory": self.agent_cfg.get("memory"),
+            "parameters": sum(p.numel() for p in self.agent.parameters()),
+            "seed": self.seed,
+            "total_frames": self.total_frames,
+            "frames_per_batch": self.ppo.frames_per_batch,
+            "config": self.config,
+        }
+
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        ppo = self.ppo
+        """Train to ``total_frames`` and return the metrics (also in ``run_dir/metrics.json``).
+
+        Raises :class:`~rlmem.interrupts.TrainingInterrupted` after checkpointing on SIGINT/SIGTERM, and
+        :class:`~rlmem.run_io.NonFiniteError` (keeping the last good checkpoint) on a non-finite memory
+        state, parameter or loss.
+        """
+        metrics_path = self.run_dir / "metrics.json"
+        if self.finished:
+            if metrics_path.exists():
+                self.metrics = json.loads(metrics_path.read_text())
+            log.info("%s already finished, results kept: %s", self.run_dir, self.summary())
+            return self.metrics
+        batches = math.ceil((self.total_frames - self.frames) / self.ppo.frames_per_batch)
+        end = self.frames + batches * self.ppo.frames_per_batch
+        rounding = "" if end == self.total_frames else f" (total_frames={self.total_frames} rounded up to whole " \
+                                                       f"batches of {self.ppo.frames_per_batch})"
+        log.info("training %s on %s from frames=%d to frames=%d%s; outputs in %s", self.agent_cfg.get("memory"),
+                 self.env_cfg["id"], self.frames, end, rounding, self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(self.run_dir))
+        self.metrics.update(self._records())
+        # purge events a killed run wrote after its checkpoint (or all, when starting over)
+        writer = SummaryWriter(str(self.run_dir), purge_step=self.frames + 1 if self.frames else 0)
         if self.frames == 0:
-            writer.add_text("hyperparameters", _markdown_table(self.hparams))
+            writer.add_text("hyperparameters", _markdown_table(flatten(self.config or self._records())))
+        show_bar = self.progress_bar and sys.stderr.isatty()
+        try:
+            with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(
+                total=end, initial=self.frames, unit="frames", disable=not show_bar, dynamic_ncols=True,
+                desc=f"{self.agent_cfg.get('memory')} on {self.env_cfg['id']}",
+            ) as bar:
+                self._loop(writer, bar, stop, end)
+        finally:
+            writer.close()
+        self.metrics["wall_seconds"] = self.wall_seconds()
+        write_metrics(metrics_path, self.metrics)
+        log.info("done: %s%s", self.summary(), rounding)
+        return self.metrics
+
+    def summary(self) -> str:
+        """One line: frames, fps, recent return and the last evaluation (integers printed as integers)."""
+        m = self.metrics
+        parts = [f"frames={self.frames}", f"fps={m.get('fps', 0):.0f}",
+                 f"return={m.get('episodic_return', float('nan')):.3f}"]
+        if "eval_return" in m:
+            parts.append(f"eval_return={m['eval_return']:.3f}")
+            if not math.isnan(m.get("eval_success", float("nan"))):
+                parts.append(f"eval_success={m['eval_success']:.3f}")
+            parts.append(f"(eval at frames={m['eval_frames']})")
+        return " ".join(parts)
+
+    def _loop(self, writer: SummaryWriter, bar: tqdm, stop: GracefulStop, end: int) -> None:
+        ppo = self.ppo
         env = make_torchrl_env(self.env_cfg, ppo.num_envs, self.agent.memory_module.make_tensordict_primer())
         # a resumed run draws new episodes rather than replaying the first ones
         env.set_seed(self.seed + self.frames)
@@ -208,23 +325,21 @@ class RecurrentPPO:
         self._t0 = time.perf_counter()
         frames_at_start = self.frames
         recent_returns: list[float] = []
-        bar = tqdm(total=self.total_frames, initial=self.frames, unit="frames", disable=not self.progress_bar,
-                   dynamic_ncols=True, desc=f"{self.agent_cfg.get('memory')} on {self.env_cfg['id']}")
         last_checkpoint = self.frames
+        last_summary = time.perf_counter()
         try:
             if self.frames >= self.next_eval:
                 self._evaluate(writer)
             for data in collector:
-                if self.frames >= self.total_frames:
-                    break
                 data = data.reshape(ppo.num_envs, ppo.rollout_len)
+                self._check_memory_state(data)
+                if ppo.anneal_lr:  # from the frames before this batch, so the last update still learns
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = ppo.lr * (1.0 - self.frames / end)
                 self.frames += data.numel()
                 self.iteration += 1
                 episode_returns = data["next", "episode_reward"][data["next", "done"]].tolist()
                 recent_returns = (recent_returns + episode_returns)[-100:]
-                if ppo.anneal_lr:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = ppo.lr * max(0.0, 1.0 - self.frames / self.total_frames)
                 losses = self._update(data)
                 collector.update_policy_weights_()
                 fps = (self.frames - frames_at_start) / (time.perf_counter() - self._t0)
@@ -242,21 +357,30 @@ class RecurrentPPO:
                 bar.update(data.numel())
                 bar.set_postfix(fps=f"{fps:.0f}", ret=f"{self.metrics['episodic_return']:.3f}",
                                 eval=f"{self.metrics.get('eval_success', float('nan')):.2f}")
-                if self.frames >= self.next_eval or self.frames >= self.total_frames:
+                evaluated = self.frames >= self.next_eval or self.frames >= end
+                if evaluated:
                     self._evaluate(writer)
-                if self.frames - last_checkpoint >= self.checkpoint_interval or self.frames >= self.total_frames:
-                    save_checkpoint(self.checkpoint_path, self._state())
+                if evaluated or time.perf_counter() - last_summary >= self.summary_interval:
+                    log.info(self.summary())
+                    last_summary = time.perf_counter()
+                done = self.frames >= end
+                if done or stop.requested or self.frames - last_checkpoint >= self.checkpoint_interval:
+                    writer.flush()  # events up to the checkpoint are on disk before it is
+                    self._save_checkpoint()
                     last_checkpoint = self.frames
                 write_metrics(self.run_dir / "metrics.json", self.metrics)
-                if self.frames >= self.total_frames:
+                if done:
                     break
+                if stop.requested:
+                    raise TrainingInterrupted(stop.requested, f"frames={self.frames}", self.checkpoint_path)
         finally:
-            bar.close()
             collector.shutdown()
-            writer.close()
-        self.metrics["wall_seconds"] = self.wall_seconds()
-        write_metrics(self.run_dir / "metrics.json", self.metrics)
-        return self.metrics
+
+    def _check_memory_state(self, data: TensorDict) -> None:
+        """Stop on a non-finite memory state before it reaches an update or a checkpoint."""
+        if STATE_KEY in data["next"].keys():
+            where = f"the state of memory system {self.agent_cfg.get('memory')!r} at frames={self.frames}"
+            check_finite(data["next", STATE_KEY], where, self._kept_checkpoint())
 
     def _evaluate(self, writer: SummaryWriter) -> None:
         self.agent.eval()
@@ -293,7 +417,8 @@ class RecurrentPPO:
         sums: dict[str, float] = {}
         n = 0
         for _ in range(ppo.epochs):
-            for idx in torch.randperm(slices.shape[0]).chunk(ppo.minibatches):
+            # equal minibatches (PPOConfig checks that minibatches divides the number of slices)
+            for idx in torch.randperm(slices.shape[0]).view(ppo.minibatches, -1):
                 batch = slices[idx]
                 with set_recurrent_mode(True):
                     self.agent.backbone(batch)
@@ -304,8 +429,9 @@ class RecurrentPPO:
                     loss = loss + aux
                 if not torch.isfinite(loss):
                     parts = {k: float(v.detach().float().mean()) for k, v in out.items() if v.is_floating_point()}
-                    raise FloatingPointError(
-                        f"non-finite PPO loss at frame {self.frames}: {parts}; try a lower ppo.lr or ppo.max_grad_norm"
+                    raise NonFiniteError(
+                        f"non-finite PPO loss at frames={self.frames}: {parts}; {self._kept_checkpoint()}; "
+                        "try a lower ppo.lr or ppo.max_grad_norm"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -330,7 +456,7 @@ class RecurrentPPO:
 
 
 def _state_keys(data: TensorDict) -> list:
-    return ["memory_state"] if "memory_state" in data["next"].keys() else []
+    return [STATE_KEY] if STATE_KEY in data["next"].keys() else []
 
 
 def _markdown_table(params: Mapping[str, Any]) -> str:

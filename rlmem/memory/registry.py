@@ -1,4 +1,8 @@
-"""Registry of memory systems by name (``build_memory("gru", d_in=32, hidden_size=64)``)."""
+"""Registry of memory systems by name (``build_memory("gru", d_in=32, hidden_size=64)``).
+
+A name may also be a class path, ``"my_package.my_memories:EMAMemory"``: the module is imported (from
+``sys.path`` or the working directory) and the class used directly, registered or not.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +32,17 @@ def available_memories() -> list[str]:
 
 
 def memory_class(name: str) -> type[MemorySystem]:
+    """The class registered as ``name``, or the class at ``"package.module:ClassName"``."""
+    if isinstance(name, str) and ":" in name:
+        from rlmem.user_code import load_object
+
+        cls = load_object(name)
+        if not (isinstance(cls, type) and issubclass(cls, MemorySystem)):
+            raise TypeError(f"{name} is {cls!r}, not a subclass of rlmem.MemorySystem")
+        return cls
     if name not in _REGISTRY:
-        raise KeyError(f"unknown memory system {name!r}; valid choices: {', '.join(available_memories())}")
+        raise KeyError(f"unknown memory system {name!r}; valid choices: {', '.join(available_memories())} "
+                       "(or a class path 'package.module:ClassName')")
     return _REGISTRY[name]
 
 
