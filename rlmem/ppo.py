@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDict
+from tensordict.nn import TensorDictModuleBase
 from torch.utils.tensorboard import SummaryWriter
 from torchrl.collectors import Collector
 from torchrl.envs import ExplorationType
@@ -316,7 +317,7 @@ class RecurrentPPO:
         env.set_seed(self.seed + self.frames)
         collector = Collector(
             env,
-            self.agent.policy,
+            ActingGuard(self.agent.policy, self._where_acting),
             frames_per_batch=ppo.frames_per_batch,
             total_frames=-1,
             device="cpu",  # env, policy and storage on one device: no per-step casts
@@ -375,6 +376,10 @@ class RecurrentPPO:
                     raise TrainingInterrupted(stop.requested, f"frames={self.frames}", self.checkpoint_path)
         finally:
             collector.shutdown()
+
+    def _where_acting(self) -> tuple[str, str]:
+        return (f"memory system {self.agent_cfg.get('memory')!r} while acting after frames={self.frames}",
+                self._kept_checkpoint())
 
     def _check_memory_state(self, data: TensorDict) -> None:
         """Stop on a non-finite memory state before it reaches an update or a checkpoint."""
@@ -453,6 +458,29 @@ class RecurrentPPO:
         values = data["state_value"]
         explained = 1 - (returns - values).var() / returns.var().clamp_min(1e-8)
         return {**{k: v / n for k, v in sums.items()}, "explained_variance": float(explained)}
+
+
+class ActingGuard(TensorDictModuleBase):
+    """The collector's policy: when acting fails (e.g. sampling from NaN logits), say whether the memory
+    produced a non-finite state or output at that step. The check runs only after a failure, so acting
+    costs nothing more; ``where()`` returns (where it happened, which checkpoint is kept)."""
+
+    def __init__(self, policy: TensorDictModuleBase, where):
+        super().__init__()
+        self.policy, self.where = policy, where
+        self.in_keys, self.out_keys = policy.in_keys, policy.out_keys
+
+    def forward(self, td):
+        try:
+            return self.policy(td)
+        except RuntimeError:
+            where, kept = self.where()
+            next_state = td.get(("next", STATE_KEY), None)  # written in place by the memory before the failure
+            if next_state is not None:
+                check_finite(next_state, f"the state of {where}", kept)
+            if "features" in td.keys():
+                check_finite({"features": td["features"]}, f"the output of {where}", kept)
+            raise
 
 
 def _state_keys(data: TensorDict) -> list:

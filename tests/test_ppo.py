@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from tensordict import TensorDict
 from torchrl.collectors import Collector
 
 from rlmem.env_factory import make_torchrl_env
+from rlmem.memory import MemorySystem
 from rlmem.ppo import PPOConfig, RecurrentPPO
+from rlmem.run_io import NonFiniteError, load_checkpoint
 
 SMALL = dict(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
 
@@ -25,29 +29,50 @@ def collect_one(trainer: RecurrentPPO):
     return data
 
 
+class StepIndexEnv(gym.Env):
+    """Observation = the step index within the episode / 10; no reward; truncated by a TimeLimit. A
+    bootstrap computed from a reset observation or a reset state shows up as a wrong step index."""
+
+    observation_space = gym.spaces.Box(0.0, 100.0, shape=(1,), dtype=np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.array([0.0], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.array([self.t / 10], dtype=np.float32), 0.0, False, False, {}
+
+
+if "StepIndex-v0" not in gym.registry:
+    gym.register("StepIndex-v0", entry_point=StepIndexEnv, max_episode_steps=5)
+
+
 def test_bootstrap_values_at_truncation_and_rollout_end(tmp_path):
-    """Where an episode is cut by a time limit, V(final obs, state) bootstraps, not the next episode's value."""
-    env_cfg = {"id": "CartPole-v1", "max_episode_steps": 5}
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, PPOConfig(**SMALL),
-                           tmp_path, total_frames=64, progress_bar=False)
+    """V(next obs, next state) at every step, built independently: replay the episode's observations
+    0 .. t+1 from a fresh state. At a truncation that is V(final obs 5, state after 0..4), not the value of
+    the next episode's first observation, nor of a fresh state."""
+    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "StepIndex-v0"},
+                           PPOConfig(**SMALL), tmp_path, total_frames=64, progress_bar=False)
     data = collect_one(trainer)
-    truncated = data["next", "truncated"].squeeze(-1)
-    assert truncated.any()
+    t = (data["observation"][..., 0] * 10).round().long()  # [N, T] step index of each recorded step
+    assert data["next", "truncated"].squeeze(-1)[t == 4].all() and (t == 4).sum() >= 4
     trainer._add_bootstrap_values(data)
-    next_value = data["next", "state_value"]
+    agent = trainer.agent
     with torch.no_grad():
-        nxt = data["next"].select("observation", "memory_state").clone()
-        nxt.set("is_init", torch.zeros(*nxt.shape, 1, dtype=torch.bool))
-        expected = trainer.agent.critic(trainer.agent.backbone(nxt.reshape(-1))).get("state_value")
-    expected = expected.reshape(next_value.shape)
-    need = truncated.clone()
-    need[:, -1] = True
-    torch.testing.assert_close(next_value[need], expected[need])
-    # elsewhere the recorded value of the next step is reused
-    torch.testing.assert_close(next_value[:, :-1][~need[:, :-1]], data["state_value"][:, 1:][~need[:, :-1]])
-    # and at truncations that differs from the first value of the next episode
-    cut = truncated[:, :-1]
-    assert not torch.allclose(next_value[:, :-1][cut], data["state_value"][:, 1:][cut])
+        expected = []  # expected[k] = V after observing steps 0..k of an episode
+        for k in range(6):
+            obs = (torch.arange(k + 1, dtype=torch.float32) / 10).view(1, k + 1, 1)
+            is_init = torch.zeros(1, k + 1, dtype=torch.bool)
+            is_init[:, 0] = True
+            y, _ = agent.memory(agent.encoder(obs), agent.memory.initial_state(1), is_init)
+            expected.append(agent.value_head(y[0, -1]).squeeze())
+        expected = torch.stack(expected)
+    torch.testing.assert_close(data["state_value"].squeeze(-1), expected[t], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(data["next", "state_value"].squeeze(-1), expected[t + 1], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(expected[5], expected[0])  # the test can tell a reset observation apart
 
 
 def test_an_update_changes_the_memory_parameters(tmp_path):
@@ -111,3 +136,66 @@ def test_trainer_runs_on_every_env_config(tmp_path, env_name):
                            total_frames=16, progress_bar=False)
     metrics = trainer.train()
     assert metrics["frames"] == 16 and np.isfinite(metrics["eval_return"])
+
+
+def test_a_one_batch_run_learns_at_the_full_learning_rate(tmp_path):
+    """lr is annealed from the frames before each batch: the last (here the only) update is not at lr 0."""
+    cfg = PPOConfig(**SMALL)
+    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
+                           "delay": 2}, cfg, tmp_path, total_frames=cfg.frames_per_batch, progress_bar=False)
+    before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
+    trainer.train()
+    changed = [k for k, v in trainer.agent.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("policy_head" in k for k in changed), changed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [e.value for e in events.Scalars("charts/learning_rate")] == pytest.approx([cfg.lr])
+
+
+def test_minibatches_are_equal_and_must_divide_the_slices(tmp_path):
+    with pytest.raises(ValueError, match=r"minibatches=4 must divide .* = 10 .*valid: \[1, 2, 5, 10\]"):
+        PPOConfig(num_envs=10, rollout_len=8, seq_len=8, minibatches=4)
+    cfg = PPOConfig(num_envs=6, rollout_len=8, seq_len=4, minibatches=3, epochs=2, eval_episodes=2)
+    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
+                           "delay": 2}, cfg, tmp_path, total_frames=48, progress_bar=False)
+    sizes = []
+    trainer.loss_module.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    trainer._update(collect_one(trainer))
+    assert sizes == [4] * 6  # 12 slices, 3 equal minibatches, 2 epochs
+
+
+class ScaledMemory(MemorySystem):
+    """``h <- w * h + x`` with a learned scalar ``w``: finite while |w| < 1, explodes when w is huge."""
+
+    def __init__(self, d_in: int, hidden_size: int = 8):
+        super().__init__()
+        self.d_in = self.d_out = d_in
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+
+    def initial_state(self, batch_size, device=None):
+        return TensorDict({"h": torch.zeros(batch_size, self.d_in, device=device)}, batch_size=[batch_size])
+
+    def step(self, x, state):
+        h = self.w * state["h"] + x
+        return h, TensorDict({"h": h}, batch_size=state.batch_size)
+
+
+def test_a_non_finite_memory_state_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = PPOConfig(**SMALL)
+    trainer = RecurrentPPO({"memory": "test_ppo:ScaledMemory", "encoder_dim": 8}, {"id": "rlmem/DelayedCue-v0",
+                           "delay": 30}, cfg, tmp_path, total_frames=cfg.frames_per_batch, progress_bar=False)
+    trainer.train()
+    good = load_checkpoint(trainer.checkpoint_path)
+    assert good["frames"] == cfg.frames_per_batch
+    with torch.no_grad():
+        trainer.agent.memory.w.fill_(1e30)  # the state overflows to inf within a few steps
+    trainer.total_frames = 4 * cfg.frames_per_batch
+    with pytest.raises(NonFiniteError, match=r"state of memory system 'test_ppo:ScaledMemory' .*frames=64 "
+                                             r"\(entry 'h'\).*checkpoint .*last.pt \(frames=64\) is kept"):
+        trainer.train()
+    kept = load_checkpoint(trainer.checkpoint_path)
+    assert kept["frames"] == good["frames"]
+    for key, value in kept["agent"].items():
+        torch.testing.assert_close(value, good["agent"][key], rtol=0, atol=0)
