@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +123,77 @@ def test_loss_and_eval_use_answer_positions_only():
 def test_model_wrapper_shapes(memory):
     inputs = next(build_task("induction_head", seq_len=6, vocab_size=5).batches(2, seed=0)).inputs
     assert LMModel(5, memory, d_model=8, hidden_size=8)(inputs).shape == (2, 6, 5)
+
+
+TINY_ARGS = ["model=gru", "task=copy_memory", "task.n_items=3", "task.delay=2", "task.vocab_size=6",
+             "eval_every=10", "checkpoint_every=10"]
+
+
+def test_a_finished_run_is_reported_not_retrained_and_never_overwritten(tmp_path):
+    assert train_lm(*TINY_ARGS, "steps=20", f"hydra.run.dir={tmp_path}").returncode == 0
+    first = (tmp_path / "metrics.json").read_bytes()
+    metrics = json.loads(first)
+    assert metrics["wall_seconds"] > 0 and metrics["tokens_per_s"] > 0 and metrics["seed"] == 0
+    assert metrics["config"]["model"]["memory"] == "gru"
+    log = (tmp_path / "train_lm.log").read_text()
+    assert "step=10/20 train_loss=" in log and "step=20/20 train_loss=" in log  # one line per evaluation
+    again = train_lm(*TINY_ARGS, "steps=20", f"hydra.run.dir={tmp_path}")
+    assert again.returncode == 0 and "already finished at step 20" in again.stderr
+    assert json.loads(again.stdout)["tokens_per_s"] == metrics["tokens_per_s"]
+    fresh = train_lm(*TINY_ARGS, "steps=20", "resume=false", f"hydra.run.dir={tmp_path}")
+    assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
+    assert (tmp_path / "metrics.json").read_bytes() == first
+
+
+def test_resumed_run_counts_time_and_tokens_of_all_its_parts(tmp_path):
+    run(cfg(steps=5), tmp_path, progress=False)
+    first = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert first["train_seconds"] > 0 and first["wall_seconds"] >= first["train_seconds"]
+    resumed = run(cfg(steps=10), tmp_path, progress=False)
+    assert resumed["wall_seconds"] > first["wall_seconds"]
+    tokens = 10 * 8 * build_task(**TINY_COPY).seq_len  # every step of the run, both parts
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert resumed["tokens_per_s"] == pytest.approx(tokens / last["train_seconds"])
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train_lm.py"), *TINY_ARGS, "steps=1000000", "checkpoint_every=100000",
+         f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while "step=20/" not in ((tmp_path / "train_lm.log").read_text() if (tmp_path / "train_lm.log").exists() else ""):
+        assert proc.poll() is None and time.time() < deadline, "no evaluation logged"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in stderr
+    step = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"]
+    assert step >= 20 and f"stopped by SIGTERM at step {step}" in stderr
+    assert f"hydra.run.dir={tmp_path}" in stderr.strip().splitlines()[-1]
+
+
+def test_own_memory_from_the_command_line(tmp_path):
+    (tmp_path / "my_memories.py").write_text(textwrap.dedent('''
+        import torch
+        from tensordict import TensorDict
+        import rlmem
+
+        class EMAMemory(rlmem.MemorySystem):
+            def __init__(self, d_in, hidden_size=64, decay=0.9):
+                super().__init__()
+                self.d_in = self.d_out = d_in
+                self.decay = decay
+            def initial_state(self, batch_size, device=None):
+                return TensorDict({"avg": torch.zeros(batch_size, self.d_in, device=device)}, [batch_size])
+            def step(self, x, state):
+                avg = self.decay * state["avg"] + (1 - self.decay) * x
+                return avg, TensorDict({"avg": avg}, state.batch_size)
+    '''))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train_lm.py"), *TINY_ARGS, "steps=10",
+         "model.memory=my_memories:EMAMemory", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["model"] == "my_memories:EMAMemory"
