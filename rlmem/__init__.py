@@ -4,8 +4,23 @@
 """
 
 import rlmem.envs  # noqa: F401  (registers the environments)
-from rlmem.memory import MemorySystem, available_memories, build_memory, register_memory
+from rlmem.memory import (
+    MemoryContractError,
+    MemorySystem,
+    available_memories,
+    build_memory,
+    check_memory,
+    register_memory,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["MemorySystem", "available_memories", "build_memory", "register_memory", "__version__"]
+__all__ = [
+    "MemoryContractError",
+    "MemorySystem",
+    "available_memories",
+    "build_memory",
+    "check_memory",
+    "register_memory",
+    "__version__",
+]
