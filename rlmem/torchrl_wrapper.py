@@ -6,7 +6,9 @@ TorchRL's recurrent conventions (as in ``torchrl.modules.GRUModule``):
 - the state is read from ``td[STATE_KEY]`` and written to ``td["next", STATE_KEY]``, so the
   collector's ``step_mdp`` carries it to the next step;
 - a ``TensorDictPrimer`` (:meth:`MemoryModule.make_tensordict_primer`) declares the state in the env
-  specs, so resets put a state of the right shape in the data;
+  specs, so resets put a state of the right shape in the data. That state is a zero placeholder: the
+  memory replaces it by ``initial_state`` wherever ``is_init`` is True, so learned (parameter-dependent)
+  initial states work, in acting and in replay, with gradients;
 - step mode by default (``td.batch_size == [*B]``, one step per call) and sequence mode under
   ``torchrl.modules.set_recurrent_mode(True)`` (``td.batch_size == [B, T]``): the whole slice is
   replayed from its stored start state ``td[STATE_KEY][:, 0]``, resetting where ``is_init``.
@@ -41,17 +43,24 @@ class MemoryModule(TensorDictModuleBase):
         self.in_key, self.out_key = in_key, out_key
 
     def state_spec(self) -> Composite:
-        """Spec of one environment's state (no batch dims)."""
-        example = self.memory.initial_state(1, "cpu")
+        """Spec of one environment's state (no batch dims): shapes and dtypes of ``initial_state``."""
+        with torch.no_grad():  # a learned initial state requires grad; only its layout is wanted here
+            example = self.memory.initial_state(1, "cpu").detach()
         return Composite({k: Unbounded(shape=v.shape[1:], dtype=v.dtype) for k, v in example.items()})
 
     def make_tensordict_primer(self) -> TensorDictPrimer:
-        """The env transform that puts an initial state in every reset (append it after ``InitTracker``)."""
-        primer = TensorDictPrimer({STATE_KEY: self.state_spec()}, expand_specs=True)
-        init = self.memory.initial_state(1, "cpu")
-        if any(v.abs().sum() > 0 for v in init.values()):
-            raise NotImplementedError("non-zero initial states need a primer default_value")
-        return primer
+        """The env transform that puts a state in every reset (append it after ``InitTracker``).
+
+        The primer writes zeros of the state's shape and dtype, whatever ``initial_state`` is. The real
+        initial state comes from the memory itself: every reset row has ``is_init=True`` (InitTracker), and
+        the contract makes ``forward`` reset the state to ``initial_state(...)`` there, in step mode while
+        acting and in sequence mode during replay (as TorchRL's ``GRUModule`` zeroes its hidden state on
+        ``is_init``). A primer ``default_value`` holding ``initial_state`` instead would be wrong for a
+        learned initial state: the transform lives with the env (in collector workers, in other
+        processes), so its copy would go stale as the parameters train, and values written into the data
+        carry no gradient, so the replayed loss would never reach the initial-state parameters.
+        """
+        return TensorDictPrimer({STATE_KEY: self.state_spec()}, expand_specs=True, default_value=0.0)
 
     def _state_from(self, td: TensorDictBase, batch: int, device) -> TensorDict:
         if not self._state_names:

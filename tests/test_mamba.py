@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from tensordict import TensorDict
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlmem.memory import build_memory
@@ -83,17 +84,43 @@ def test_split_sequence_continues_from_the_state():
     torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=1e-4, atol=1e-5)
 
 
-def test_the_selection_is_input_dependent_and_A_is_negative():
-    memory = mamba(n_layers=1)
-    mixer = memory.layers[0]
-    assert (-torch.exp(mixer.A_log) < 0).all()
-    state = memory.initial_state(1)
-    x = torch.randn(1, 2, D_IN, generator=torch.Generator().manual_seed(4))
+def next_ssm_state(memory, x, conv, ssm):
+    """Layer 0's SSM state ``[d_inner, d_state]`` after one step on ``x: [1, 1, D_IN]`` from the state
+    ``(conv, ssm)`` (both ``[1, 1, ...]``)."""
+    state = TensorDict({"conv": conv, "ssm": ssm}, batch_size=[1])
     with torch.no_grad():
-        _, s_a = memory(x[:, :1], state, torch.zeros(1, 1, dtype=torch.bool))
-        _, s_b = memory(x[:, 1:], state, torch.zeros(1, 1, dtype=torch.bool))
-    # same (zero) state, different inputs: both the conv buffer and the SSM state differ
-    assert not torch.allclose(s_a["ssm"], s_b["ssm"]) and not torch.allclose(s_a["conv"], s_b["conv"])
+        _, state = memory(x, state, torch.zeros(1, 1, dtype=torch.bool))
+    return state["ssm"][0, 0]
+
+
+def test_the_selection_is_input_dependent_and_A_is_negative():
+    """One step is ``h' = exp(delta(x) A) h + delta(x) u(x) B(x)`` per channel: an affine map of h whose
+    slope (the per-step decay) and whose written direction (B) change with the input. A linear
+    time-invariant SSM of the same shape has one decay and one B for every input, so from the same
+    history two inputs would give the same slope and the same direction."""
+    memory = mamba(n_layers=1)
+    g = torch.Generator().manual_seed(4)
+    init = memory.initial_state(1)
+    conv = torch.randn(init["conv"].shape, generator=g)  # the same conv window (input history) throughout
+    h1 = torch.randn(init["ssm"].shape, generator=g)
+    h2 = h1 + 1 + torch.rand(init["ssm"].shape, generator=g)  # another SSM state, apart in every entry
+    x_a = torch.randn(1, 1, D_IN, generator=g)
+    x_b = -3 * x_a
+    A = -torch.exp(memory.layers[0].A_log.detach())
+    deltas = []
+    for x in (x_a, x_b):
+        # the slope of h -> h' from two states: the effective decay exp(delta A), diagonal
+        decay = (next_ssm_state(memory, x, conv, h1) - next_ssm_state(memory, x, conv, h2)) / (h1 - h2)[0, 0]
+        assert ((decay > 0) & (decay < 1)).all(), "A must be negative: every step forgets a little"
+        delta = decay.log() / A  # [d_inner, d_state]: one step size per channel, shared by its d_state entries
+        torch.testing.assert_close(delta, delta[:, :1].expand_as(delta), rtol=1e-2, atol=0)
+        deltas.append(delta[:, 0])
+    # the step size depends on the input (an LTI SSM: equal up to ~1e-4 rounding of the log)
+    assert ((deltas[0] - deltas[1]).abs() / deltas[0]).max() > 0.02
+    # from a zero SSM state h' = (delta u) outer B: rank one, its row direction is B; B depends on the input
+    zero = torch.zeros_like(h1)
+    b_a, b_b = (torch.linalg.svd(next_ssm_state(memory, x, conv, zero)).Vh[0] for x in (x_a, x_b))
+    assert (b_a @ b_b).abs() < 0.99
 
 
 def test_scan_gradients_match_autograd_through_the_recurrence():
