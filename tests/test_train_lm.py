@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -173,27 +172,11 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     assert f"hydra.run.dir={tmp_path}" in stderr.strip().splitlines()[-1]
 
 
-def test_own_memory_from_the_command_line(tmp_path):
-    (tmp_path / "my_memories.py").write_text(textwrap.dedent('''
-        import torch
-        from tensordict import TensorDict
-        import rlmem
-
-        class EMAMemory(rlmem.MemorySystem):
-            def __init__(self, d_in, hidden_size=64, decay=0.9):
-                super().__init__()
-                self.d_in = self.d_out = d_in
-                self.decay = decay
-            def initial_state(self, batch_size, device=None):
-                return TensorDict({"avg": torch.zeros(batch_size, self.d_in, device=device)}, [batch_size])
-            def step(self, x, state):
-                avg = self.decay * state["avg"] + (1 - self.decay) * x
-                return avg, TensorDict({"avg": avg}, state.batch_size)
-    '''))
+def test_own_memory_from_the_command_line(user_project, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train_lm.py"), *TINY_ARGS, "steps=10",
          "model.memory=my_memories:EMAMemory", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=user_project, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["model"] == "my_memories:EMAMemory"

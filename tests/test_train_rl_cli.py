@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -178,48 +177,6 @@ def test_a_multirun_goes_on_past_a_bad_job_and_names_it(tmp_path):
     assert "job 1 [env.delay=-3" in report and "delay must be in [0, inf], got -3" in report
     assert metrics_frames(tmp_path / "0") == metrics_frames(tmp_path / "2") == 128
     assert not (tmp_path / "1" / "metrics.json").exists()
-
-
-USER_CODE = {
-    "my_memories.py": '''
-        import torch
-        from tensordict import TensorDict
-        import rlmem
-
-        @rlmem.register_memory("ema")
-        class EMAMemory(rlmem.MemorySystem):
-            """avg <- decay * avg + (1 - decay) * x, reset at episode starts."""
-            def __init__(self, d_in, hidden_size=64, decay=0.9):
-                super().__init__()
-                self.d_in = self.d_out = d_in
-                self.decay = decay
-            def initial_state(self, batch_size, device=None):
-                return TensorDict({"avg": torch.zeros(batch_size, self.d_in, device=device)}, [batch_size])
-            def step(self, x, state):
-                avg = self.decay * state["avg"] + (1 - self.decay) * x
-                return avg, TensorDict({"avg": avg}, state.batch_size)
-    ''',
-    "my_envs.py": '''
-        import gymnasium as gym
-        from rlmem.envs.delayed_cue import DelayedCueEnv
-
-        class NeedsBox2D(gym.Env):
-            def __init__(self):
-                raise gym.error.DependencyNotInstalled('Box2D is not installed, run `pip install "gymnasium[box2d]"`')
-
-        gym.register("MyCue-v0", entry_point=lambda: DelayedCueEnv(delay=1), max_episode_steps=50)
-        gym.register("NeedsBox2D-v0", entry_point=NeedsBox2D)
-    ''',
-}
-
-
-@pytest.fixture
-def user_project(tmp_path):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name, code in USER_CODE.items():
-        (project / name).write_text(textwrap.dedent(code))
-    return project
 
 
 @pytest.mark.parametrize("memory_args", [["imports=[my_memories]", "agent.memory=ema"],
