@@ -53,7 +53,7 @@ def run_job(script: str, cfg: DictConfig, build: Callable[[DictConfig, Path], Tr
         except FloatingPointError as err:
             return _fail(f"{script}: {_message(err)}", run_dir, multirun, code=1)
     except TrainingInterrupted as stop:
-        log.warning("%s: stopped by %s at %s; checkpoint saved to %s. Resume with:\n  %s", script,
+        log.warning("%s: stopped by %s at %s; checkpoint saved to %s; resume with: %s", script,
                     signal.Signals(stop.signum).name, stop.progress, stop.checkpoint, resume_command(run_dir))
         sys.exit(stop.exit_code)
     except Exception as err:  # a bug: the traceback goes to the log; a multirun goes on with the next job

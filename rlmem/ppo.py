@@ -283,7 +283,9 @@ class RecurrentPPO:
         # purge events a killed run wrote after its checkpoint (or all, when starting over)
         writer = SummaryWriter(str(self.run_dir), purge_step=self.frames + 1 if self.frames else 0)
         if self.frames == 0:
-            writer.add_text("hyperparameters", _markdown_table(flatten(self.config or self._records())))
+            records = self._records()  # the config as given, and what it resolved to
+            params = {**records.pop("config"), "effective": records}
+            writer.add_text("hyperparameters", _markdown_table(flatten(params)))
         show_bar = self.progress_bar and sys.stderr.isatty()
         try:
             with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(

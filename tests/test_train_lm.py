@@ -168,8 +168,9 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in stderr
     step = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"]
-    assert step >= 20 and f"stopped by SIGTERM at step {step}" in stderr
-    assert f"hydra.run.dir={tmp_path}" in stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1]
+    assert step >= 20 and f"stopped by SIGTERM at step {step}; checkpoint saved to " in last
+    assert f"hydra.run.dir={tmp_path}" in last.split("resume with: ")[1]
 
 
 def test_own_memory_from_the_command_line(user_project, tmp_path):

@@ -146,9 +146,9 @@ def test_a_stop_signal_checkpoints_and_says_how_to_resume(tmp_path, sig, code):
     assert "Traceback" not in stderr
     stopped_at = ckpt_frames(tmp_path)
     assert stopped_at == metrics_frames(tmp_path) >= 2 * BATCH
-    lines = stderr.strip().splitlines()
-    assert f"stopped by {signal.Signals(sig).name} at frames={stopped_at}" in lines[-2]
-    resume = lines[-1].strip()
+    last = stderr.strip().splitlines()[-1]  # one line: where it stopped, the checkpoint, how to resume
+    assert f"stopped by {signal.Signals(sig).name} at frames={stopped_at}; checkpoint saved to " in last
+    resume = last.split("resume with: ")[1]
     assert "train_rl.py" in resume and f"hydra.run.dir={tmp_path}" in resume and "total_frames=10000000" in resume
     out = run(*args, f"total_frames={stopped_at + BATCH}")
     assert out.returncode == 0, out.stderr[-3000:]
