@@ -1,4 +1,4 @@
-"""The one contract every memory system implements (DESIGN section 3).
+"""The one contract every memory system implements.
 
 A memory system is an ``nn.Module`` that carries all of its recurrent state in a
 ``TensorDict``:
@@ -13,9 +13,14 @@ both must give the same numbers. Systems that only know how to take one step
 implement :meth:`MemorySystem.step` and inherit a ``forward`` that loops over
 time; systems with a parallel scan override ``forward``.
 
+The initial state may depend on parameters (a learned initial state): wherever
+``is_init`` is True the state is replaced by ``initial_state(...)``, in step and in
+sequence mode, so it receives gradients through the trainers' replay.
+
 Optional auxiliary losses (load balance, reconstruction, ...) are returned by
 :meth:`MemorySystem.aux_loss` for the most recent ``forward`` call; the trainer
-adds them to its loss.
+adds them to its loss. ``rlmem.check_memory(memory)`` checks a system against
+this contract.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``check_memory``: the memory contract (DESIGN section 3) as runnable checks, for any memory system.
+"""``check_memory``: the memory contract (rlmem.memory.base) as runnable checks, for any memory system.
 
 The counterpart of Gymnasium's ``check_env``: hand it an instance of any
 :class:`~rlmem.memory.MemorySystem`, registered or your own, and it either returns ``None`` or raises
