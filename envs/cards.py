@@ -136,7 +136,8 @@ class RepeatPreviousTask(CardTask):
         ``difficulty`` in ``presets``."""
         kw = resolve_kwargs(type(self), difficulty, num_decks=num_decks, k=k)
         super().__init__(num_envs, kw["num_decks"])
-        self.k = check_int("k", kw["k"], low=1, high=self.num_cards - 1)
+        self.k = check_int("k", kw["k"], low=1, high=self.num_cards - 1,
+                           why=f"at most 52 * num_decks - 1 with num_decks={self.num_decks}")
         steps = np.arange(1, self.num_cards)  # step i = t + 1 asks for card c_{i-k}
         self._setup(self.num_cards - 1, steps >= self.k, N_SUITS, N_SUITS)
         self._asked = np.maximum(steps - self.k, 0)

@@ -13,6 +13,7 @@ seed ``s`` gives exactly the episodes of single envs seeded ``s, s+1, ...``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -81,19 +82,58 @@ class MemoryTask:
         """The hidden Markov state of every row (copies)."""
         return {"t": self.t.copy(), **{k: v.copy() for k, v in self.episode.items()}}
 
-    def check_action(self, action: np.ndarray) -> np.ndarray:
-        action = np.asarray(action)
+    def knobs(self) -> dict[str, Any]:
+        """The knob values in use after presets and defaults (keys: ``defaults``), as plain Python values.
+
+        Knobs whose default is derived (e.g. T-maze ``penalty=None`` -> ``-1 / corridor_length``) show the
+        derived value, so ``type(task)(num_envs, **task.knobs())`` rebuilds the same task.
+        """
+        return {name: plain_value(self.knob_value(name)) for name in self.defaults}
+
+    def knob_value(self, name: str) -> Any:
+        """The value in use of knob ``name`` (an attribute of the task unless a subclass says otherwise)."""
+        return getattr(self, name)
+
+    def check_action(self, action: Any, single: bool = False) -> np.ndarray:
+        """``action`` as int64 ``[num_envs]`` in ``[0, n - 1]``, or a ValueError naming the valid range.
+
+        Integers (numpy or Python) and integer-valued floats are accepted; a ``single`` env also accepts a
+        scalar. Anything else (out of range, non-integer, NaN, strings, None, wrong shape) raises before
+        the task is touched, so an invalid action never changes the env.
+        """
         n = self.action_space.n
-        if action.shape != (self.num_envs,) or not np.issubdtype(action.dtype, np.integer):
-            if action.shape == (self.num_envs,) and np.all(np.mod(action, 1) == 0):
-                action = action.astype(np.int64)
-            else:
-                raise ValueError(
-                    f"{type(self).__name__}: expected {self.num_envs} integer action(s) in [0, {n - 1}], got {action!r}"
-                )
-        if action.min() < 0 or action.max() >= n:
+        what = "an integer action" if single else f"{self.num_envs} integer action(s) (shape ({self.num_envs},))"
+        expected = f"{type(self).__name__}: expected {what} in [0, {n - 1}] (Discrete({n})), got {action!r}"
+        try:
+            arr = np.asarray(action)
+        except (ValueError, TypeError):  # ragged nested sequences and the like
+            raise ValueError(expected) from None
+        if single and arr.shape == ():
+            arr = arr.reshape(1)
+        if arr.shape != (self.num_envs,):
+            raise ValueError(expected)
+        if arr.dtype == object:  # e.g. Python ints beyond int64, None, mixed types
+            values = arr.tolist()
+            if not all(isinstance(v, (int, np.integer)) for v in values):
+                raise ValueError(expected)
+            if any(v < 0 or v >= n for v in values):
+                raise ValueError(f"{type(self).__name__}: actions must be in [0, {n - 1}] (Discrete({n})), "
+                                 f"got {action!r}")
+            return np.array(values, dtype=np.int64)
+        if arr.dtype.kind == "f":
+            with np.errstate(invalid="ignore"):
+                if not np.all(np.isfinite(arr) & (arr == np.floor(arr))):
+                    raise ValueError(expected)
+        elif arr.dtype.kind not in "iub":  # strings, complex, datetimes, ...
+            raise ValueError(expected)
+        if np.any(arr < 0) or np.any(arr >= n):  # compared before the cast, so huge values cannot wrap
             raise ValueError(f"{type(self).__name__}: actions must be in [0, {n - 1}] (Discrete({n})), got {action!r}")
-        return action
+        return arr.astype(np.int64)
+
+
+def plain_value(value: Any) -> Any:
+    """numpy scalars as the Python int / float / bool / str they hold; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def resolve_kwargs(cls: type[MemoryTask], difficulty: str | None, **explicit: Any) -> dict[str, Any]:
@@ -101,31 +141,44 @@ def resolve_kwargs(cls: type[MemoryTask], difficulty: str | None, **explicit: An
 
     Unknown preset names raise naming the valid ones.
     """
-    if difficulty is not None and difficulty not in cls.presets:
+    if difficulty is not None and (not isinstance(difficulty, str) or difficulty not in cls.presets):
         raise ValueError(f"{cls.__name__}: unknown difficulty {difficulty!r}; valid: {sorted(cls.presets)}")
-    preset = cls.presets.get(difficulty, {}) if difficulty is not None else {}
+    preset = cls.presets[difficulty] if difficulty is not None else {}
     given = {k: v for k, v in explicit.items() if v is not None}
     return {**cls.defaults, **preset, **given}
 
 
-def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
-    """``value`` as an int in ``[low, high]``, or a ValueError naming the valid range."""
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, why: str = "") -> int:
+    """``value`` as an int in ``[low, high]``, or a ValueError naming the valid range.
+
+    ``why`` (optional) is appended to the message, e.g. to say which other knob sets a bound.
+    """
+    why = f" ({why})" if why else ""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ValueError(f"{name} must be an integer in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}, "
+                         f"got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+        raise ValueError(f"{name} must be in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}, got {value}")
     return int(value)
 
 
-def check_float(name: str, value: Any, low: float | None = None, high: float | None = None) -> float:
-    """``value`` as a float in ``[low, high]``, or a ValueError naming the valid range."""
+def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, why: str = "") -> float:
+    """``value`` as a finite float in ``[low, high]``, or a ValueError naming the valid range."""
+    why = f" ({why})" if why else ""
+    expected = f"{name} must be a finite number in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value}")
-    return float(value)
+        raise ValueError(f"{expected}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # a Python int beyond the float range
+        raise ValueError(f"{expected}, got {value!r}") from None
+    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
+        raise ValueError(f"{expected}, got {value!r}")
+    return number
+
+
+def _bound(bound: float | None, infinite: str) -> str:
+    return infinite if bound is None else str(bound)
 
 
 class TaskEnv(gym.Env):
@@ -147,12 +200,16 @@ class TaskEnv(gym.Env):
     def step(self, action):
         if not self.task.episode:
             raise RuntimeError("call reset() before step()")
-        reward, terminated, truncated = self.task.step(self.task.check_action(np.reshape(action, (1,))))
+        reward, terminated, truncated = self.task.step(self.task.check_action(action, single=True))
         return self.task.observe()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
 
     def get_state(self) -> dict[str, Any]:
         """The hidden Markov state (for analysis and oracle policies)."""
         return {k: v[0] for k, v in self.task.get_state().items()}
+
+    def knobs(self) -> dict[str, Any]:
+        """The knob values in use after presets and defaults (see :meth:`MemoryTask.knobs`)."""
+        return self.task.knobs()
 
 
 class TaskVectorEnv(VectorEnv):
@@ -236,3 +293,7 @@ class TaskVectorEnv(VectorEnv):
     def get_state(self) -> dict[str, np.ndarray]:
         """The hidden Markov state of every env, batched."""
         return self.task.get_state()
+
+    def knobs(self) -> dict[str, Any]:
+        """The knob values in use after presets and defaults (see :meth:`MemoryTask.knobs`)."""
+        return self.task.knobs()

@@ -21,6 +21,9 @@ import numpy as np
 
 from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs, check_float, check_int
 
+#: largest observation-noise std (float32 observations stay finite far beyond any useful noise level)
+MAX_NOISE = 1e6
+
 
 class DelayedCueTask(MemoryTask):
     defaults = {"delay": 10, "n_cues": 4, "noise": 0.0}
@@ -33,13 +36,14 @@ class DelayedCueTask(MemoryTask):
     invalid_kwargs = [{"delay": -1}, {"n_cues": 1}, {"noise": -0.5}]
 
     def __init__(self, num_envs=1, delay=None, n_cues=None, noise=None, difficulty=None):
-        """Knobs (None = preset or default): ``delay`` >= 0 blank steps, ``n_cues`` >= 2, ``noise`` std >= 0;
-        ``difficulty`` in ``presets``."""
+        """Knobs (None = preset or default): ``delay`` >= 0 blank steps, ``n_cues`` >= 2, ``noise`` std in
+        ``[0, MAX_NOISE]``; ``difficulty`` in ``presets``."""
         kw = resolve_kwargs(type(self), difficulty, delay=delay, n_cues=n_cues, noise=noise)
         super().__init__(num_envs)
         self.delay = check_int("delay", kw["delay"], low=0)
         self.n_cues = check_int("n_cues", kw["n_cues"], low=2)
-        self.noise = check_float("noise", kw["noise"], low=0.0)
+        self.noise = check_float("noise", kw["noise"], low=0.0, high=MAX_NOISE,
+                                 why="larger stds overflow the float32 observations")
         self.episode_length = self.delay + 2
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, shape=(self.n_cues + 1,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(self.n_cues)

@@ -35,13 +35,17 @@ class LMSequenceTask(MemoryTask):
         """``knobs``: the keyword arguments of ``lm_cls`` (None = preset or default)."""
         unknown = sorted(set(knobs) - set(self.defaults))
         if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown knobs {unknown}; valid: {sorted(self.defaults)}, difficulty")
+            raise TypeError(f"{type(self).__name__}: unknown knobs {unknown}; "
+                            f"valid: {sorted(self.defaults)}, difficulty")
         super().__init__(num_envs)
         self.lm = self.lm_cls(**resolve_kwargs(type(self), difficulty, **knobs))
         self.vocab_size, self.episode_length = self.lm.vocab_size, self.lm.seq_len
         self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(self.vocab_size + 1,), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(self.vocab_size)
         self._rows = np.arange(num_envs)
+
+    def knob_value(self, name):
+        return getattr(self.lm, name)  # the LM task holds the knobs (and derives n_queries's default)
 
     def sample_episode(self, rng):
         inputs, targets, mask = self.lm.sample(rng, 1)

@@ -48,7 +48,10 @@ def sample_without_replacement(rng: np.random.Generator, batch_size: int, popula
     Same result as ``argsort(u)[:, :k]`` for iid uniforms ``u``; argpartition first keeps it O(population).
     """
     u = rng.random((batch_size, population))
-    idx = np.argpartition(u, k - 1, axis=1)[:, :k] if k < population else np.tile(np.arange(population), (batch_size, 1))
+    if k < population:
+        idx = np.argpartition(u, k - 1, axis=1)[:, :k]
+    else:
+        idx = np.tile(np.arange(population), (batch_size, 1))
     order = np.argsort(np.take_along_axis(u, idx, 1), axis=1)
     return np.take_along_axis(idx, order, 1)
 
@@ -90,9 +93,9 @@ class LMTask:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v}' for k, v in self.knobs().items())})"
 
-    def _int(self, name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    def _int(self, name: str, value: Any, low: int | None = None, high: int | None = None, why: str = "") -> int:
         try:
-            return check_int(name, value, low, high)
+            return check_int(name, value, low, high, why)
         except ValueError as e:
             raise ValueError(f"{self.name}: {e}") from None
 
@@ -149,10 +152,19 @@ class AssocRecall(LMTask):
         self.vocab_size = self._int("vocab_size", vocab_size, low=4)
         self.n_keys = self.vocab_size // 2 - 1  # keys [1, V // 2)
         self.n_values = self.vocab_size - self.vocab_size // 2
-        self.n_pairs = self._int("n_pairs", n_pairs, low=1, high=min(self.n_keys, self.n_values))
-        self.seq_len = self._int("seq_len", seq_len, low=2 * self.n_pairs + 1)
-        n_queries = self.n_pairs if n_queries is None else n_queries
-        self.n_queries = self._int("n_queries", n_queries, low=1, high=min(self.n_pairs, self.seq_len - 2 * self.n_pairs))
+        self.n_pairs = self._int("n_pairs", n_pairs, low=1, high=min(self.n_keys, self.n_values),
+                                 why=f"distinct keys: at most vocab_size // 2 - 1 with vocab_size={self.vocab_size}")
+        if n_queries is None:  # every pair is queried: the query region needs n_pairs positions
+            self.seq_len = self._int("seq_len", seq_len, low=3 * self.n_pairs,
+                                     why=f"at least 3 * n_pairs with n_pairs={self.n_pairs} and n_queries unset "
+                                         "(= n_pairs)")
+            n_queries = self.n_pairs
+        else:
+            self.seq_len = self._int("seq_len", seq_len, low=2 * self.n_pairs + 1,
+                                     why=f"at least 2 * n_pairs + 1 with n_pairs={self.n_pairs}")
+        free = self.seq_len - 2 * self.n_pairs  # positions of the query region
+        self.n_queries = self._int("n_queries", n_queries, low=1, high=min(self.n_pairs, free),
+                                   why=f"at most n_pairs={self.n_pairs} and seq_len - 2 * n_pairs = {free}")
         self.n_answers = self.n_queries
 
     def sample(self, rng, batch_size):
@@ -186,7 +198,8 @@ class SelectiveCopy(LMTask):
 
     def __init__(self, seq_len: int = 64, n_items: int = 8, vocab_size: int = 10):
         self.n_items = self._int("n_items", n_items, low=1)
-        self.seq_len = self._int("seq_len", seq_len, low=2 * self.n_items)
+        self.seq_len = self._int("seq_len", seq_len, low=2 * self.n_items,
+                                 why=f"at least 2 * n_items with n_items={self.n_items}")
         self.vocab_size = self._int("vocab_size", vocab_size, low=4)
         self.n_answers = self.n_items
 
