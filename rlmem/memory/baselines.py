@@ -6,6 +6,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
+from rlmem.envs.core import check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 from rlmem.memory.segments import Segments
@@ -23,8 +24,8 @@ class GRUMemory(MemorySystem):
 
     def __init__(self, d_in: int, hidden_size: int = 64):
         super().__init__()
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        d_in = check_int("gru: d_in", d_in, low=1)
+        hidden_size = check_int("gru: hidden_size", hidden_size, low=1)
         self.d_in, self.d_out, self.hidden_size = d_in, hidden_size, hidden_size
         self.rnn = nn.GRU(d_in, hidden_size, batch_first=True)
 
@@ -50,8 +51,8 @@ class LSTMMemory(MemorySystem):
 
     def __init__(self, d_in: int, hidden_size: int = 64):
         super().__init__()
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        d_in = check_int("lstm: d_in", d_in, low=1)
+        hidden_size = check_int("lstm: hidden_size", hidden_size, low=1)
         self.d_in, self.d_out, self.hidden_size = d_in, hidden_size, hidden_size
         self.rnn = nn.LSTM(d_in, hidden_size, batch_first=True)
 
@@ -80,8 +81,8 @@ class MLPMemory(MemorySystem):
 
     def __init__(self, d_in: int, hidden_size: int = 64):
         super().__init__()
-        if hidden_size < 1:
-            raise ValueError(f"hidden_size must be >= 1, got {hidden_size}")
+        d_in = check_int("mlp: d_in", d_in, low=1)
+        hidden_size = check_int("mlp: hidden_size", hidden_size, low=1)
         self.d_in, self.d_out, self.hidden_size = d_in, hidden_size, hidden_size
         self.net = nn.Sequential(nn.Linear(d_in, hidden_size), nn.Tanh())
 

@@ -30,6 +30,7 @@ from tensordict import TensorDict
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from rlmem.envs.core import check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 
@@ -247,13 +248,15 @@ class MambaMemory(ResidualScanStack):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | None = None):
-        for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 1), ("d_state", d_state, 1),
-                                 ("d_conv", d_conv, 2), ("expand", expand, 1)):
-            if value < low:
-                raise ValueError(f"mamba: {name} must be >= {low}, got {value}")
-        dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
-        if dt_rank < 1:
-            raise ValueError(f"mamba: dt_rank must be >= 1 (or null for ceil(d_model/16)), got {dt_rank}")
+        d_in = check_int("mamba: d_in", d_in, low=1)
+        d_model = check_int("mamba: d_model", d_model, low=1)
+        n_layers = check_int("mamba: n_layers", n_layers, low=1)
+        d_state = check_int("mamba: d_state", d_state, low=1)
+        d_conv = check_int("mamba: d_conv", d_conv, low=2)
+        expand = check_int("mamba: expand", expand, low=1)
+        if dt_rank is None:
+            dt_rank = math.ceil(d_model / 16)
+        dt_rank = check_int("mamba: dt_rank", dt_rank, low=1, why="or null for ceil(d_model / 16)")
         layers = [MambaMixer(d_model, d_state, d_conv, expand, dt_rank) for _ in range(n_layers)]
         super().__init__(d_in, d_model, layers, expand * d_model, d_conv, (expand * d_model, d_state))
         self.d_state = d_state

@@ -32,10 +32,13 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
+from rlmem.envs.core import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 
 _EPS = 1e-4
+#: smallest surprise-gate temperature accepted
+MIN_TEMPERATURE = 1e-6
 
 
 @register_memory("miras")
@@ -52,16 +55,19 @@ class DualTierMiras(MemorySystem):
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
                  momentum: float = 0.5, temperature: float = 0.1):
         super().__init__()
-        for name, value in (("d_model", d_model), ("mem_slots", mem_slots), ("n_heads", n_heads)):
-            if value < 1:
-                raise ValueError(f"miras: {name} must be >= 1, got {value}")
+        d_in = check_int("miras: d_in", d_in, low=1)
+        d_model = check_int("miras: d_model", d_model, low=1)
+        mem_slots = check_int("miras: mem_slots", mem_slots, low=1)
+        n_heads = check_int("miras: n_heads", n_heads, low=1)
         if d_model % n_heads:
             raise ValueError(f"miras: d_model={d_model} must be divisible by n_heads={n_heads}")
-        for name, value in (("lr_fast", lr_fast), ("lr_deep", lr_deep), ("decay", decay), ("momentum", momentum)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"miras: {name} must be in [0, 1], got {value}")
-        if temperature <= 0:
-            raise ValueError(f"miras: temperature must be > 0, got {temperature}")
+        surprise_threshold = check_float("miras: surprise_threshold", surprise_threshold)
+        lr_fast = check_float("miras: lr_fast", lr_fast, low=0.0, high=1.0)
+        lr_deep = check_float("miras: lr_deep", lr_deep, low=0.0, high=1.0)
+        decay = check_float("miras: decay", decay, low=0.0, high=1.0)
+        momentum = check_float("miras: momentum", momentum, low=0.0, high=1.0)
+        temperature = check_float("miras: temperature", temperature, low=MIN_TEMPERATURE,
+                                  why="the surprise gate divides by it in float32")
         self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
         self.mem_slots, self.n_heads, self.d_head = mem_slots, n_heads, d_model // n_heads
         self.surprise_threshold, self.lr_fast, self.lr_deep = surprise_threshold, lr_fast, lr_deep

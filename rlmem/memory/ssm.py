@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlmem.envs.core import check_float, check_int
 from rlmem.memory.mamba import ResidualScanStack, causal_depthwise_conv, linear_scan
 from rlmem.memory.registry import register_memory
 
@@ -66,12 +67,16 @@ class StreamingSSM(ResidualScanStack):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, expand: int = 2, d_conv: int = 4,
                  min_timescale: float = 1.0, max_timescale: float = 1000.0):
-        for name, value, low in (("d_model", d_model, 1), ("n_layers", n_layers, 1), ("expand", expand, 1),
-                                 ("d_conv", d_conv, 2)):
-            if value < low:
-                raise ValueError(f"ssm: {name} must be >= {low}, got {value}")
-        if not 0 < min_timescale <= max_timescale:
-            raise ValueError(f"ssm: need 0 < min_timescale <= max_timescale, got {min_timescale}, {max_timescale}")
+        d_in = check_int("ssm: d_in", d_in, low=1)
+        d_model = check_int("ssm: d_model", d_model, low=1)
+        n_layers = check_int("ssm: n_layers", n_layers, low=1)
+        expand = check_int("ssm: expand", expand, low=1)
+        d_conv = check_int("ssm: d_conv", d_conv, low=2)
+        min_timescale = check_float("ssm: min_timescale", min_timescale, low=0.0, why="and > 0")
+        if min_timescale == 0:
+            raise ValueError("ssm: min_timescale must be > 0, got 0")
+        max_timescale = check_float("ssm: max_timescale", max_timescale, low=min_timescale,
+                                    why=f"at least min_timescale={min_timescale}")
         d_inner = expand * d_model
         layers = [StreamingLayer(d_model, d_inner, d_conv, min_timescale, max_timescale) for _ in range(n_layers)]
         super().__init__(d_in, d_model, layers, d_inner, d_conv, (d_inner,))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
+from rlmem.envs.core import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.mamba import episode_ids
 from rlmem.memory.registry import register_memory
@@ -85,12 +86,17 @@ class WindowTransformer(MemorySystem):
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, window: int = 64,
                  d_ff: int | None = None, gate_bias: float = 2.0):
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads), ("window", window)):
-            if value < 1:
-                raise ValueError(f"transformer: {name} must be >= 1, got {value}")
+        d_in = check_int("transformer: d_in", d_in, low=1)
+        d_model = check_int("transformer: d_model", d_model, low=1)
+        n_layers = check_int("transformer: n_layers", n_layers, low=1)
+        n_heads = check_int("transformer: n_heads", n_heads, low=1)
+        window = check_int("transformer: window", window, low=1)
         if d_model % n_heads:
             raise ValueError(f"transformer: d_model={d_model} must be divisible by n_heads={n_heads}")
-        d_ff = 2 * d_model if d_ff is None else d_ff
+        if d_ff is None:
+            d_ff = 2 * d_model
+        d_ff = check_int("transformer: d_ff", d_ff, low=1, why="or null for 2 * d_model")
+        gate_bias = check_float("transformer: gate_bias", gate_bias)
         self.d_in, self.d_out, self.d_model, self.n_layers, self.window = d_in, d_model, d_model, n_layers, window
         self.embed = nn.Linear(d_in, d_model)
         self.layers = nn.ModuleList(WindowLayer(d_model, n_heads, window, d_ff, gate_bias) for _ in range(n_layers))
