@@ -54,10 +54,13 @@ def test_difficulty_override_applies_the_preset(name):
     cls = task_cls(ENV_IDS[name])
     for difficulty, preset in cls.presets.items():
         cfg = OmegaConf.to_container(compose_rl(f"env={name}", f"env.difficulty={difficulty}").env)
-        task = make_vector_env(cfg, 1).task
+        knobs = make_vector_env(cfg, 1).knobs()
+        assert set(preset) <= set(knobs) == set(cls.defaults), (difficulty, sorted(knobs))
         for knob, value in preset.items():
-            if hasattr(task, knob):
-                assert getattr(task, knob) == value, (difficulty, knob)
+            assert knobs[knob] == value, (difficulty, knob)
+        for knob, default in cls.defaults.items():  # knobs the preset leaves alone keep their defaults
+            if knob not in preset and default is not None:
+                assert knobs[knob] == default, (difficulty, knob)
 
 
 @pytest.mark.parametrize("agent", AGENTS)

@@ -119,14 +119,15 @@ CARD_CASES = [  # (POPGym class, our task, our kwargs, the POPGym decks whose de
 
 
 def expected_obs(popgym_name, popgym_obs, task):
-    """POPGym's integer observation in our one-hot layout (``None`` where the two differ by design)."""
+    """POPGym's integer observation in our one-hot layout (during Autoencode's play: blank cards, flag on)."""
     if popgym_name.startswith("CountRecall"):
         value, query = popgym_obs
         return np.concatenate([np.eye(task.n_categories)[value], np.eye(task.n_categories)[query]])
     if popgym_name.startswith("Autoencode"):
         watching, suit = popgym_obs
         played = task.t[0] >= task.num_cards  # POPGym shows a dummy suit 0 while playing; we blank it
-        return None if played else np.append(np.eye(4)[suit], 1 - watching)
+        assert watching == (task.t[0] < task.num_cards - 1)  # POPGym's flag is ours, inverted
+        return np.append(np.zeros(4) if played else np.eye(4)[suit], 1 - watching)
     return np.eye(4)[popgym_obs]
 
 
@@ -142,8 +143,7 @@ def test_card_tasks_match_popgym_step_for_step(popgym_name, task_cls, kwargs, de
             task.reset_envs(np.array([0]), [DealAs(*(getattr(ref, d) for d in decks))])
             for step in range(ref.max_episode_length + 1):
                 want = expected_obs(popgym_name, ref_obs, task)
-                if want is not None:
-                    np.testing.assert_array_equal(task.observe()[0], want, err_msg=f"step {step}")
+                np.testing.assert_array_equal(task.observe()[0], want, err_msg=f"step {step}")
                 if step == ref.max_episode_length:
                     break
                 # the right answer half the time so both reward signs are exercised

@@ -212,16 +212,76 @@ def test_invalid_kwargs_raise_clear_errors(env_id):
 def test_presets_build(env_id):
     for name in task_cls(env_id).presets:
         env = gym.make(env_id, difficulty=name)
-        env.reset(seed=0)
-        env.step(env.action_space.sample())
+        obs, _ = env.reset(seed=0)
+        assert env.observation_space.contains(obs)
+        obs, reward, term, trunc, _ = env.step(env.action_space.sample())
+        assert env.observation_space.contains(obs) and np.isfinite(reward)
+        assert isinstance(term, bool) and isinstance(trunc, bool)
 
 
 def test_get_state_exposes_the_cue():
-    env = gym.make("rlmem/DelayedCue-v0", delay=3)
-    obs, _ = env.reset(seed=4)
-    state = env.unwrapped.get_state()
-    assert obs[state["cue"]] == 1.0 and state["t"] == 0
-    assert torch.is_tensor(torch.as_tensor(obs))
+    """``get_state()`` shows the hidden cue and step index: the cue is the one-hot channel at t = 0, t counts
+    the steps, and naming the cue at the query step is exactly what pays."""
+    cues = set()
+    for seed in range(12):
+        env = gym.make("rlmem/DelayedCue-v0", delay=3, n_cues=4)
+        obs, _ = env.reset(seed=seed)
+        state = env.unwrapped.get_state()
+        cue = int(state["cue"])
+        cues.add(cue)
+        np.testing.assert_array_equal(obs, np.eye(5)[cue])  # the cue channel only, no query flag yet
+        assert state["t"] == 0
+        for t in range(1, 5):  # 3 blank steps (the action is ignored), then the query step
+            obs, r, term, _, _ = env.step((cue + 1) % 4)
+            assert env.unwrapped.get_state()["t"] == t and env.unwrapped.get_state()["cue"] == cue
+            assert r == 0.0 and not term
+            np.testing.assert_array_equal(obs, np.eye(5)[4] if t == 4 else np.zeros(5))
+        wrong = gym.make("rlmem/DelayedCue-v0", delay=3, n_cues=4)
+        wrong.reset(seed=seed)
+        for _ in range(4):
+            wrong.step(cue)
+        assert wrong.step((cue + 1) % 4)[1:3] == (0.0, True)  # any other action at the query earns nothing
+        assert env.step(cue)[1:3] == (1.0, True)
+    assert len(cues) > 1  # the cue is drawn, not fixed
+
+
+@pytest.mark.parametrize("env_id", IDS)
+def test_knobs_report_presets_and_defaults(env_id):
+    """``knobs()`` (task, single env and vector env): the preset's value for every knob it sets, the default
+    for every other knob (derived defaults resolved), explicit kwargs over both, plain Python values."""
+    cls = task_cls(env_id)
+    for difficulty in [None, *cls.presets]:
+        preset = cls.presets.get(difficulty, {})
+        knobs = gym.make(env_id, difficulty=difficulty).unwrapped.knobs()
+        vec = gym.make_vec(env_id, num_envs=2, vectorization_mode="vector_entry_point", difficulty=difficulty)
+        assert vec.knobs() == knobs == vec.task.knobs()
+        assert list(knobs) == list(cls.defaults)
+        for knob, default in cls.defaults.items():
+            value = knobs[knob]
+            assert type(value) in (int, float, str, bool), (knob, value)
+            if knob in preset:
+                assert value == preset[knob], (difficulty, knob)
+            elif default is not None:
+                assert value == default and type(value) is type(default), (difficulty, knob)
+        # rebuilding from knobs() gives the same task; explicit kwargs beat the preset
+        assert gym.make(env_id, **knobs).unwrapped.knobs() == knobs
+        explicit = {k: v for k, v in cls.defaults.items() if v is not None}
+        overridden = gym.make(env_id, difficulty=difficulty, **explicit).unwrapped.knobs()
+        assert overridden == gym.make(env_id).unwrapped.knobs()
+
+
+def test_knobs_derived_defaults_and_examples():
+    assert gym.make("rlmem/DelayedCue-v0", difficulty="hard").unwrapped.knobs()["delay"] == 200
+    assert gym.make("rlmem/DelayedCue-v0", difficulty="hard").unwrapped.knobs() == {
+        "delay": 200, "n_cues": 8, "noise": 0.1}
+    assert gym.make("rlmem/TMazePassive-v0", difficulty="medium").unwrapped.knobs() == {
+        "corridor_length": 100, "goal_reward": 1.0, "penalty": -0.01}
+    assert gym.make("rlmem/AssocRecall-v0", n_pairs=3).unwrapped.knobs()["n_queries"] == 3
+    assert gym.make("rlmem/AssocRecall-v0", n_pairs=3, n_queries=2).unwrapped.knobs()["n_queries"] == 2
+    assert gym.make("rlmem/CountRecall-v0", difficulty="hard").unwrapped.knobs() == {
+        "num_decks": 4, "deck_type": "ranks"}
+    knobs = gym.make("rlmem/MemoryLength-v0", memory_length=np.int64(7)).unwrapped.knobs()
+    assert knobs == {"memory_length": 7, "num_bits": 1} and type(knobs["memory_length"]) is int
 
 
 @pytest.mark.parametrize("env_id", IDS)
@@ -234,4 +294,16 @@ def test_sb3_contrib_recurrent_ppo_trains_unchanged(env_id):
         model = RecurrentPPO("MlpLstmPolicy", make(env_id), n_steps=16, batch_size=16, n_epochs=1,
                              policy_kwargs={"lstm_hidden_size": 8, "net_arch": [8]}, seed=0, device="cpu")
         model.learn(32)
-    assert model.num_timesteps >= 32
+    assert model.num_timesteps == 32  # two rollouts of n_steps=16 on one env
+    # the trained recurrent policy acts on the env directly: its actions are valid and the env accepts them
+    env = make(env_id)
+    obs, _ = env.reset(seed=0)
+    lstm_state, episode_start = None, np.ones(1, dtype=bool)
+    for _ in range(10):
+        action, lstm_state = model.predict(obs, state=lstm_state, episode_start=episode_start, deterministic=True)
+        assert env.action_space.contains(int(action))
+        obs, _, term, trunc, _ = env.step(action)
+        assert env.observation_space.contains(obs)
+        episode_start = np.array([term or trunc])
+        if term or trunc:
+            obs, _ = env.reset()
