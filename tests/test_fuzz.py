@@ -33,7 +33,9 @@ MODES = ["NextStep", "SameStep", "Disabled"]
 STEP_CAP = 150  # steps per drawn env (long episodes simply do not finish)
 EPISODES = 2  # stop once this many episodes ended
 
-FUZZ = settings(max_examples=25, deadline=None, database=None,
+# derandomize: the same examples on every run, so CI is reproducible (raise max_examples locally to search
+# further: a new finding becomes a pinned example below)
+FUZZ = settings(max_examples=25, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 
@@ -366,7 +368,8 @@ def plausible_param_values(param: inspect.Parameter) -> st.SearchStrategy:
 
 
 @pytest.mark.parametrize("name", available_memories())
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_memory_constructor_args(name, data):
     params = memory_params(name)
