@@ -36,5 +36,6 @@ register_task_env("copy_memory", "CopyMemory", "rlmem.envs.lm_sequence")
 register_task_env("assoc_recall", "AssocRecall", "rlmem.envs.lm_sequence")
 register_task_env("selective_copy", "SelectiveCopy", "rlmem.envs.lm_sequence")
 register_task_env("induction_head", "InductionHead", "rlmem.envs.lm_sequence")
+register_task_env("babi", "BabiQA", "rlmem.envs.lm_sequence")
 
 __all__ = ["ENV_IDS", "register_task_env"]

@@ -12,7 +12,14 @@ place for supervised training and RL.
 
 Optimal return: the number of answer positions per sample (``n_answers``); a uniformly random policy
 gets ``n_answers / vocab_size`` in expectation. Knobs are those of the LM task (``vocab_size``,
-``seq_len``, ``n_items``, ``n_pairs``, ``n_queries``, ``delay`` as the task has them) plus ``difficulty``.
+``seq_len``, ``n_items``, ``n_pairs``, ``n_queries``, ``delay``; for ``BabiQA`` ``hops``, ``seq_len``,
+``n_facts``, ``n_actors``, ``n_locations``, ``n_objects``) plus ``difficulty``.
+
+``rlmem/BabiQA-v0`` (bAbI / BABILong-style question answering, :class:`rlmem.lm_tasks.tasks.BabiQA`): a
+story of actors moving and picking up / dropping objects, hidden among filler sentences, then a question
+closed by ``"?"``, where the action must name a location. Its vocabulary is fixed (87 words), so
+``Discrete(87)``: optimal return 1, random policy ``1 / 87``; a policy that names a uniformly random
+location at the ``"?"`` gets ``1 / n_locations``.
 """
 
 from __future__ import annotations
@@ -23,11 +30,11 @@ import gymnasium as gym
 import numpy as np
 
 from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
-from rlmem.lm_tasks.tasks import AssocRecall, CopyMemory, InductionHead, LMTask, SelectiveCopy
+from rlmem.lm_tasks.tasks import AssocRecall, BabiQA, CopyMemory, InductionHead, LMTask, SelectiveCopy
 
 
 class LMSequenceTask(MemoryTask):
-    """Batched core shared by the four envs. Subclasses set ``lm_cls`` and the knob tables."""
+    """Batched core shared by the LM sequence envs. Subclasses set ``lm_cls`` and the knob tables."""
 
     lm_cls: ClassVar[type[LMTask]]
 
@@ -126,6 +133,19 @@ class InductionHeadTask(LMSequenceTask):
     invalid_kwargs = [{"seq_len": 2}, {"vocab_size": 2}]
 
 
+class BabiQATask(LMSequenceTask):
+    lm_cls = BabiQA
+    defaults = {"hops": 1, "seq_len": 32, "n_facts": 4, "n_actors": 2, "n_locations": 3, "n_objects": 2}
+    presets = {
+        "easy": {"hops": 1, "seq_len": 24, "n_facts": 3, "n_actors": 2, "n_locations": 3, "n_objects": 2},
+        "medium": {"hops": 2, "seq_len": 64, "n_facts": 8, "n_actors": 3, "n_locations": 4, "n_objects": 3},
+        "hard": {"hops": 3, "seq_len": 192, "n_facts": 16, "n_actors": 4, "n_locations": 6, "n_objects": 4},
+    }
+    test_kwargs = {"hops": 3, "seq_len": 32, "n_facts": 4}
+    invalid_kwargs = [{"hops": 0}, {"hops": 4}, {"seq_len": 10}, {"n_facts": 0}, {"n_actors": 9},
+                      {"n_locations": 1}, {"n_objects": 0}]
+
+
 class CopyMemoryEnv(TaskEnv):
     task_cls = CopyMemoryTask
 
@@ -156,3 +176,11 @@ class InductionHeadEnv(TaskEnv):
 
 class InductionHeadVectorEnv(TaskVectorEnv):
     task_cls = InductionHeadTask
+
+
+class BabiQAEnv(TaskEnv):
+    task_cls = BabiQATask
+
+
+class BabiQAVectorEnv(TaskVectorEnv):
+    task_cls = BabiQATask

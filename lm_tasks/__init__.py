@@ -1,4 +1,4 @@
-"""Synthetic LM tasks (copy, multi-query associative recall, selective copy, induction head).
+"""Synthetic LM tasks (copy, multi-query associative recall, selective copy, induction head, bAbI-style reasoning).
 
 - :mod:`rlmem.lm_tasks.tasks`: batched seeded generators and the task registry (``build_task("assoc_recall", ...)``);
 - :mod:`rlmem.lm_tasks.solvers`: plain rule-based solvers that prove every target is determined by the input;

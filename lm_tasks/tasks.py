@@ -252,7 +252,271 @@ class InductionHead(LMTask):
         return 1.0 / (self.vocab_size - 1)
 
 
-TASKS: dict[str, type[LMTask]] = {c.name: c for c in (CopyMemory, AssocRecall, SelectiveCopy, InductionHead)}
+# --- bAbI / BABILong-style reasoning ------------------------------------------------------------------
+BABI_ACTORS = ("mary", "john", "daniel", "sandra", "bill", "fred", "julie", "jeff")
+BABI_LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office", "cellar", "park")
+BABI_OBJECTS = ("apple", "football", "milk", "book", "key", "box", "cup", "hat")
+BABI_MOVE_VERBS = ("went", "moved", "journeyed", "travelled")
+BABI_GRAB_VERBS = ("got", "grabbed", "picked up", "took")  # "picked up" is one token
+BABI_DROP_VERBS = ("dropped", "discarded", "put down", "left")
+#: filler ("haystack") sentences by length in tokens (period included); "then" (length 1) is used only when
+#: a story has exactly one filler token to place. No filler word is used by facts or questions.
+BABI_FILLER: dict[int, tuple[tuple[str, ...], ...]] = {}
+for _sentence in (
+    "silence .", "meanwhile .", "later .",
+    "rain fell .", "birds sang .", "time passed .", "nobody spoke .",
+    "a dog barked .", "an owl hooted .", "it grew dark .", "rain fell softly .",
+    "a cold wind blew .", "an old clock ticked .", "it rained all night .", "birds sang at dawn .",
+    "a dog barked far away .", "it grew dark very slowly .", "nobody spoke for an hour .", "rain fell all night long .",
+    "an old clock ticked all night .", "a cold wind blew all night .", "rain fell softly on a roof .",
+    "somewhere far away a dog barked .",
+):
+    BABI_FILLER.setdefault(len(_sentence.split()), ())
+    BABI_FILLER[len(_sentence.split())] += (tuple(_sentence.split()),)
+BABI_FILLER[1] = (("then",),)
+assert sorted(BABI_FILLER) == list(range(1, 8))
+_FILLER_WORDS = tuple(dict.fromkeys(w for group in BABI_FILLER.values() for s in group for w in s if w != "."))
+#: the vocabulary: token id = index. Punctuation, function words, verbs, entities, filler words.
+BABI_WORDS: tuple[str, ...] = (
+    ".", "?", "to", "the", "where", "is", "was", "before",
+    *BABI_MOVE_VERBS, *BABI_GRAB_VERBS, *BABI_DROP_VERBS,
+    *BABI_ACTORS, *BABI_LOCATIONS, *BABI_OBJECTS, *_FILLER_WORDS,
+)
+assert len(set(BABI_WORDS)) == len(BABI_WORDS), "a filler word is also a fact or question word"
+BABI_ID: dict[str, int] = {w: i for i, w in enumerate(BABI_WORDS)}
+
+
+def _ids(words: tuple[str, ...]) -> tuple[int, ...]:
+    return tuple(BABI_ID[w] for w in words)
+
+
+class BabiQA(LMTask):
+    """bAbI QA1-QA3 world simulation hidden in filler text (BABILong's recipe), word-level tokens.
+
+    **World.** ``n_actors`` actors, ``n_locations`` locations, ``n_objects`` objects (the first words of
+    ``BABI_ACTORS`` / ``BABI_LOCATIONS`` / ``BABI_OBJECTS``). Every actor starts at an unstated location and
+    every object lies at an unstated location. A story tells ``n_facts`` events in order, each a 5-token
+    sentence (the verb is one of four synonyms, drawn uniformly):
+
+    - move ``"mary went to kitchen ."``: the actor is now in that location, which differs from the one
+      it was in (if known); the objects it holds move with it;
+    - grab ``"mary got the apple ."``: only if the actor's location is known, nobody holds the object and
+      the object lies where the actor is or has never been mentioned (a first grab tells where it was);
+    - drop ``"mary dropped the apple ."``: only by the actor holding it; it now lies where the actor is.
+
+    An object's *history* is the list of its locations from its first grab on: its location then, plus
+    one entry per move of an actor carrying it (so consecutive entries differ; grabs and drops do not
+    change where it is). Questions, one per story, at its end; the answer is a location token:
+
+    - ``hops=1`` ``"where is mary ?"``: the actor's location (1 supporting fact: its last move). Asked
+      about an actor that has moved at least once.
+    - ``hops=2`` ``"where is the apple ?"``: the object's current location, the last entry of its history
+      (2 facts: who holds it, or who dropped it, plus that actor's last move before). Asked about an
+      object grabbed at least once.
+    - ``hops=3`` ``"where was the apple before the kitchen ?"``: the entry just before the *last* entry
+      equal to the kitchen in the object's history (3 facts: the carrier's move to the kitchen, its grab of
+      the object, its location before). Asked about an object carried at least twice (a history of >= 3
+      entries, so the answer is not always where the object was first picked up) and a location that
+      occurs in its history at an index >= 1 (so something precedes it).
+
+    The question's actor / object is drawn uniformly among those satisfying its condition, and for
+    ``hops=3`` the location uniformly among the valid ones. These conditions make every question
+    answerable from the facts alone, and the rules make the answer unique (rule-based solver:
+    :func:`rlmem.lm_tasks.solvers.solve_babi`). To guarantee that a valid question exists, events by an
+    actor ``a`` on an object ``o`` are planted at uniformly random fact slots (``CHAINS``): a move of ``a``;
+    for hops >= 2 then a grab of ``o`` by ``a``; for hops 3 then two more moves of ``a``. Until the grab no
+    other event touches ``o``, and (hops 3) ``a`` does not drop ``o`` before its last planted move; so
+    ``n_facts`` is at least 1, 2, 4. Other events are drawn as: move (probability 1/2; a uniform actor to a
+    uniform other location), grab (1/4) or drop (1/4), each uniform over the valid (actor, object) pairs,
+    a move if there is none.
+
+    **Filler.** The ``seq_len - 5 n_facts - len(question)`` remaining tokens are filler sentences (lengths
+    2-7 tokens, from a fixed pool of short sentences, ``BABI_FILLER``, whose words occur nowhere else, so
+    they never change the world or mention an actor, location or object; a single leftover token is the
+    word ``"then"``), interleaved with the facts uniformly at random (facts keep their order); the question
+    closes the sequence. Question lengths: 4, 5, 8 tokens.
+
+    **Answer.** One answer position: the final ``"?"``. Locations are exchangeable in the generator, so
+    the answer is uniform over the ``n_locations`` locations and a model that ignores every earlier token
+    is right with probability ``1 / n_locations`` (``chance_accuracy``); at ``hops=3`` the answer is never
+    the asked location, so a model that reads only the question reaches ``1 / (n_locations - 1)``.
+
+    The vocabulary (``BABI_WORDS``, ``vocab_size`` = its length) is fixed whatever the knobs:
+    :meth:`decode` turns token ids back into text.
+    """
+
+    name = "babi"
+    FACT_LEN = 5
+    QUESTION_LEN = {1: 4, 2: 5, 3: 8}
+    #: the events planted (by actor ``a`` on object ``o``) so that a valid question exists
+    CHAINS = {1: ("move",), 2: ("move", "grab"), 3: ("move", "grab", "move", "move")}
+
+    def __init__(self, hops: int = 1, seq_len: int = 64, n_facts: int = 8, n_actors: int = 4, n_locations: int = 6,
+                 n_objects: int = 4):
+        self.hops = self._int("hops", hops, low=1, high=3,
+                              why="supporting facts per question: 1 = where is an actor, 2 = where is an object, "
+                                  "3 = where was an object before a location")
+        self.n_actors = self._int("n_actors", n_actors, low=1, high=len(BABI_ACTORS), why="names in the vocabulary")
+        self.n_locations = self._int("n_locations", n_locations, low=2, high=len(BABI_LOCATIONS),
+                                     why="a move goes to another location; at most the locations in the vocabulary")
+        self.n_objects = self._int("n_objects", n_objects, low=1, high=len(BABI_OBJECTS),
+                                   why="objects in the vocabulary")
+        self.n_facts = self._int("n_facts", n_facts, low=len(self.CHAINS[self.hops]),
+                                 why=f"at least {len(self.CHAINS[self.hops])} with hops={self.hops}: "
+                                     "the planted events that make the question answerable")
+        q = self.QUESTION_LEN[self.hops]
+        self.seq_len = self._int("seq_len", seq_len, low=self.FACT_LEN * self.n_facts + q,
+                                 why=f"at least 5 * n_facts + {q} with n_facts={self.n_facts} and hops={self.hops}: "
+                                     f"5 tokens per fact, {q} for the question")
+        self.vocab_size = len(BABI_WORDS)
+        self.n_answers = 1
+
+    def chance_accuracy(self):
+        return 1.0 / self.n_locations
+
+    @staticmethod
+    def decode(tokens: Any) -> str:
+        """Token ids (any 1-d sequence or array) as text: ``"mary went to kitchen. where is mary?"``."""
+        text = " ".join(BABI_WORDS[int(t)] for t in np.asarray(tokens).reshape(-1))
+        return text.replace(" .", ".").replace(" ?", "?")
+
+    def sample(self, rng, batch_size):
+        inputs, targets, mask = self._empty(batch_size)
+        u = _Uniforms(rng, batch_size * (2 * self.seq_len + 16))
+        for i in range(batch_size):
+            tokens, answer = self._story(u)
+            inputs[i] = tokens
+            targets[i, -1] = answer
+        mask[:, -1] = True
+        return inputs, targets, mask
+
+    # --- one story --------------------------------------------------------------------------------
+    def _story(self, u: _Uniforms) -> tuple[list[int], int]:
+        A, L, O, n, hops = self.n_actors, self.n_locations, self.n_objects, self.n_facts, self.hops
+        actor, location, obj = _ids(BABI_ACTORS), _ids(BABI_LOCATIONS), _ids(BABI_OBJECTS)
+        verbs = {"move": _ids(BABI_MOVE_VERBS), "grab": _ids(BABI_GRAB_VERBS), "drop": _ids(BABI_DROP_VERBS)}
+        to, the = BABI_ID["to"], BABI_ID["the"]
+
+        def pick(k: int) -> int:
+            return int(u() * k)
+
+        def new_location(current: int) -> int:  # uniform over the locations other than ``current``
+            if current < 0:
+                return pick(L)
+            other = pick(L - 1)
+            return other + (other >= current)
+
+        loc = [-1] * A  # actor -> its location (-1: not told yet)
+        holder = [-1] * O  # object -> the actor holding it (-1: nobody)
+        lies = [-1] * O  # object -> where it lies when nobody holds it (-1: never grabbed, unknown)
+        history: list[list[int]] = [[] for _ in range(O)]
+        a_star, o_star = pick(A), pick(O)
+        chain = self.CHAINS[hops]
+        done = 0  # chain events placed so far
+        facts: list[list[int]] = []
+        for t in range(n):
+            if done < len(chain) and u() * (n - t) < len(chain) - done:  # chain slots: a uniform subset
+                kind = chain[done]
+                a, x = (a_star, new_location(loc[a_star])) if kind == "move" else (a_star, o_star)
+                done += 1
+            else:
+                no_grab = o_star if hops >= 2 and done < 2 else -1
+                no_drop = o_star if hops == 3 and 2 <= done < 4 else -1
+                draw, kind = u(), "move"
+                if draw >= 0.5:
+                    if draw < 0.75:
+                        pairs = [(b, o) for b in range(A) if loc[b] >= 0 for o in range(O)
+                                 if o != no_grab and holder[o] < 0 and lies[o] in (-1, loc[b])]
+                        kind = "grab"
+                    else:
+                        pairs = [(holder[o], o) for o in range(O) if holder[o] >= 0 and o != no_drop]
+                        kind = "drop"
+                    if pairs:
+                        a, x = pairs[pick(len(pairs))]
+                    else:
+                        kind = "move"
+                if kind == "move":
+                    a = pick(A)
+                    x = new_location(loc[a])
+            verb = verbs[kind][pick(4)]
+            if kind == "move":
+                loc[a] = x
+                for o in range(O):
+                    if holder[o] == a:
+                        history[o].append(x)
+                facts.append([actor[a], verb, to, location[x], BABI_ID["."]])
+            elif kind == "grab":
+                if lies[x] < 0:
+                    history[x].append(loc[a])
+                holder[x], lies[x] = a, -1
+                facts.append([actor[a], verb, the, obj[x], BABI_ID["."]])
+            else:
+                holder[x], lies[x] = -1, loc[a]
+                facts.append([actor[a], verb, the, obj[x], BABI_ID["."]])
+
+        where, qmark = BABI_ID["where"], BABI_ID["?"]
+        if hops == 1:
+            placed = [a for a in range(A) if loc[a] >= 0]
+            a = placed[pick(len(placed))]
+            question, answer = [where, BABI_ID["is"], actor[a], qmark], loc[a]
+        elif hops == 2:
+            known = [o for o in range(O) if history[o]]
+            o = known[pick(len(known))]
+            question = [where, BABI_ID["is"], the, obj[o], qmark]
+            answer = loc[holder[o]] if holder[o] >= 0 else lies[o]
+        else:
+            carried = [o for o in range(O) if len(history[o]) >= 3]
+            o = carried[pick(len(carried))]
+            places = sorted(set(history[o][1:]))  # their last occurrence has an index >= 1
+            x = places[pick(len(places))]
+            last = len(history[o]) - 1 - history[o][::-1].index(x)
+            question = [where, BABI_ID["was"], the, obj[o], BABI_ID["before"], the, location[x], qmark]
+            answer = history[o][last - 1]
+
+        # filler sentences: lengths 2..7 summing to the free tokens (never leaving 1 behind), then shuffled
+        # in between the facts
+        free = self.seq_len - self.FACT_LEN * n - len(question)
+        filler: list[tuple[str, ...]] = []
+        while free > 7:
+            size = 2 + pick(6)
+            size -= free - size == 1
+            filler.append(_choice(BABI_FILLER[size], pick))
+            free -= size
+        if free:
+            filler.append(_choice(BABI_FILLER[free], pick))
+        tokens: list[int] = []
+        f = s = 0
+        for slot in range(len(facts) + len(filler)):
+            if u() * (len(facts) + len(filler) - slot) < len(facts) - f:
+                tokens += facts[f]
+                f += 1
+            else:
+                tokens += _ids(filler[s])
+                s += 1
+        tokens += question
+        return tokens, location[answer]
+
+
+def _choice(options: tuple, pick) -> Any:
+    return options[pick(len(options))]
+
+
+class _Uniforms:
+    """Uniform floats in [0, 1) drawn from ``rng`` in blocks (one numpy call per block, not per draw)."""
+
+    def __init__(self, rng: np.random.Generator, block: int):
+        self.rng, self.block = rng, max(int(block), 64)
+        self.values: list[float] = []
+        self.i = 0
+
+    def __call__(self) -> float:
+        if self.i == len(self.values):
+            self.values, self.i = self.rng.random(self.block).tolist(), 0
+        self.i += 1
+        return self.values[self.i - 1]
+
+
+TASKS: dict[str, type[LMTask]] = {c.name: c for c in (CopyMemory, AssocRecall, SelectiveCopy, InductionHead, BabiQA)}
 
 
 def available_tasks() -> list[str]:

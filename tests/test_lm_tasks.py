@@ -26,6 +26,13 @@ CONFIGS = [
     ("induction_head", {}),
     ("induction_head", {"seq_len": 3, "vocab_size": 3}),
     ("induction_head", {"seq_len": 256, "vocab_size": 4}),
+    ("babi", {}),
+    ("babi", {"hops": 2}),
+    ("babi", {"hops": 3}),
+    ("babi", {"hops": 1, "seq_len": 9, "n_facts": 1, "n_actors": 1, "n_locations": 2, "n_objects": 1}),
+    ("babi", {"hops": 2, "seq_len": 15, "n_facts": 2, "n_actors": 1, "n_locations": 2, "n_objects": 1}),
+    ("babi", {"hops": 3, "seq_len": 28, "n_facts": 4, "n_actors": 1, "n_locations": 2, "n_objects": 1}),
+    ("babi", {"hops": 3, "seq_len": 512, "n_facts": 80, "n_actors": 8, "n_locations": 8, "n_objects": 8}),
 ]
 IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CONFIGS)]
 
@@ -131,7 +138,11 @@ def test_solvers_reject_ambiguous_inputs():
         ("induction_head", {"seq_len": 2}, "seq_len"),
         ("induction_head", {"vocab_size": 2}, "vocab_size"),
         ("copy_memory", {"seq_len": 10}, "valid: .*n_items"),
-        ("nope", {}, "valid choices: assoc_recall, copy_memory"),
+        ("babi", {"hops": 4}, r"hops must be in \[1, 3\]"),
+        ("babi", {"hops": 3, "n_facts": 3}, r"n_facts must be in \[4, inf\] .*hops=3"),
+        ("babi", {"seq_len": 43}, r"seq_len must be in \[44, inf\] .*n_facts=8"),
+        ("babi", {"n_locations": 1}, r"n_locations must be in \[2, 8\]"),
+        ("nope", {}, "valid choices: assoc_recall, babi, copy_memory"),
     ],
 )
 def test_invalid_knobs_raise_naming_the_valid_values(name, knobs, match):
@@ -140,7 +151,7 @@ def test_invalid_knobs_raise_naming_the_valid_values(name, knobs, match):
 
 
 def test_registry_and_round_trip():
-    assert available_tasks() == ["assoc_recall", "copy_memory", "induction_head", "selective_copy"]
+    assert available_tasks() == ["assoc_recall", "babi", "copy_memory", "induction_head", "selective_copy"]
     task = build_task("assoc_recall", seq_len=40, n_pairs=5)
     assert build_task(task.name, **task.knobs()).knobs() == task.knobs() == {
         "seq_len": 40, "n_pairs": 5, "n_queries": 5, "vocab_size": 64,
@@ -160,7 +171,8 @@ def test_sample_without_replacement():
 @pytest.mark.parametrize(
     ("env_id", "name"),
     [("rlmem/CopyMemory-v0", "copy_memory"), ("rlmem/AssocRecall-v0", "assoc_recall"),
-     ("rlmem/SelectiveCopy-v0", "selective_copy"), ("rlmem/InductionHead-v0", "induction_head")],
+     ("rlmem/SelectiveCopy-v0", "selective_copy"), ("rlmem/InductionHead-v0", "induction_head"),
+     ("rlmem/BabiQA-v0", "babi")],
 )
 def test_env_episode_is_a_generator_sample_and_the_solver_solves_it(env_id, name):
     """The env draws its episode with the generator's rules; the solver, fed the observed tokens, earns
