@@ -34,6 +34,7 @@ GENERATOR_CONFIGS = {
     "assoc_recall": {"seq_len": 256, "n_pairs": 16, "vocab_size": 8192},
     "selective_copy": {"seq_len": 256, "n_items": 16, "vocab_size": 16},
     "induction_head": {"seq_len": 256, "vocab_size": 16},
+    "babi": {"seq_len": 256, "hops": 2},
 }
 TRAIN_TASKS = ["copy_memory", "assoc_recall"]
 

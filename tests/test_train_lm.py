@@ -65,7 +65,7 @@ def cfg(**overrides):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"task": {"name": "copy"}}, "valid choices: assoc_recall, copy_memory"),
+        ({"task": {"name": "copy"}}, "valid choices: assoc_recall, babi, copy_memory"),
         ({"task": {"name": "copy_memory", "items": 3}}, "valid: .*n_items"),
         ({"task": {"name": "copy_memory", "n_items": 0}}, "n_items"),
         ({"model": {"memory": "grux"}}, "valid choices: .*gru"),
