@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlmem.memory import build_memory
@@ -68,3 +69,14 @@ def test_state_is_bounded_by_the_window_and_tracks_filled_slots():
     assert s3["valid"].tolist() == [[0.0] * (W - 3) + [1.0] * 3] * 2
     assert s40["mem"].shape == (2, 2, W, 16) and s40["valid"].sum() == 2 * W
     assert s_reset["valid"][1].tolist() == [0.0] * (W - 3) + [1.0] * 3  # only the 3 steps since the start
+
+
+def test_plain_residual_layers_pass_the_contract_and_bad_names_fail():
+    import rlmem
+
+    torch.manual_seed(0)
+    plain = build_memory("transformer", d_in=5, d_model=16, n_layers=2, n_heads=2, window=4, residual="plain")
+    rlmem.check_memory(plain)
+    assert not any("gate" in name for name, _ in plain.named_parameters())
+    with pytest.raises(ValueError, match=r"residual must be one of \('gated', 'plain'\), got 'gtrxl'"):
+        build_memory("transformer", d_in=5, residual="gtrxl")

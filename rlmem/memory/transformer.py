@@ -6,9 +6,14 @@ step at a time sees exactly what a replayed sequence sees, and the state grows w
 with the episode. A validity mask in the state marks which cached slots hold a step of the current
 episode: never-filled slots and everything before an episode start are not attended.
 
-Layer (GTrXL, Parisotto et al. 2019): ``h1 = gate(h, relu(MHA(LN(h), LN([mem; h]))))``,
+Layer, ``residual="gated"`` (GTrXL, Parisotto et al. 2019): ``h1 = gate(h, relu(MHA(LN(h), LN([mem; h]))))``,
 ``h2 = gate(h1, relu(FFN(LN(h1))))`` with GRU-type gates biased towards the identity (``gate_bias``), so
-an untrained stack starts close to a feed-forward map of the input. Positions enter as a learned
+an untrained stack starts close to a feed-forward map of the input (what stabilises RL). With
+``residual="plain"`` it is a pre-norm transformer layer: ``h1 = h + MHA(LN(h), LN([mem; h]))``,
+``h2 = h1 + FFN(LN(h1))``. The gates make composing attention heads slow to learn: on multi-query
+associative recall (64 tokens, 8 pairs, 2 layers, lr 1e-3) the gated stack stayed at 0.12 accuracy
+(guessing among the values in context) after 6000 steps, with or without the ReLUs, while the plain
+one reached 0.98 after 500 steps. Positions enter as a learned
 per-head bias on the relative distance (0..window), which does not depend on where a slice starts.
 
 State (``L = n_layers``, ``W = window``): ``mem: [B, L, W, d_model]`` (oldest first),
@@ -26,6 +31,10 @@ from rlmem.envs.core import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.mamba import episode_ids
 from rlmem.memory.registry import register_memory
+
+
+#: how a layer adds its attention and feed-forward outputs to its input (see the module docstring)
+RESIDUALS = ("gated", "plain")
 
 
 class GRUGate(nn.Module):
@@ -49,8 +58,12 @@ class GRUGate(nn.Module):
 class WindowLayer(nn.Module):
     """One GTrXL layer over ``[cached inputs; current inputs]``."""
 
-    def __init__(self, d_model: int, n_heads: int, window: int, d_ff: int, gate_bias: float):
+    def __init__(self, d_model: int, n_heads: int, window: int, d_ff: int, gate_bias: float,
+                 residual: str = "gated"):
         super().__init__()
+        if residual not in RESIDUALS:
+            raise ValueError(f"transformer: residual must be one of {RESIDUALS}, got {residual!r}")
+        self.gated = residual == "gated"
         self.n_heads, self.d_head = n_heads, d_model // n_heads
         self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.q = nn.Linear(d_model, d_model)
@@ -58,7 +71,8 @@ class WindowLayer(nn.Module):
         self.o = nn.Linear(d_model, d_model)
         self.rel_bias = nn.Parameter(torch.zeros(n_heads, window + 1))  # per head, per distance 0..window
         self.ff = nn.Sequential(nn.Linear(d_model, d_ff), nn.ReLU(), nn.Linear(d_ff, d_model))
-        self.gate_attn, self.gate_ff = GRUGate(d_model, gate_bias), GRUGate(d_model, gate_bias)
+        if self.gated:
+            self.gate_attn, self.gate_ff = GRUGate(d_model, gate_bias), GRUGate(d_model, gate_bias)
 
     def forward(self, h, context, allowed, dist):
         """``h: [B, T, d]``, ``context: [B, W+T, d]`` (= [cache; h]), ``allowed: [B, T, W+T]`` bool,
@@ -68,14 +82,18 @@ class WindowLayer(nn.Module):
         k, v = self.kv(self.norm_kv(context)).view(B, -1, 2, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         bias = self.rel_bias[:, dist]  # [H, T, W+T]
         mask = torch.where(allowed.unsqueeze(1), bias, float("-inf"))  # the current step is always allowed
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        h = self.gate_attn(h, F.relu(self.o(a.transpose(1, 2).reshape(B, T, -1))))
+        a = self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, -1))
+        if not self.gated:
+            h = h + a
+            return h + self.ff(self.norm_ff(h))
+        h = self.gate_attn(h, F.relu(a))
         return self.gate_ff(h, F.relu(self.ff(self.norm_ff(h))))
 
 
 @register_memory("transformer")
 class WindowTransformer(MemorySystem):
-    """Stack of GTrXL layers with a sliding-window cache. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+    """Stack of GTrXL (``residual="gated"``) or pre-norm (``"plain"``) layers with a sliding-window cache.
+    ``x: [B, T, d_in] -> y: [B, T, d_model]``.
 
     State: ``mem: [B, n_layers, window, d_model]``, ``valid: [B, window]``; zero (empty) at episode start.
     Cost per step: O(n_layers * window * d_model), independent of the episode length.
@@ -84,7 +102,7 @@ class WindowTransformer(MemorySystem):
     test_kwargs = {"d_model": 16, "n_layers": 2, "n_heads": 2, "window": 4}
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, window: int = 64,
-                 d_ff: int | None = None, gate_bias: float = 2.0):
+                 d_ff: int | None = None, gate_bias: float = 2.0, residual: str = "gated"):
         super().__init__()
         d_in = check_int("transformer: d_in", d_in, low=1)
         d_model = check_int("transformer: d_model", d_model, low=1)
@@ -99,7 +117,8 @@ class WindowTransformer(MemorySystem):
         gate_bias = check_float("transformer: gate_bias", gate_bias)
         self.d_in, self.d_out, self.d_model, self.n_layers, self.window = d_in, d_model, d_model, n_layers, window
         self.embed = nn.Linear(d_in, d_model)
-        self.layers = nn.ModuleList(WindowLayer(d_model, n_heads, window, d_ff, gate_bias) for _ in range(n_layers))
+        self.layers = nn.ModuleList(WindowLayer(d_model, n_heads, window, d_ff, gate_bias, residual)
+                                    for _ in range(n_layers))
         self.norm_f = nn.LayerNorm(d_model)
 
     def initial_state(self, batch_size, device=None):
