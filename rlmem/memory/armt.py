@@ -1,0 +1,366 @@
+"""ARMT: Associative Recurrent Memory Transformer (Rodkin et al. 2024, arXiv 2407.04841).
+
+The stream is cut into segments of ``segment_len`` consecutive steps. A small transformer (the project's
+GTrXL layers, :class:`rlmem.memory.transformer.WindowLayer`) runs inside a segment: every step attends
+causally to the earlier steps of its segment (their layer inputs are cached in the state, so acting one
+step at a time sees what a replayed sequence sees) and has an output at once. When a segment closes, the
+``num_mem_tokens`` learned memory tokens are processed after its last step (they attend to the whole
+segment and, causally, to each other) and their outputs are written into an associative memory, one per
+layer, which carries information from segment to segment. Nothing else crosses a segment boundary.
+
+Per layer ``l``, an associative matrix ``A: [d_key, d_model]`` and normalizer ``z: [d_key]`` (zero at an
+episode start), with the DPFP feature map ``phi`` (nu = 3, ``d_key = 2 nu d_mem``, :func:`dpfp`):
+
+- read, before the layer, for every token (segment steps and memory tokens)::
+
+      h <- h + phi(W_q h) A / (z . phi(W_q h) + eps)
+
+- write, after the layer, from the memory tokens' outputs ``m: [M, d_model]`` (all M tokens at once,
+  against the memory as it was before the write)::
+
+      k = phi(W_k m),  v_bar = k A / (z . k + eps),  beta = sigmoid(W_b m)          (per memory token)
+      A <- A + sum_m beta_m k_m (W_v m_m - v_bar_m)^T
+      gamma = clip(1 - z . k / (|k|^2 + eps), 0, 1)   (detached: it only scales the normalizer update)
+      z <- z + sum_m gamma_m k_m
+
+  ``W_v`` starts at zero (as in the official code), so an untrained ARMT reads zeros and starts as a
+  plain segment transformer; the first gradient reaches ``W_v`` and, once it is non-zero, ``W_q``,
+  ``W_k``, ``W_b``.
+
+An episode start (``is_init`` True at step t) resets the state *before* step t: a new segment starts
+there with ``A = 0``, ``z = 0`` and an empty cache; an unfinished segment is dropped without a write.
+
+State (flat keys, fixed shapes; ``L = n_layers``, ``S = segment_len``, ``K = d_key``):
+
+- ``A: [B, L, K, d_model]``, ``z: [B, L, K]``: the associative memory of each layer;
+- ``cache: [B, L, S-1, d_model]``: each layer's inputs (after the read) at the earlier steps of the
+  running segment, right-aligned (newest last), zeros in slots that hold no step of it;
+- ``pos: [B]`` (int64): the position of the next step in its segment, ``0 .. S-1``.
+
+Sequence mode (T > 1) does not loop over steps. A row's steps between episode starts form a *chain*; a
+reset zeroes the whole state, so chains share nothing and all chains of all rows run side by side. Every
+step gets its position in its segment (counted from the last reset, else from the state's ``pos``) and
+its segment number inside its chain; round ``r`` then processes the r-th segment of every chain that has
+one, whole segments at once (causally masked, ``[chains, S + M]`` tokens), so the number of rounds is the
+segment count of the longest chain, not T. A chain's last segment may be unfinished: it does not write,
+and a round in which no segment completes runs without memory tokens on its used slots only. The first
+chain of a row continues the given state (its memory, and in round 0 the cached layer inputs of a
+segment begun earlier) unless the row starts with a reset. Step mode (T = 1) runs the new step's query
+against the cache, plus the memory tokens only when some row's segment closes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import nn
+
+from rlmem.envs.core import check_float, check_int
+from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.registry import register_memory
+from rlmem.memory.transformer import WindowLayer
+
+#: DPFP order: the feature map multiplies [relu(x), relu(-x)] with its rolls by 1..NU
+NU = 3
+#: accepted range of ``eps`` (the read/write normalizer's stabilizer)
+MIN_EPS, MAX_EPS = 1e-10, 1.0
+
+
+def dpfp(x: torch.Tensor, nu: int = NU) -> torch.Tensor:
+    """Deterministic parameter-free projection (Schlag et al. 2021): ``x: [..., d] -> [..., 2 nu d]``.
+
+    ``u = [relu(x), relu(-x)]`` (``2d``), then ``[u * roll(u, 1), ..., u * roll(u, nu)]`` along the last
+    dim (``roll(u, j)[i] = u[i - j]``). Nonnegative, so ``z . phi(q)`` is a sum of nonnegative terms.
+    """
+    u = torch.cat([F.relu(x), F.relu(-x)], -1)
+    return torch.cat([u * u.roll(j, -1) for j in range(1, nu + 1)], -1)
+
+
+class AssociativeMemory(nn.Module):
+    """One layer's associative memory: the projections ``W_q, W_k, W_v, W_b``; ``A, z`` live in the state.
+
+    Public so that a coprocessor (DARMT) can read and write the same memory: :meth:`read` with its own
+    queries, :meth:`write` with its own memory-token outputs.
+    """
+
+    def __init__(self, d_model: int, d_mem: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.d_key = 2 * NU * d_mem
+        self.w_q = nn.Linear(d_model, d_mem, bias=False)
+        self.w_k = nn.Linear(d_model, d_mem, bias=False)
+        self.w_v = nn.Linear(d_model, d_model, bias=False)
+        nn.init.zeros_(self.w_v.weight)  # the memory starts silent: ARMT starts as a plain segment transformer
+        self.w_b = nn.Linear(d_model, 1)
+
+    def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``h: [B, Q, d_model]``, ``A: [B, K, d_model]``, ``z: [B, K]`` -> ``[B, Q, d_model]``:
+        ``phi(W_q h) A / (z . phi(W_q h) + eps)`` (zero for a never-written memory)."""
+        q = dpfp(self.w_q(h))  # [B, Q, K]
+        return (q @ A) / (q @ z.unsqueeze(-1) + self.eps)
+
+    def write(self, m: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the memory-token outputs ``m: [B, M, d_model]`` into ``A: [B, K, d_model]``, ``z: [B, K]``;
+        returns the new ``(A, z)`` (the inputs are not modified)."""
+        k = dpfp(self.w_k(m))  # [B, M, K]
+        zk = k @ z.unsqueeze(-1)  # [B, M, 1]
+        v_bar = (k @ A) / (zk + self.eps)  # what the memory returns for k now: only the difference is written
+        beta = torch.sigmoid(self.w_b(m))  # [B, M, 1] per-token write strength
+        A = A + (beta * k).transpose(1, 2) @ (self.w_v(m) - v_bar)
+        # the normalizer grows only by the part of k that z does not already cover (delta-rule correction)
+        gamma = (1 - zk / (k.pow(2).sum(-1, keepdim=True) + self.eps)).clamp(0, 1).detach()
+        return A, z + (gamma * k).sum(1)
+
+
+@register_memory("armt")
+class ARMT(MemorySystem):
+    """Segment transformer with per-layer associative memory. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+
+    Args:
+        d_in: input features per step.
+        d_model: width of the transformer and of the memory values (the output width).
+        n_layers: transformer layers, each with its own associative memory.
+        n_heads: attention heads (divide ``d_model``).
+        d_mem: width of the memory keys/queries before DPFP; ``d_key = 6 d_mem`` (nu = 3).
+        segment_len: steps per segment (1 allowed: every step is written). Information crosses a
+            segment boundary only through the associative memory.
+        num_mem_tokens: learned memory tokens appended at the end of every segment; their outputs are
+            written into the memory.
+        d_ff: hidden width of the feed-forward blocks (None: ``2 d_model``).
+        eps: stabilizer of the read/write normalizers, in ``[1e-10, 1]``.
+        gate_bias: GTrXL gate bias (larger: the layers start closer to the identity).
+
+    Cost of an acting step, per layer: one token through the layer (attending to at most ``segment_len``
+    keys) and an ``O(d_key d_model)`` read; the step that closes a segment also runs the memory tokens and
+    the write. State: ``n_layers (d_key (d_model + 1) + (segment_len - 1) d_model) + 1`` numbers per row.
+    """
+
+    test_kwargs = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_mem": 4, "segment_len": 3, "num_mem_tokens": 2}
+
+    def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, d_mem: int = 16,
+                 segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
+                 gate_bias: float = 2.0):
+        super().__init__()
+        d_in = check_int("armt: d_in", d_in, low=1)
+        d_model = check_int("armt: d_model", d_model, low=1)
+        n_layers = check_int("armt: n_layers", n_layers, low=1)
+        n_heads = check_int("armt: n_heads", n_heads, low=1)
+        if d_model % n_heads:
+            raise ValueError(f"armt: d_model={d_model} must be divisible by n_heads={n_heads}")
+        d_mem = check_int("armt: d_mem", d_mem, low=1)
+        segment_len = check_int("armt: segment_len", segment_len, low=1)
+        num_mem_tokens = check_int("armt: num_mem_tokens", num_mem_tokens, low=1)
+        if d_ff is None:
+            d_ff = 2 * d_model
+        d_ff = check_int("armt: d_ff", d_ff, low=1, why="or null for 2 * d_model")
+        eps = check_float("armt: eps", eps, low=MIN_EPS, high=MAX_EPS)
+        gate_bias = check_float("armt: gate_bias", gate_bias)
+        self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
+        self.d_mem, self.d_key, self.eps = d_mem, 2 * NU * d_mem, eps
+        self.segment_len, self.num_mem_tokens = segment_len, num_mem_tokens
+        self.embed = nn.Linear(d_in, d_model)
+        self.mem_tokens = nn.Parameter(torch.randn(num_mem_tokens, d_model) / d_model**0.5)
+        # relative-position attention over [segment; memory tokens]: distances 0 .. S + M - 1
+        self.window = segment_len + num_mem_tokens - 1
+        self.layers = nn.ModuleList(
+            WindowLayer(d_model, n_heads, self.window, d_ff, gate_bias) for _ in range(n_layers)
+        )
+        self.memories = nn.ModuleList(AssociativeMemory(d_model, d_mem, eps) for _ in range(n_layers))
+        self.norm_f = nn.LayerNorm(d_model)
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_model={self.d_model}, d_key={self.d_key}, segment_len={self.segment_len}, "
+                f"num_mem_tokens={self.num_mem_tokens}")
+
+    def initial_state(self, batch_size, device=None):
+        L, K, d = self.n_layers, self.d_key, self.d_model
+        dtype = self.embed.weight.dtype  # float64 models get float64 states
+        return TensorDict(
+            {
+                "A": torch.zeros(batch_size, L, K, d, device=device, dtype=dtype),
+                "z": torch.zeros(batch_size, L, K, device=device, dtype=dtype),
+                "cache": torch.zeros(batch_size, L, self.segment_len - 1, d, device=device, dtype=dtype),
+                "pos": torch.zeros(batch_size, dtype=torch.long, device=device),
+            },
+            batch_size=[batch_size],
+        )
+
+    # -- for a coprocessor (DARMT) ------------------------------------------------------------------------
+
+    def memory_token_embeddings(self) -> torch.Tensor:
+        """The learned memory tokens appended to every segment: ``[num_mem_tokens, d_model]``."""
+        return self.mem_tokens
+
+    def read_memory(self, queries: torch.Tensor, state: TensorDict, layer: int) -> torch.Tensor:
+        """Read layer ``layer``'s associative memory in ``state`` with ``queries: [B, Q, d_model]``
+        (hidden states, projected by that layer's ``W_q``) -> ``[B, Q, d_model]``."""
+        return self.memories[layer].read(queries, state["A"][:, layer], state["z"][:, layer])
+
+    # -- the model -----------------------------------------------------------------------------------------
+
+    def _distances(self, q_index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries at positions ``q_index: [Q]`` of the context ``[segment (S); memory tokens (M)]``:
+        ``dist: [Q, S+M]`` (clamped to 0..window, as WindowLayer wants) and the causal mask ``[Q, S+M]``."""
+        raw = q_index.unsqueeze(1) - torch.arange(self.window + 1, device=device)
+        return raw.clamp(0, self.window), raw >= 0
+
+    def forward(self, x, state, is_init):
+        check_inputs(self, x, state, is_init)
+        if x.shape[1] == 1:
+            return self._step(x, state, is_init[:, 0])
+        return self._sequence(x, state, is_init)
+
+    def _step(self, x, state, is_init):
+        """One step (acting): the new step's query against the cache; memory tokens only if a row closes.
+        ``x: [B, 1, d_in]``, ``is_init: [B]``."""
+        B, S, M = x.shape[0], self.segment_len, self.num_mem_tokens
+        A, z, cache, pos = state["A"], state["z"], state["cache"], state["pos"]
+        if bool(is_init.any()):  # one host sync per step; saves copies of the memory when no row resets
+            keep = ~is_init
+            A, z = A * keep.view(B, 1, 1, 1), z * keep.view(B, 1, 1)
+            pos = pos * keep
+        closing = pos == S - 1  # [B]
+        n_closing = int(closing.sum())  # host sync: run the memory tokens only if some row closes
+        write = n_closing > 0
+        # context: [cache (indices S-1-pos .. S-2 hold this segment's earlier steps); new step; memory tokens]
+        q_index = torch.arange(S - 1, S + M if write else S, device=x.device)
+        dist, causal = self._distances(q_index, x.device)
+        if not write:
+            dist, causal = dist[:, :S], causal[:, :S]
+        allowed = causal.expand(B, -1, -1).clone()  # [B, Q, context]
+        allowed[:, 0] &= torch.arange(allowed.shape[-1], device=x.device) >= (S - 1 - pos).view(B, 1)
+        tok = self.embed(x)
+        if write:
+            tok = torch.cat([tok, self.mem_tokens.expand(B, M, self.d_model)], 1)
+        As, zs, caches = [], [], []
+        for i, (layer, memory) in enumerate(zip(self.layers, self.memories)):
+            A_i, z_i = A[:, i], z[:, i]
+            inp = tok + memory.read(tok, A_i, z_i)
+            context = torch.cat([cache[:, i], inp], 1)
+            caches.append(context[:, 1:S])  # the last S-1 layer inputs, the new step's included
+            tok = layer(inp, context, allowed, dist)
+            if n_closing == B:
+                A_i, z_i = memory.write(tok[:, 1:], A_i, z_i)
+            elif write:  # only the rows whose segment closes write
+                A_w, z_w = memory.write(tok[:, 1:], A_i, z_i)
+                A_i = torch.where(closing.view(B, 1, 1), A_w, A_i)
+                z_i = torch.where(closing.view(B, 1), z_w, z_i)
+            As.append(A_i)
+            zs.append(z_i)
+        next_pos = (pos + 1) % S
+        next_state = TensorDict(
+            {"A": torch.stack(As, 1), "z": torch.stack(zs, 1),
+             "cache": self._clear_stale(torch.stack(caches, 1), next_pos), "pos": next_pos},
+            batch_size=state.batch_size,
+        )
+        return self.norm_f(tok[:, :1]), next_state
+
+    def _clear_stale(self, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Zero the slots of a right-aligned ``cache: [B, L, S-1, d]`` that hold no step of the running
+        segment (``pos`` steps of it are cached), so step and sequence mode return the same state."""
+        S = self.segment_len
+        live = torch.arange(S - 1, device=cache.device) >= (S - 1 - pos).unsqueeze(1)  # [B, S-1]
+        return cache * live[:, None, :, None].to(cache.dtype)
+
+    def _sequence(self, x, state, is_init):
+        """Whole segments in parallel: one round per segment depth of the longest episode (module docstring)."""
+        B, T, _ = x.shape
+        S, M, L, d, dev = self.segment_len, self.num_mem_tokens, self.n_layers, self.d_model, x.device
+        pos0 = state["pos"]
+        # position of every step in its segment: counted from the last reset, else from the state's position
+        t = torch.arange(T, device=dev)
+        last_reset = torch.where(is_init, t, -1).cummax(1).values
+        p = torch.where(last_reset >= 0, t - last_reset, pos0.unsqueeze(1) + t) % S  # [B, T]
+        # chains: a row's steps from t=0 or an episode start to the next start. A reset zeroes the whole state,
+        # so chains share nothing and run side by side; rounds only go as deep as the longest chain.
+        first = is_init.clone()
+        first[:, 0] = True
+        first, pf = first.flatten(), p.flatten()  # everything per step below is in (row, time) order: [B*T]
+        chain = first.long().cumsum(0) - 1  # chain id of each step
+        seg_starts = (pf == 0).long().cumsum(0)
+        first_at = first.nonzero().squeeze(1)  # [C] index of each chain's first step
+        k = seg_starts - seg_starts[first_at][chain]  # segment number of each step inside its chain
+        last_at = torch.cat([first_at[1:] - 1, first_at.new_tensor([B * T - 1])])
+        n_seg = k[last_at] + 1  # [C] segments per chain
+        C = n_seg.shape[0]
+        order = torch.argsort(n_seg, descending=True, stable=True)  # deepest chains first: round r runs a prefix
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(C, device=dev))
+        slot = rank[chain]  # [B*T] row of each step's chain in the round batches
+        R = int(n_seg.max())  # host sync: the number of rounds
+        depth = torch.zeros(R, C, dtype=torch.long, device=dev)
+        active = (n_seg[order].unsqueeze(0) > torch.arange(R, device=dev).unsqueeze(1)).sum(1)  # [R]
+        closes = depth.index_put((k, slot), (pf == S - 1).long(), accumulate=True) > 0  # [R, C]: segment complete
+        # a round in which no segment completes writes nothing: it runs without memory tokens, on its used slots
+        used = torch.zeros(R, dtype=torch.long, device=dev).scatter_reduce(0, k, pf + 1, "amax")
+        active_n, closed_n, used_n = torch.stack([active, closes.sum(1), used]).tolist()  # host sync: round shapes
+        grid = x.new_zeros(R, C, S, d).index_put((k, slot, pf), self.embed(x).flatten(0, 1))  # empty slots: 0
+        # each row's first chain continues the state unless it starts with a reset; later chains start from 0
+        row_chain = rank[chain.view(B, T)[:, 0]]  # [B]
+        carries = (~is_init[:, 0]).to(x.dtype)
+        A0 = x.new_zeros(C, L, self.d_key, d).index_put((row_chain,), state["A"] * carries.view(B, 1, 1, 1))
+        z0 = x.new_zeros(C, L, self.d_key).index_put((row_chain,), state["z"] * carries.view(B, 1, 1))
+        A, z = list(A0.unbind(1)), list(z0.unbind(1))
+        # round 0 of a continuing first chain: its first pos0 slots are the cached layer inputs
+        n_cached = torch.where(is_init[:, 0], 0, pos0)
+        cached = None
+        if S > 1 and bool((n_cached > 0).any()):
+            src = (torch.arange(S - 1, device=dev) + (S - 1) - pos0.unsqueeze(1)).clamp(max=S - 2)  # slot -> index
+            rows_h = state["cache"].gather(2, src[:, None, :, None].expand(B, L, S - 1, d))
+            rows_h = torch.cat([rows_h, rows_h.new_zeros(B, L, 1, d)], 2)  # [B, L, S, d]
+            mask = torch.arange(S, device=dev) < n_cached.unsqueeze(1)  # [B, S]
+            cached = (torch.zeros(C, S, 1, dtype=torch.bool, device=dev).index_put((row_chain,), mask.unsqueeze(-1)),
+                      x.new_zeros(C, L, S, d).index_put((row_chain,), rows_h))
+        dist, allowed = self._distances(torch.arange(S + M, device=dev), dev)
+        allowed = allowed.unsqueeze(0)
+        finished = [([], []) for _ in range(L)]  # per layer: (A, z) of chains as they finish, deepest last
+        outs, inps = [], []
+        for r in range(R):
+            c = active_n[r]
+            if c < A[0].shape[0]:
+                for i in range(L):  # chains that ended in the last round keep their final memory
+                    finished[i][0].append(A[i][c:])
+                    finished[i][1].append(z[i][c:])
+                    A[i], z[i] = A[i][:c], z[i][:c]
+            if closed_n[r]:
+                n_tok, tok = S, torch.cat([grid[r, :c], self.mem_tokens.expand(c, M, d)], 1)  # [c, S+M, d]
+                r_dist, r_allowed = dist, allowed
+            else:
+                n_tok = used_n[r]
+                tok, r_dist, r_allowed = grid[r, :c, :n_tok], dist[:n_tok, :n_tok], allowed[:, :n_tok, :n_tok]
+            round_inps = []
+            for i, (layer, memory) in enumerate(zip(self.layers, self.memories)):
+                inp = tok + memory.read(tok, A[i], z[i])
+                if r == 0 and cached is not None:
+                    seg = torch.where(cached[0][:, :n_tok], cached[1][:, i, :n_tok], inp[:, :n_tok])
+                    inp = torch.cat([seg, inp[:, n_tok:]], 1)
+                round_inps.append(F.pad(inp[:, :n_tok], (0, 0, 0, S - n_tok)))
+                tok = layer(inp, inp, r_allowed, r_dist)
+                if closed_n[r] == c:
+                    A[i], z[i] = memory.write(tok[:, S:], A[i], z[i])
+                elif closed_n[r]:  # a chain's last segment may be unfinished: it does not write
+                    close = closes[r, :c]
+                    A_w, z_w = memory.write(tok[:, S:], A[i], z[i])
+                    A[i] = torch.where(close.view(c, 1, 1), A_w, A[i])
+                    z[i] = torch.where(close.view(c, 1), z_w, z[i])
+            outs.append(F.pad(tok[:, :n_tok], (0, 0, 0, S - n_tok)))
+            inps.append(torch.stack(round_inps, 1))
+        # round r's chains are rows offset[r] .. offset[r] + active[r] - 1 of the concatenated round outputs
+        offset = torch.cumsum(active, 0) - active
+        y = torch.cat(outs)[offset[k] + slot, pf].view(B, T, d)
+        # next state: each row's last chain's memory, and its last segment's layer inputs right-aligned
+        last = (T - 1) + T * torch.arange(B, device=dev)
+        A_end = [torch.cat([A[i], *reversed(finished[i][0])])[slot[last]] for i in range(L)]
+        z_end = [torch.cat([z[i], *reversed(finished[i][1])])[slot[last]] for i in range(L)]
+        next_pos = (p[:, -1] + 1) % S
+        if S > 1:
+            seg = torch.cat(inps)[offset[k[last]] + slot[last]]  # [B, L, S, d]
+            src = (torch.arange(S - 1, device=dev) - (S - 1) + next_pos.unsqueeze(1)).clamp(min=0)
+            cache = self._clear_stale(seg.gather(2, src[:, None, :, None].expand(B, L, S - 1, d)), next_pos)
+        else:
+            cache = state["cache"]
+        next_state = TensorDict(
+            {"A": torch.stack(A_end, 1), "z": torch.stack(z_end, 1), "cache": cache, "pos": next_pos},
+            batch_size=state.batch_size,
+        )
+        return self.norm_f(y), next_state
