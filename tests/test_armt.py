@@ -232,11 +232,11 @@ def used_state(memory, B):
     return state
 
 
-@pytest.mark.parametrize("segment_len", [4, 1, 3])
-def test_step_equals_sequence_across_segment_boundaries_and_resets(segment_len):
+@pytest.mark.parametrize("segment_len, residual", [(4, "gated"), (1, "gated"), (3, "gated"), (4, "plain")])
+def test_step_equals_sequence_across_segment_boundaries_and_resets(segment_len, residual):
     """50 steps from a mid-segment state: T=1 calls == one call == three calls split at odd places,
     outputs and final states (float64, so any difference is a logic error, not rounding)."""
-    memory = armt(segment_len=segment_len).eval()
+    memory = armt(segment_len=segment_len, residual=residual).eval()
     x, is_init = long_batch()
     start = used_state(memory, 4) if segment_len == 4 else memory.initial_state(4)
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_step_equals_sequence_across_segment_boundaries_and_resets(segment_len):
         torch.testing.assert_close(s_step[key], s_seq[key], **tight)
         torch.testing.assert_close(state[key], s_seq[key], **tight)
     # the memory matters here: the same run with a silent memory gives other outputs
-    silent = armt(segment_len=segment_len, live_memory=False).eval()
+    silent = armt(segment_len=segment_len, residual=residual, live_memory=False).eval()
     silent.load_state_dict({k: v for k, v in memory.state_dict().items() if "w_v" not in k}, strict=False)
     with torch.no_grad():
         y_silent, _ = silent(x, start, is_init)
@@ -325,7 +325,8 @@ def test_segment_len_1_works():
     torch.testing.assert_close(replay["y"], stepped["y"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"segment_len": 2, "num_mem_tokens": 1, "n_layers": 1}, {"segment_len": 5}])
+@pytest.mark.parametrize("kwargs", [{}, {"segment_len": 2, "num_mem_tokens": 1, "n_layers": 1}, {"segment_len": 5},
+                                    {"residual": "plain"}])
 def test_check_memory_with_a_live_memory(kwargs):
     """The contract checker on ARMT with a non-zero W_v (the registry's test_kwargs build a fresh, silent one)."""
     check_memory(armt(dtype=torch.float32, **kwargs))
@@ -347,6 +348,7 @@ def test_check_memory_with_a_live_memory(kwargs):
         ({"eps": 0.0}, "armt: eps must be a finite number in [1e-10, 1.0]"),
         ({"eps": float("nan")}, "armt: eps must be a finite number in [1e-10, 1.0]"),
         ({"gate_bias": float("inf")}, "armt: gate_bias must be a finite number"),
+        ({"residual": "pre"}, "armt: residual must be one of ['gated', 'plain']"),
     ],
 )
 def test_bad_knobs_raise_naming_the_valid_range(kwargs, message):

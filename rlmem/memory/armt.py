@@ -1,9 +1,10 @@
 """ARMT: Associative Recurrent Memory Transformer (Rodkin et al. 2024, arXiv 2407.04841).
 
-The stream is cut into segments of ``segment_len`` consecutive steps. A small transformer (the project's
-GTrXL layers, :class:`rlmem.memory.transformer.WindowLayer`) runs inside a segment: every step attends
-causally to the earlier steps of its segment (their layer inputs are cached in the state, so acting one
-step at a time sees what a replayed sequence sees) and has an output at once. When a segment closes, the
+The stream is cut into segments of ``segment_len`` consecutive steps. A small transformer (the windowed
+transformer's layers, :class:`rlmem.memory.transformer.WindowLayer`: GTrXL-gated or plain pre-norm
+residuals) runs inside a segment: every step attends causally to the earlier steps of its segment (their
+layer inputs are cached in the state, so acting one step at a time sees what a replayed sequence sees)
+and has an output at once. When a segment closes, the
 ``num_mem_tokens`` learned memory tokens are processed after its last step (they attend to the whole
 segment and, causally, to each other) and their outputs are written into an associative memory, one per
 layer, which carries information from segment to segment. Nothing else crosses a segment boundary.
@@ -59,7 +60,7 @@ from torch import nn
 from rlmem.envs.core import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
-from rlmem.memory.transformer import WindowLayer
+from rlmem.memory.transformer import RESIDUALS, WindowLayer
 
 #: DPFP order: the feature map multiplies [relu(x), relu(-x)] with its rolls by 1..NU
 NU = 3
@@ -130,6 +131,8 @@ class ARMT(MemorySystem):
         d_ff: hidden width of the feed-forward blocks (None: ``2 d_model``).
         eps: stabilizer of the read/write normalizers, in ``[1e-10, 1]``.
         gate_bias: GTrXL gate bias (larger: the layers start closer to the identity).
+        residual: ``"gated"`` (GTrXL gated residuals, stable for RL) or ``"plain"`` (pre-norm residual
+            layers, which learn to compose attention heads as recall tasks need; see ``WindowLayer``).
 
     Cost of an acting step, per layer: one token through the layer (attending to at most ``segment_len``
     keys) and an ``O(d_key d_model)`` read; the step that closes a segment also runs the memory tokens and
@@ -140,7 +143,7 @@ class ARMT(MemorySystem):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, d_mem: int = 16,
                  segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
-                 gate_bias: float = 2.0):
+                 gate_bias: float = 2.0, residual: str = "gated"):
         super().__init__()
         d_in = check_int("armt: d_in", d_in, low=1)
         d_model = check_int("armt: d_model", d_model, low=1)
@@ -156,6 +159,8 @@ class ARMT(MemorySystem):
         d_ff = check_int("armt: d_ff", d_ff, low=1, why="or null for 2 * d_model")
         eps = check_float("armt: eps", eps, low=MIN_EPS, high=MAX_EPS)
         gate_bias = check_float("armt: gate_bias", gate_bias)
+        if not isinstance(residual, str) or residual not in RESIDUALS:
+            raise ValueError(f"armt: residual must be one of {list(RESIDUALS)}, got {residual!r}")
         self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
         self.d_mem, self.d_key, self.eps = d_mem, 2 * NU * d_mem, eps
         self.segment_len, self.num_mem_tokens = segment_len, num_mem_tokens
@@ -164,7 +169,7 @@ class ARMT(MemorySystem):
         # relative-position attention over [segment; memory tokens]: distances 0 .. S + M - 1
         self.window = segment_len + num_mem_tokens - 1
         self.layers = nn.ModuleList(
-            WindowLayer(d_model, n_heads, self.window, d_ff, gate_bias) for _ in range(n_layers)
+            WindowLayer(d_model, n_heads, self.window, d_ff, gate_bias, residual) for _ in range(n_layers)
         )
         self.memories = nn.ModuleList(AssociativeMemory(d_model, d_mem, eps) for _ in range(n_layers))
         self.norm_f = nn.LayerNorm(d_model)
