@@ -197,7 +197,7 @@ class LMTrainer:
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt["identity"] != self.identity:
             raise ConfigError(f"{self.ckpt_path} was written for {ckpt['identity']}, not {self.identity}; "
-                              "use another hydra.run.dir or resume=false")
+                              "use another run dir (hydra.run.dir=...)")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.rng.bit_generator.state = ckpt["data_rng"]
