@@ -77,7 +77,7 @@ def test_write_rule_on_a_hand_checkable_case():
     """One layer's memory with explicit weights, A and z: the update equals the formula written out
     entry by entry (beta, k, v_bar, gamma for each memory token)."""
     d_model, d_mem, eps = 2, 2, 1e-5
-    memory = AssociativeMemory(d_model, d_mem, eps).double()
+    memory = AssociativeMemory(d_model, d_mem, eps, correction=True).double()
     with torch.no_grad():
         memory.w_k.weight.copy_(torch.tensor([[1.0, 0.5], [-0.5, 1.0]]))
         memory.w_v.weight.copy_(torch.tensor([[2.0, 0.0], [1.0, -1.0]]))
@@ -126,6 +126,41 @@ def test_write_rule_on_a_hand_checkable_case():
     (grad_const,) = torch.autograd.grad(((gamma * dpfp(memory.w_k(m))).sum(1) * w).sum(), m)
     torch.testing.assert_close(grad, grad_const, rtol=1e-12, atol=1e-12)
     assert grad[0, 1].abs().max() > 0
+
+
+def test_without_correction_z_is_the_sum_of_the_keys():
+    memory = AssociativeMemory(4, 2, 1e-5).double()  # correction=False is the default
+    g = torch.Generator().manual_seed(1)
+    A = torch.rand(3, memory.d_key, 4, generator=g, dtype=torch.float64)
+    z = torch.rand(3, memory.d_key, generator=g, dtype=torch.float64)
+    m = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    A_new, z_new = memory.write(m, A, z)
+    torch.testing.assert_close(z_new, z + dpfp(memory.w_k(m)).sum(1), rtol=1e-12, atol=1e-12)
+    corrected = AssociativeMemory(4, 2, 1e-5, correction=True).double()
+    corrected.load_state_dict(memory.state_dict())
+    torch.testing.assert_close(corrected.write(m, A, z)[0], A_new, rtol=1e-12, atol=1e-12)  # A: same rule
+
+
+def test_reads_stay_bounded_without_the_normalizer_correction():
+    """Regression: with the paper's clipped normalizer update (correction=True) a key whose gamma is clipped to
+    0 enters A but not z, so a query that overlaps it and little else reads ~500 x the largest written value (in
+    training: reads of 1e7 and a NaN loss on assoc_recall). Without it a read is a weighted mean of the
+    written differences, so it grows at most by max |W_v m| per write."""
+    reads = {}
+    for correction in (True, False):
+        torch.manual_seed(0)
+        memory = AssociativeMemory(16, 4, 1e-5, correction).double()
+        torch.nn.init.normal_(memory.w_v.weight)  # a trained memory: values are not zero
+        A, z = torch.zeros(64, memory.d_key, 16, dtype=torch.float64), torch.zeros(64, memory.d_key, dtype=torch.float64)
+        v_max, writes = 0.0, 8
+        for _ in range(writes):
+            m = torch.randn(64, 4, 16, dtype=torch.float64)
+            v_max = max(v_max, memory.w_v(m).abs().max().item())
+            A, z = memory.write(m, A, z)
+        with torch.no_grad():
+            reads[correction] = memory.read(torch.randn(64, 256, 16, dtype=torch.float64), A, z).abs().max().item()
+    assert reads[False] <= writes * v_max
+    assert reads[True] > 10 * writes * v_max  # the failure the default avoids is real
 
 
 def test_read_is_zero_for_a_fresh_memory_and_normalized():
@@ -349,6 +384,7 @@ def test_check_memory_with_a_live_memory(kwargs):
         ({"eps": float("nan")}, "armt: eps must be a finite number in [1e-10, 1.0]"),
         ({"gate_bias": float("inf")}, "armt: gate_bias must be a finite number"),
         ({"residual": "pre"}, "armt: residual must be one of ['gated', 'plain']"),
+        ({"correction": "yes"}, "armt: correction must be true or false"),
     ],
 )
 def test_bad_knobs_raise_naming_the_valid_range(kwargs, message):

@@ -85,9 +85,9 @@ class AssociativeMemory(nn.Module):
     queries, :meth:`write` with its own memory-token outputs.
     """
 
-    def __init__(self, d_model: int, d_mem: int, eps: float):
+    def __init__(self, d_model: int, d_mem: int, eps: float, correction: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.correction = eps, correction
         self.d_key = 2 * NU * d_mem
         self.w_q = nn.Linear(d_model, d_mem, bias=False)
         self.w_k = nn.Linear(d_model, d_mem, bias=False)
@@ -109,6 +109,8 @@ class AssociativeMemory(nn.Module):
         v_bar = (k @ A) / (zk + self.eps)  # what the memory returns for k now: only the difference is written
         beta = torch.sigmoid(self.w_b(m))  # [B, M, 1] per-token write strength
         A = A + (beta * k).transpose(1, 2) @ (self.w_v(m) - v_bar)
+        if not self.correction:  # z = the sum of all keys: a read is a weighted mean of the written differences
+            return A, z + k.sum(1)
         # the normalizer grows only by the part of k that z does not already cover (delta-rule correction)
         gamma = (1 - zk / (k.pow(2).sum(-1, keepdim=True) + self.eps)).clamp(0, 1).detach()
         return A, z + (gamma * k).sum(1)
@@ -143,7 +145,7 @@ class ARMT(MemorySystem):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, d_mem: int = 16,
                  segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
-                 gate_bias: float = 2.0, residual: str = "gated"):
+                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False):
         super().__init__()
         d_in = check_int("armt: d_in", d_in, low=1)
         d_model = check_int("armt: d_model", d_model, low=1)
@@ -161,6 +163,8 @@ class ARMT(MemorySystem):
         gate_bias = check_float("armt: gate_bias", gate_bias)
         if not isinstance(residual, str) or residual not in RESIDUALS:
             raise ValueError(f"armt: residual must be one of {list(RESIDUALS)}, got {residual!r}")
+        if not isinstance(correction, bool):
+            raise ValueError(f"armt: correction must be true or false, got {correction!r}")
         self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
         self.d_mem, self.d_key, self.eps = d_mem, 2 * NU * d_mem, eps
         self.segment_len, self.num_mem_tokens = segment_len, num_mem_tokens
@@ -171,7 +175,7 @@ class ARMT(MemorySystem):
         self.layers = nn.ModuleList(
             WindowLayer(d_model, n_heads, self.window, d_ff, gate_bias, residual) for _ in range(n_layers)
         )
-        self.memories = nn.ModuleList(AssociativeMemory(d_model, d_mem, eps) for _ in range(n_layers))
+        self.memories = nn.ModuleList(AssociativeMemory(d_model, d_mem, eps, correction) for _ in range(n_layers))
         self.norm_f = nn.LayerNorm(d_model)
 
     def extra_repr(self) -> str:
