@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -30,6 +31,12 @@ from rlmem.run_io import (NonFiniteError, check_finite, load_checkpoint, run_dir
 from rlmem.user_code import import_modules
 
 log = logging.getLogger(__name__)
+
+#: learning-rate schedules after the warm-up: step -> multiplier of ``lr`` (``progress`` in [0, 1])
+LR_SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
 
 #: keys of a model config that are not memory-system parameters
 MODEL_KEYS = ("memory", "d_model")
@@ -101,7 +108,9 @@ class TrainConfig:
     eval_seed: int = 1000
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-3
+    warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
+    lr_schedule: str = "cosine"  # after the warm-up: "cosine" (decays toward 0 at the last step) or "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_every: int = 250
@@ -121,6 +130,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_batches", "checkpoint_every", "threads"):
             check_int(name, getattr(self, name), low=1)
         check_float("lr", self.lr, low=1e-12)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         check_float("weight_decay", self.weight_decay, low=0.0)
         check_float("grad_clip", self.grad_clip, low=0.0)  # 0 = no clipping
         for name in ("resume", "progress_bar"):
@@ -128,6 +140,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
             raise ValueError(f"device must be 'cpu' or, when CUDA is available, 'cuda[:i]'; got {self.device!r}")
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of training step ``step`` (1-based): a linear warm-up over ``warmup_steps``, then
+        ``lr_schedule`` over the remaining steps."""
+        if step <= self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps + 1)
+        return self.lr * LR_SCHEDULES[self.lr_schedule](min(progress, 1.0))
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> TrainConfig:
@@ -269,6 +289,8 @@ class LMTrainer:
                     raise NonFiniteError(f"non-finite training loss {loss.item()} at step {self.step + 1}; "
                                          f"training stopped, {self._kept_checkpoint()}")
                 optimizer.zero_grad(set_to_none=True)
+                for group in optimizer.param_groups:  # from the step count, so a resumed run continues the schedule
+                    group["lr"] = tc.learning_rate(self.step + 1)
                 loss.backward()
                 if tc.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -277,6 +299,7 @@ class LMTrainer:
                 self.step += 1
                 losses.append(loss.item())
                 writer.add_scalar("lm/train_loss", losses[-1], self.step)
+                writer.add_scalar("lm/learning_rate", optimizer.param_groups[0]["lr"], self.step)
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     ev = evaluate(model, eval_set)
                     writer.add_scalar("lm/eval_accuracy", ev["accuracy"], self.step)

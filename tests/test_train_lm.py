@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import rlmem  # noqa: F401  (registers the memory systems)
 from rlmem.lm_tasks import build_task
+from rlmem.interrupts import TrainingInterrupted
 from rlmem.lm_tasks.training import ConfigError, LMModel, answer_loss, evaluate, run, setup
 from rlmem.run_io import load_checkpoint
 
@@ -72,6 +74,8 @@ def cfg(**overrides):
         ({"model": {"memory": "gru", "hidden": 3}}, "valid: .*hidden_size"),
         ({"steps": 0}, "steps"),
         ({"lr": -1.0}, "lr"),
+        ({"lr_schedule": "linear"}, r"lr_schedule must be one of \['constant', 'cosine'\]"),
+        ({"warmup_steps": -1}, "warmup_steps must be"),
         ({"eval_seed": 0}, "eval_seed"),
         ({"stepz": 3}, "valid: .*steps"),
         ({"device": "tpu"}, "device"),
@@ -83,9 +87,11 @@ def test_bad_config_values_name_the_valid_choices(overrides, match):
 
 
 def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
-    full = run(cfg(steps=10), tmp_path / "full", progress=False)
-    run(cfg(steps=5), tmp_path / "split", progress=False)
-    resumed = run(cfg(steps=10), tmp_path / "split", progress=False)
+    # a longer run continues a finished shorter one: with a constant learning rate the two parts add up exactly
+    constant = {"lr_schedule": "constant", "warmup_steps": 0}
+    full = run(cfg(steps=10, **constant), tmp_path / "full", progress=False)
+    run(cfg(steps=5, **constant), tmp_path / "split", progress=False)
+    resumed = run(cfg(steps=10, **constant), tmp_path / "split", progress=False)
     assert resumed["steps"] == 10
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["model"]
@@ -94,6 +100,45 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     assert resumed["eval_accuracy"] == full["eval_accuracy"]
     with pytest.raises(ValueError, match=r"was written for .*use another run dir"):  # another task in the same run dir
         run(cfg(steps=12, task={**TINY_COPY, "delay": 3}), tmp_path / "split", progress=False)
+
+
+class ScalarLog:
+    """A TensorBoard writer stand-in that records scalars and can send this process a signal at a step."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.stop_at = stop_at
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.setdefault(tag, []).append((step, value))
+        if tag == "lm/train_loss" and step == self.stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer checkpoints after this step and stops
+
+    def flush(self):
+        pass
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_and_survives_an_interruption(tmp_path):
+    lr, steps, warmup = 1e-3, 10, 3
+    schedule = {"lr": lr, "warmup_steps": warmup, "lr_schedule": "cosine", "steps": steps}
+    log = ScalarLog()
+    run(cfg(**schedule), tmp_path / "full", writer=log, progress=False)
+    expected = [lr * s / warmup for s in (1, 2, 3)]
+    expected += [lr * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup + 1))) for s in range(4, 11)]
+    assert [step for step, _ in log.scalars["lm/learning_rate"]] == list(range(1, 11))
+    assert [v for _, v in log.scalars["lm/learning_rate"]] == pytest.approx(expected, rel=1e-12)
+    assert expected[-1] > 0 and expected[3] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 8)))
+    # Ctrl-C after step 4, then resume: the schedule continues from the step count, the weights end identical
+    with pytest.raises(TrainingInterrupted):
+        run(cfg(**schedule), tmp_path / "split", writer=ScalarLog(stop_at=4), progress=False)
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 4
+    rest = ScalarLog()
+    run(cfg(**schedule), tmp_path / "split", writer=rest, progress=False)
+    assert [v for _, v in rest.scalars["lm/learning_rate"]] == pytest.approx(expected[4:], rel=1e-12)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
 def test_loss_and_eval_use_answer_positions_only():
