@@ -48,6 +48,12 @@ and a round in which no segment completes runs without memory tokens on its used
 chain of a row continues the given state (its memory, and in round 0 the cached layer inputs of a
 segment begun earlier) unless the row starts with a reset. Step mode (T = 1) runs the new step's query
 against the cache, plus the memory tokens only when some row's segment closes.
+
+Recurrent memory tokens (the hook DARMT builds on, :mod:`rlmem.memory.darmt`): ARMT appends the same learned
+tokens to every segment. If the state has a key ``"mem": [B, M, d_model]``, those are the tokens of each
+row's running segment instead: an episode start resets them to the learned tokens, and after a segment's
+write :meth:`ARMT._next_tokens` gives the next segment's tokens of the rows it is asked for (those named by
+the optional per-step ``gate``; all closing rows without one). ARMT's own state has no ``"mem"``.
 """
 
 from __future__ import annotations
@@ -147,27 +153,29 @@ class ARMT(MemorySystem):
                  segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
                  gate_bias: float = 2.0, residual: str = "gated", correction: bool = False):
         super().__init__()
-        d_in = check_int("armt: d_in", d_in, low=1)
-        d_model = check_int("armt: d_model", d_model, low=1)
-        n_layers = check_int("armt: n_layers", n_layers, low=1)
-        n_heads = check_int("armt: n_heads", n_heads, low=1)
+        name = self.registry_name  # "armt", or a subclass's name: errors name the system that was built
+        d_in = check_int(f"{name}: d_in", d_in, low=1)
+        d_model = check_int(f"{name}: d_model", d_model, low=1)
+        n_layers = check_int(f"{name}: n_layers", n_layers, low=1)
+        n_heads = check_int(f"{name}: n_heads", n_heads, low=1)
         if d_model % n_heads:
-            raise ValueError(f"armt: d_model={d_model} must be divisible by n_heads={n_heads}")
-        d_mem = check_int("armt: d_mem", d_mem, low=1)
-        segment_len = check_int("armt: segment_len", segment_len, low=1)
-        num_mem_tokens = check_int("armt: num_mem_tokens", num_mem_tokens, low=1)
+            raise ValueError(f"{name}: d_model={d_model} must be divisible by n_heads={n_heads}")
+        d_mem = check_int(f"{name}: d_mem", d_mem, low=1)
+        segment_len = check_int(f"{name}: segment_len", segment_len, low=1)
+        num_mem_tokens = check_int(f"{name}: num_mem_tokens", num_mem_tokens, low=1)
         if d_ff is None:
             d_ff = 2 * d_model
-        d_ff = check_int("armt: d_ff", d_ff, low=1, why="or null for 2 * d_model")
-        eps = check_float("armt: eps", eps, low=MIN_EPS, high=MAX_EPS)
-        gate_bias = check_float("armt: gate_bias", gate_bias)
+        d_ff = check_int(f"{name}: d_ff", d_ff, low=1, why="or null for 2 * d_model")
+        eps = check_float(f"{name}: eps", eps, low=MIN_EPS, high=MAX_EPS)
+        gate_bias = check_float(f"{name}: gate_bias", gate_bias)
         if not isinstance(residual, str) or residual not in RESIDUALS:
-            raise ValueError(f"armt: residual must be one of {list(RESIDUALS)}, got {residual!r}")
+            raise ValueError(f"{name}: residual must be one of {list(RESIDUALS)}, got {residual!r}")
         if not isinstance(correction, bool):
-            raise ValueError(f"armt: correction must be true or false, got {correction!r}")
+            raise ValueError(f"{name}: correction must be true or false, got {correction!r}")
         self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
         self.d_mem, self.d_key, self.eps = d_mem, 2 * NU * d_mem, eps
-        self.segment_len, self.num_mem_tokens = segment_len, num_mem_tokens
+        self.segment_len, self.num_mem_tokens, self.d_ff = segment_len, num_mem_tokens, d_ff
+        self.n_heads, self.gate_bias, self.residual = n_heads, gate_bias, residual
         self.embed = nn.Linear(d_in, d_model)
         self.mem_tokens = nn.Parameter(torch.randn(num_mem_tokens, d_model) / d_model**0.5)
         # relative-position attention over [segment; memory tokens]: distances 0 .. S + M - 1
@@ -206,6 +214,17 @@ class ARMT(MemorySystem):
         (hidden states, projected by that layer's ``W_q``) -> ``[B, Q, d_model]``."""
         return self.memories[layer].read(queries, state["A"][:, layer], state["z"][:, layer])
 
+    def _next_tokens(self, tokens: torch.Tensor, out: torch.Tensor, A: list[torch.Tensor], z: list[torch.Tensor],
+                     rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Memory tokens kept in the state (key ``"mem"``, module docstring): the next segment's tokens.
+
+        ``tokens: [n, M, d_model]`` the running segment's tokens, ``out: [n, M, d_model]`` their outputs from
+        the last layer, ``A``/``z``: per layer ``[n, K, d_model]``/``[n, K]``, the memory just written;
+        ``rows: [n]`` (bool, ``n_rows`` of them True) the rows whose tokens may change (their segment closed and
+        the gate is on); every other row's tokens must be returned unchanged. Default: unchanged.
+        """
+        return tokens
+
     # -- the model -----------------------------------------------------------------------------------------
 
     def _distances(self, q_index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,15 +239,19 @@ class ARMT(MemorySystem):
             return self._step(x, state, is_init[:, 0])
         return self._sequence(x, state, is_init)
 
-    def _step(self, x, state, is_init):
+    def _step(self, x, state, is_init, gate=None):
         """One step (acting): the new step's query against the cache; memory tokens only if a row closes.
-        ``x: [B, 1, d_in]``, ``is_init: [B]``."""
+        ``x: [B, 1, d_in]``, ``is_init: [B]``; ``gate: [B]`` bool or None (which closing rows call
+        :meth:`_next_tokens`, when the state has recurrent memory tokens; None: all)."""
         B, S, M = x.shape[0], self.segment_len, self.num_mem_tokens
         A, z, cache, pos = state["A"], state["z"], state["cache"], state["pos"]
+        tokens = state.get("mem", None)  # recurrent memory tokens (a subclass's); None: the learned constants
         if bool(is_init.any()):  # one host sync per step; saves copies of the memory when no row resets
             keep = ~is_init
             A, z = A * keep.view(B, 1, 1, 1), z * keep.view(B, 1, 1)
             pos = pos * keep
+            if tokens is not None:
+                tokens = torch.where(keep.view(B, 1, 1), tokens, self.mem_tokens)
         closing = pos == S - 1  # [B]
         n_closing = int(closing.sum())  # host sync: run the memory tokens only if some row closes
         write = n_closing > 0
@@ -241,7 +264,7 @@ class ARMT(MemorySystem):
         allowed[:, 0] &= torch.arange(allowed.shape[-1], device=x.device) >= (S - 1 - pos).view(B, 1)
         tok = self.embed(x)
         if write:
-            tok = torch.cat([tok, self.mem_tokens.expand(B, M, self.d_model)], 1)
+            tok = torch.cat([tok, self.mem_tokens.expand(B, M, self.d_model) if tokens is None else tokens], 1)
         As, zs, caches = [], [], []
         for i, (layer, memory) in enumerate(zip(self.layers, self.memories)):
             A_i, z_i = A[:, i], z[:, i]
@@ -263,6 +286,13 @@ class ARMT(MemorySystem):
              "cache": self._clear_stale(torch.stack(caches, 1), next_pos), "pos": next_pos},
             batch_size=state.batch_size,
         )
+        if tokens is not None:
+            if write:
+                rows = closing if gate is None else closing & gate
+                n_rows = n_closing if gate is None else int(rows.sum())  # host sync: skip the hook if no row
+                if n_rows:
+                    tokens = self._next_tokens(tokens, tok[:, 1:], As, zs, rows, n_rows)
+            next_state["mem"] = tokens
         return self.norm_f(tok[:, :1]), next_state
 
     def _clear_stale(self, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -272,8 +302,9 @@ class ARMT(MemorySystem):
         live = torch.arange(S - 1, device=cache.device) >= (S - 1 - pos).unsqueeze(1)  # [B, S-1]
         return cache * live[:, None, :, None].to(cache.dtype)
 
-    def _sequence(self, x, state, is_init):
-        """Whole segments in parallel: one round per segment depth of the longest episode (module docstring)."""
+    def _sequence(self, x, state, is_init, gate=None):
+        """Whole segments in parallel: one round per segment depth of the longest episode (module docstring).
+        ``gate: [B, T]`` bool or None: as in :meth:`_step`, read at the step that closes a segment."""
         B, T, _ = x.shape
         S, M, L, d, dev = self.segment_len, self.num_mem_tokens, self.n_layers, self.d_model, x.device
         pos0 = state["pos"]
@@ -300,9 +331,13 @@ class ARMT(MemorySystem):
         depth = torch.zeros(R, C, dtype=torch.long, device=dev)
         active = (n_seg[order].unsqueeze(0) > torch.arange(R, device=dev).unsqueeze(1)).sum(1)  # [R]
         closes = depth.index_put((k, slot), (pf == S - 1).long(), accumulate=True) > 0  # [R, C]: segment complete
+        tokens = state.get("mem", None)  # recurrent memory tokens (a subclass's); None: the learned constants
+        hooked = closes  # [R, C]: where _next_tokens runs
+        if tokens is not None and gate is not None:
+            hooked = depth.index_put((k, slot), ((pf == S - 1) & gate.flatten()).long(), accumulate=True) > 0
         # a round in which no segment completes writes nothing: it runs without memory tokens, on its used slots
         used = torch.zeros(R, dtype=torch.long, device=dev).scatter_reduce(0, k, pf + 1, "amax")
-        active_n, closed_n, used_n = torch.stack([active, closes.sum(1), used]).tolist()  # host sync: round shapes
+        active_n, closed_n, used_n, hooked_n = torch.stack([active, closes.sum(1), used, hooked.sum(1)]).tolist()
         grid = x.new_zeros(R, C, S, d).index_put((k, slot, pf), self.embed(x).flatten(0, 1))  # empty slots: 0
         # each row's first chain continues the state unless it starts with a reset; later chains start from 0
         row_chain = rank[chain.view(B, T)[:, 0]]  # [B]
@@ -310,6 +345,9 @@ class ARMT(MemorySystem):
         A0 = x.new_zeros(C, L, self.d_key, d).index_put((row_chain,), state["A"] * carries.view(B, 1, 1, 1))
         z0 = x.new_zeros(C, L, self.d_key).index_put((row_chain,), state["z"] * carries.view(B, 1, 1))
         A, z = list(A0.unbind(1)), list(z0.unbind(1))
+        if tokens is not None:  # every chain starts from the learned tokens, a continuing first chain from its state's
+            row_tokens = torch.where(is_init[:, 0].view(B, 1, 1), self.mem_tokens, tokens)
+            tokens = self.mem_tokens.expand(C, M, d).index_put((row_chain,), row_tokens)
         # round 0 of a continuing first chain: its first pos0 slots are the cached layer inputs
         n_cached = torch.where(is_init[:, 0], 0, pos0)
         cached = None
@@ -323,6 +361,7 @@ class ARMT(MemorySystem):
         dist, allowed = self._distances(torch.arange(S + M, device=dev), dev)
         allowed = allowed.unsqueeze(0)
         finished = [([], []) for _ in range(L)]  # per layer: (A, z) of chains as they finish, deepest last
+        finished_tokens = []
         outs, inps = [], []
         for r in range(R):
             c = active_n[r]
@@ -331,8 +370,12 @@ class ARMT(MemorySystem):
                     finished[i][0].append(A[i][c:])
                     finished[i][1].append(z[i][c:])
                     A[i], z[i] = A[i][:c], z[i][:c]
+                if tokens is not None:
+                    finished_tokens.append(tokens[c:])
+                    tokens = tokens[:c]
             if closed_n[r]:
-                n_tok, tok = S, torch.cat([grid[r, :c], self.mem_tokens.expand(c, M, d)], 1)  # [c, S+M, d]
+                mem = self.mem_tokens.expand(c, M, d) if tokens is None else tokens
+                n_tok, tok = S, torch.cat([grid[r, :c], mem], 1)  # [c, S+M, d]
                 r_dist, r_allowed = dist, allowed
             else:
                 n_tok = used_n[r]
@@ -352,6 +395,8 @@ class ARMT(MemorySystem):
                     A_w, z_w = memory.write(tok[:, S:], A[i], z[i])
                     A[i] = torch.where(close.view(c, 1, 1), A_w, A[i])
                     z[i] = torch.where(close.view(c, 1), z_w, z[i])
+            if tokens is not None and hooked_n[r]:
+                tokens = self._next_tokens(tokens, tok[:, S:], A, z, hooked[r, :c], hooked_n[r])
             outs.append(F.pad(tok[:, :n_tok], (0, 0, 0, S - n_tok)))
             inps.append(torch.stack(round_inps, 1))
         # round r's chains are rows offset[r] .. offset[r] + active[r] - 1 of the concatenated round outputs
@@ -372,4 +417,6 @@ class ARMT(MemorySystem):
             {"A": torch.stack(A_end, 1), "z": torch.stack(z_end, 1), "cache": cache, "pos": next_pos},
             batch_size=state.batch_size,
         )
+        if tokens is not None:
+            next_state["mem"] = torch.cat([tokens, *reversed(finished_tokens)])[slot[last]]
         return self.norm_f(y), next_state
