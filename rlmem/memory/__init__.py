@@ -7,7 +7,7 @@ from rlmem.memory.registry import available_memories, build_memory, memory_class
 # Importing a module registers its systems.
 from rlmem.memory import baselines  # noqa: E402,F401  isort:skip
 from rlmem.memory import mamba, ssm, transformer, miras, infinity  # noqa: E402,F401  isort:skip
-from rlmem.memory import armt  # noqa: E402,F401  isort:skip
+from rlmem.memory import armt, darmt  # noqa: E402,F401  isort:skip
 
 __all__ = [
     "CHECKS",
