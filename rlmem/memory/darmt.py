@@ -198,7 +198,7 @@ class DARMT(ARMT):
 
 @register_memory("armt_unified")
 class ARMTUnified(ARMT):
-    """Experiment 0's unified baseline: a plain ARMT with DARMT's parameter count (within 0.1% in practice).
+    """Experiment 0's unified baseline: a plain ARMT with DARMT's parameter count (0.1% off at the configs' sizes).
 
     Takes DARMT's knobs, so one config switches between the two; the coprocessor knobs only set the target
     size (:meth:`matched_size`). ``freeze_armt`` must be false (the whole model is ARMT). Forward and state
