@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import time
@@ -95,3 +96,31 @@ def test_bench_capacity_smoke_writes_table_csv_and_png(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["task"] for r in rows} == {"pairs4", "pairs8"}
     assert (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_zero_smoke_writes_results_ending_with_the_verdict(tmp_path):
+    t0 = time.perf_counter()
+    proc = script("experiment_zero", "smoke=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.perf_counter() - t0 < 120
+    md = (tmp_path / "results.md").read_text()
+    assert md.rstrip().splitlines()[-1] in ("VERDICT: dual architecture validated", "VERDICT: unified is as good")
+    for label in ("A: armt", "B: armt_unified", "C: darmt", "C': darmt, naive fusion"):
+        assert f"| {label} |" in md
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 3 * 3  # models x tasks x seeds
+    assert {r["task"] for r in rows} == {"retrieval", "reasoning_hops2", "reasoning_hops3"}
+    # the parameter counts are printed before training; B is matched to C within 5%
+    log = (tmp_path / "experiment_zero.log").read_text()
+    counts = dict(re.findall(r"(A: armt|B: armt_unified|C: darmt) ([\d,]+)", log))
+    assert set(counts) == {"A: armt", "B: armt_unified", "C: darmt"}, log[-2000:]
+    b, c = (int(counts[k].replace(",", "")) for k in ("B: armt_unified", "C: darmt"))
+    assert abs(b - c) / c < 0.05
+    # a second run into the same dir reports the finished runs instead of retraining them
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/checkpoints/last.pt")}
+    assert len(stamps) == 36
+    again = script("experiment_zero", "smoke=true", f"hydra.run.dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "results.md").read_text().splitlines()[-1] == md.splitlines()[-1]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
