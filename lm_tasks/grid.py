@@ -2,7 +2,8 @@
 
 Each run is an ordinary :func:`rlmem.lm_tasks.training.run` in ``<out_dir>/runs/<name>``, so a grid that is
 stopped (Ctrl-C, kill) and started again resumes every unfinished run and reports finished ones without
-retraining them. Runs go ``workers`` at a time in separate processes (one torch thread each by default).
+retraining them. Runs go ``workers`` at a time in separate processes (one torch thread each by default; each writes its
+log to ``runs/<name>/train_lm.log``, and the grid logs a line as each run finishes).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,21 @@ def grid_runs(models: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, Mappi
     return runs
 
 
-def _train_one(run_: GridRun, out_dir: str) -> dict[str, Any]:
-    metrics = run(run_.cfg, Path(out_dir) / "runs" / run_.name, progress=False)
+def _train_one(run_: GridRun, out_dir: str, log_to_file: bool = False) -> dict[str, Any]:
+    run_dir = Path(out_dir) / "runs" / run_.name
+    root, handler = logging.getLogger(), None
+    if log_to_file:  # in a worker process: the run's log lines go to its own train_lm.log
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run_dir / "train_lm.log")
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+    try:
+        metrics = run(run_.cfg, run_dir, progress=False)
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
     row = {k: metrics[k] for k in CSV_COLUMNS if k in metrics}
     return {**row, "model": run_.model, "task": run_.task, "seed": run_.seed, "run_dir": f"runs/{run_.name}"}
 
@@ -81,11 +95,12 @@ def train_grid(runs: Iterable[GridRun], out_dir: str | Path, workers: int = 1) -
         return rows
     # spawn: a fresh interpreter per worker (forking a process that already ran torch is fragile)
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_train_one, r, str(out_dir)) for r in runs]
-        rows = []
-        for r, future in zip(runs, futures):
-            rows.append(future.result())
-            log.info("%s: eval_accuracy=%.4f", r.name, rows[-1]["eval_accuracy"])
+        futures = {pool.submit(_train_one, r, str(out_dir), True): i for i, r in enumerate(runs)}
+        rows: list[dict[str, Any] | None] = [None] * len(runs)
+        for done, future in enumerate(as_completed(futures), 1):
+            i = futures[future]
+            rows[i] = future.result()
+            log.info("%d/%d done: %s eval_accuracy=%.4f", done, len(runs), runs[i].name, rows[i]["eval_accuracy"])
         return rows
 
 
