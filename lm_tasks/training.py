@@ -108,7 +108,7 @@ class TrainConfig:
     eval_seed: int = 1000
     steps: int = 2000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
     warmup_steps: int = 100  # linear warm-up from lr / warmup_steps to lr
     lr_schedule: str = "cosine"  # after the warm-up: "cosine" (decays toward 0 at the last step) or "constant"
     weight_decay: float = 0.0
