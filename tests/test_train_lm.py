@@ -112,7 +112,9 @@ class ScalarLog:
     def add_scalar(self, tag, value, step):
         self.scalars.setdefault(tag, []).append((step, value))
         if tag == "lm/train_loss" and step == self.stop_at:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the trainer checkpoints after this step and stops
+            # SIGTERM (always taken over while training, unlike SIGINT in a background job): the trainer
+            # checkpoints after this step and stops
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def flush(self):
         pass
@@ -128,7 +130,7 @@ def test_learning_rate_warms_up_then_follows_a_cosine_and_survives_an_interrupti
     assert [step for step, _ in log.scalars["lm/learning_rate"]] == list(range(1, 11))
     assert [v for _, v in log.scalars["lm/learning_rate"]] == pytest.approx(expected, rel=1e-12)
     assert expected[-1] > 0 and expected[3] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 8)))
-    # Ctrl-C after step 4, then resume: the schedule continues from the step count, the weights end identical
+    # a stop after step 4, then resume: the schedule continues from the step count, the weights end identical
     with pytest.raises(TrainingInterrupted):
         run(cfg(**schedule), tmp_path / "split", writer=ScalarLog(stop_at=4), progress=False)
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["step"] == 4
