@@ -21,8 +21,13 @@ episode start), with the DPFP feature map ``phi`` (nu = 3, ``d_key = 2 nu d_mem`
 
       k = phi(W_k m),  v_bar = k A / (z . k + eps),  beta = sigmoid(W_b m)          (per memory token)
       A <- A + sum_m beta_m k_m (W_v m_m - v_bar_m)^T
-      gamma = clip(1 - z . k / (|k|^2 + eps), 0, 1)   (detached: it only scales the normalizer update)
-      z <- z + sum_m gamma_m k_m
+      z <- z + sum_m k_m                                (correction=False, the default)
+      z <- z + sum_m gamma_m k_m,  gamma = clip(1 - z . k / (|k|^2 + eps), 0, 1)   (correction=True)
+
+  The paper's ``gamma`` (detached: it only scales the normalizer update) lets a key clipped to
+  ``gamma = 0`` enter ``A`` but not ``z``, so a query overlapping it reads a large numerator over a tiny
+  normalizer (reads of 1e7 and a NaN loss in training). With ``z`` the plain sum of the keys, every read is
+  a weighted mean of the written differences, bounded by what was written.
 
   ``W_v`` starts at zero (as in the official code), so an untrained ARMT reads zeros and starts as a
   plain segment transformer; the first gradient reaches ``W_v`` and, once it is non-zero, ``W_q``,
@@ -141,6 +146,8 @@ class ARMT(MemorySystem):
         gate_bias: GTrXL gate bias (larger: the layers start closer to the identity).
         residual: ``"gated"`` (GTrXL gated residuals, stable for RL) or ``"plain"`` (pre-norm residual
             layers, which learn to compose attention heads as recall tasks need; see ``WindowLayer``).
+        correction: the paper's clipped normalizer update (True) or ``z += k`` (False: reads stay bounded;
+            module docstring).
 
     Cost of an acting step, per layer: one token through the layer (attending to at most ``segment_len``
     keys) and an ``O(d_key d_model)`` read; the step that closes a segment also runs the memory tokens and
