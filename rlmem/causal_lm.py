@@ -63,6 +63,7 @@ def load_causal_lm(source: str | Path, **tiny_kwargs: Any) -> nn.Module:
     does not hold a causal LM.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if str(source) in TINY_SOURCES:
         return tiny_causal_lm(TINY_SOURCES[str(source)], **tiny_kwargs)
@@ -75,10 +76,13 @@ def load_causal_lm(source: str | Path, **tiny_kwargs: Any) -> nn.Module:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} does not hold a transformers model config ({e})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{path} does not hold a causal LM: transformers has no causal LM for its model type "
+                         f"{config.model_type!r} (e.g. llama, gpt2, mistral, qwen2 are causal LMs)")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} does not hold a causal LM (config type {config.model_type!r}): {e}") from None
+    except OSError as e:
+        raise ValueError(f"{path} holds a {config.model_type!r} config but no loadable weights: {e}") from None
     return model.eval()
 
 
