@@ -93,3 +93,8 @@ class ActorCritic(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         return self.memory.aux_loss()
+
+    def diagnostics(self) -> dict[str, float]:
+        """The memory's diagnostics of its last forward call (:meth:`MemorySystem.diagnostics`)."""
+        diagnostics = getattr(self.memory, "diagnostics", None)  # a user's memory need not subclass MemorySystem
+        return {} if diagnostics is None else diagnostics()

@@ -269,6 +269,7 @@ class LMTrainer:
         t_start = time.perf_counter()
         wall = lambda: self.wall_before + time.perf_counter() - t_start  # noqa: E731
         losses: list[float] = []
+        diagnostics: dict[str, float] = {}  # the memory's (MemorySystem.diagnostics) at the last training step
         ev = evaluate(model, eval_set) if self.step >= tc.steps else None
         log.info("training %s on %s from step %d to %d; outputs in %s", self.cfg["model"].get("memory"),
                  task.name, self.step, tc.steps, self.out_dir)
@@ -285,6 +286,7 @@ class LMTrainer:
                 aux = model.memory.aux_loss()
                 if aux is not None:
                     loss = loss + aux
+                diagnostics = model.memory.diagnostics() if hasattr(model.memory, "diagnostics") else {}
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"non-finite training loss {loss.item()} at step {self.step + 1}; "
                                          f"training stopped, {self._kept_checkpoint()}")
@@ -300,6 +302,10 @@ class LMTrainer:
                 losses.append(loss.item())
                 writer.add_scalar("lm/train_loss", losses[-1], self.step)
                 writer.add_scalar("lm/learning_rate", optimizer.param_groups[0]["lr"], self.step)
+                if aux is not None:
+                    writer.add_scalar("lm/aux_loss", float(aux.detach()), self.step)
+                for name, value in diagnostics.items():  # the memory system's own numbers
+                    writer.add_scalar(f"memory/{name}", value, self.step)
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     ev = evaluate(model, eval_set)
                     writer.add_scalar("lm/eval_accuracy", ev["accuracy"], self.step)
@@ -327,6 +333,7 @@ class LMTrainer:
             "eval_loss": ev["loss"],
             "chance_accuracy": task.chance_accuracy(),
             "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+            "memory": diagnostics,
             # training throughput over every step of the run (resumed parts included): batch tokens through
             # forward + backward + optimizer step, per second of those steps
             "tokens_per_s": trained_tokens / self.train_seconds if self.train_seconds > 0 else float("nan"),

@@ -352,11 +352,16 @@ class RecurrentPPO:
                     writer.add_scalar("charts/SPS", fps, self.frames)
                     writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.frames)
                     for name, value in losses.items():
-                        writer.add_scalar(f"losses/{name}", value, self.frames)
+                        # "memory/<key>": the memory system's own diagnostics (MemorySystem.diagnostics)
+                        writer.add_scalar(name if name.startswith("memory/") else f"losses/{name}", value,
+                                          self.frames)
                 self.metrics.update(
                     frames=self.frames, fps=fps, wall_seconds=self.wall_seconds(),
                     episodic_return=float(np.mean(recent_returns)) if recent_returns else float("nan"),
                 )
+                memory_diagnostics = {k[len("memory/"):]: v for k, v in losses.items() if k.startswith("memory/")}
+                if memory_diagnostics:  # the last update's, as in TensorBoard
+                    self.metrics["memory"] = memory_diagnostics
                 bar.update(data.numel())
                 bar.set_postfix(fps=f"{fps:.0f}", ret=f"{self.metrics['episodic_return']:.3f}",
                                 eval=f"{self.metrics.get('eval_success', float('nan')):.2f}")
@@ -434,6 +439,7 @@ class RecurrentPPO:
                 aux = self.agent.aux_loss()
                 if aux is not None:
                     loss = loss + aux
+                diagnostics = self.agent.diagnostics()
                 if not torch.isfinite(loss):
                     parts = {k: float(v.detach().float().mean()) for k, v in out.items() if v.is_floating_point()}
                     raise NonFiniteError(
@@ -455,10 +461,14 @@ class RecurrentPPO:
                     stats["aux_loss"] = aux
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
+                # the memory's diagnostics of this replay (computed before the optimizer step changed it)
+                for key, value in diagnostics.items():
+                    sums[f"memory/{key}"] = sums.get(f"memory/{key}", 0.0) + float(value)
                 n += 1
         returns = data["value_target"]
         values = data["state_value"]
         explained = 1 - (returns - values).var() / returns.var().clamp_min(1e-8)
+        # losses by name, and the memory's diagnostics as "memory/<key>" (means over the minibatch replays)
         return {**{k: v / n for k, v in sums.items()}, "explained_variance": float(explained)}
 
 

@@ -19,8 +19,10 @@ sequence mode, so it receives gradients through the trainers' replay.
 
 Optional auxiliary losses (load balance, reconstruction, ...) are returned by
 :meth:`MemorySystem.aux_loss` for the most recent ``forward`` call; the trainer
-adds them to its loss. ``rlmem.check_memory(memory)`` checks a system against
-this contract.
+adds them to its loss. Optional diagnostics (expert usage, write rates, ...) are
+returned by :meth:`MemorySystem.diagnostics`, also for the most recent ``forward``;
+both trainers log them to TensorBoard as ``memory/<key>``.
+``rlmem.check_memory(memory)`` checks a system against this contract.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class MemorySystem(nn.Module):
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last ``forward`` call (a scalar), or None if the system has none."""
         return None
+
+    def diagnostics(self) -> dict[str, float]:
+        """Numbers about the last ``forward`` call worth logging (``{name: value}``; names may contain
+        ``/``): the trainers write each as the TensorBoard scalar ``memory/<name>`` (PPO: the mean over an
+        update's minibatch replays; train_lm: every training step). Default: none."""
+        return {}
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}"
