@@ -1,4 +1,10 @@
-"""Benchmarks of the whole PPO loop, side by side with the reference, in one run.
+"""Benchmarks: suites of ordinary training runs with results tables and plots, and PPO-loop measurements.
+
+``python scripts/benchmark.py suite=smoke``: a suite (``scripts/conf/suite/<name>.yaml``: agents x envs x
+knob values x seeds), each run a normal train_rl / train_lm run in ``<suite dir>/runs/``, ``jobs`` at a time;
+writes ``results.csv``, ``results.md`` and PNGs (learning curves, memory-horizon curves) into the suite dir
+(default ``outputs/benchmark/<suite>``). Rerunning the command skips finished runs and resumes the rest.
+``publish=true`` also writes ``docs/results.md`` and its PNGs from the run.
 
 ``python scripts/benchmark.py throughput``: frames/s and peak memory of rlmem's recurrent PPO
 (collect + update, ``agent=gru env=delayed_cue``) against sb3-contrib ``RecurrentPPO``
@@ -96,16 +102,10 @@ def worker_learning(a: dict) -> dict:
 
 
 def long_delay_overrides(a: dict) -> list[str]:
-    """PPO learns a delay only if the cue and the query fall in one replayed slice (the gradient path goes
-    through the state between them). Slices of the default 64 steps cannot hold a 52- or 202-step
-    episode, so the slice (= rollout) length is the power of two >= 2 episode lengths, with fewer envs to
-    keep about 2048 frames per iteration; the transformer's window covers the episode."""
-    episode = a["delay"] + 2
-    length = 1 << (2 * episode - 1).bit_length()
-    overrides = [f"ppo.rollout_len={length}", f"ppo.seq_len={length}", f"ppo.num_envs={max(4, 2048 // length)}"]
-    if a["agent"] == "transformer":
-        overrides.append(f"agent.window={episode}")
-    return overrides
+    """The rollout overrides of a DelayedCue episode of ``delay + 2`` steps (see long_episode_overrides)."""
+    from rlmem.suite import long_episode_overrides
+
+    return long_episode_overrides(a["agent"], a["delay"] + 2, default_rollout=0)
 
 
 WORKERS = {"rlmem": worker_rlmem, "sb3": worker_sb3, "learning": worker_learning}
@@ -156,7 +156,51 @@ def learning(ns: argparse.Namespace) -> None:
                   f"{r['wall_seconds'] / 60:8.1f}", flush=True)
 
 
+def suite_main() -> None:
+    """``benchmark.py suite=<name> [jobs=N] [publish=true] [hydra overrides]``: see the module docstring."""
+    import hydra
+
+    hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")(run_suite)()
+
+
+def run_suite(cfg) -> None:
+    import logging
+    import os
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from rlmem.suite import execute, plan
+    from rlmem.suite_report import write_report
+
+    log = logging.getLogger("benchmark")
+    suite_dir = Path(HydraConfig.get().runtime.output_dir)
+    suite = OmegaConf.to_container(cfg.suite, resolve=True)
+    jobs = int(cfg.jobs or os.cpu_count() or 1)
+    runs = plan(suite["groups"])
+    start = time.perf_counter()
+    failed = execute(runs, suite_dir, jobs)
+    rows = write_report(suite["name"], runs, failed, suite_dir, time.perf_counter() - start, jobs,
+                        float(cfg.success_threshold))
+    log.info("results: %s, %s", suite_dir / "results.csv", suite_dir / "results.md")
+    if cfg.publish:
+        images = ROOT / "docs" / "results"
+        images.mkdir(parents=True, exist_ok=True)
+        for png in suite_dir.glob("*.png"):
+            shutil.copy(png, images / png.name)
+        text = (suite_dir / "results.md").read_text()
+        for png in suite_dir.glob("*.png"):
+            text = text.replace(f"]({png.name})", f"](results/{png.name})")
+        (ROOT / "docs" / "results.md").write_text(text)
+        log.info("published docs/results.md and docs/results/*.png")
+    if failed or any(r["status"] != "finished" for r in rows):
+        raise SystemExit(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.group}/{r.name}" for r in failed))
+
+
 def main() -> None:
+    if len(sys.argv) == 1 or sys.argv[1] not in ("_worker", "throughput", "learning", "-h", "--help"):
+        return suite_main()
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         result = WORKERS[sys.argv[2]](json.loads(sys.argv[3]))
         print(json.dumps({**result, "peak_rss_mb": _peak_rss_mb()}))

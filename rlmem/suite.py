@@ -1,0 +1,229 @@
+"""Benchmark suites: agents x envs x knob values x seeds, each an ordinary train_rl / train_lm run.
+
+A suite (``scripts/conf/suite/<name>.yaml``) is a set of named groups::
+
+    groups:
+      delayed_cue:
+        script: train_rl          # or train_lm (then agents are models and env is a task)
+        agents: [gru, mamba]
+        env: delayed_cue
+        sweep: {delay: [10, 100]} # env / task knobs, every combination of the listed values
+        seeds: [0, 1]
+        overrides: [total_frames=200000]   # any other command-line overrides of the script
+        long_episodes: {knob: delay, extra_steps: 2}   # optional, see long_episode_overrides
+
+:func:`plan` expands it into :class:`SuiteRun` s, :func:`execute` runs them as subprocesses (``jobs`` at a
+time) into ``<suite dir>/runs/<group>/<name>``. A run whose ``metrics.json`` says it finished is skipped, an
+interrupted one resumes from its checkpoint (the scripts do that), so rerunning a killed suite continues it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("benchmark")
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+#: per script: (config group of the agents, config group of the envs)
+GROUPS = {"train_rl": ("agent", "env"), "train_lm": ("model", "task")}
+SETTINGS_FILE = "suite_run.json"
+GROUP_KEYS = {"script", "agents", "env", "sweep", "seeds", "overrides", "long_episodes"}
+
+
+@dataclass(frozen=True)
+class SuiteRun:
+    """One run of a suite: ``script agent=.. env=.. env.<knob>=.. seed=.. overrides..``."""
+
+    group: str
+    script: str
+    agent: str
+    env: str
+    knobs: tuple[tuple[str, Any], ...]
+    seed: int
+    overrides: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        knobs = "".join(f"-{k}{v}" for k, v in self.knobs)
+        return f"{self.agent}-{self.env}{knobs}-seed{self.seed}"
+
+    def run_dir(self, suite_dir: Path) -> Path:
+        return Path(suite_dir) / "runs" / self.group / self.name
+
+    def arguments(self) -> list[str]:
+        """The script's command-line overrides (without the run dir)."""
+        agent_group, env_group = GROUPS[self.script]
+        return [f"{agent_group}={self.agent}", f"{env_group}={self.env}",
+                *(f"{env_group}.{k}={v}" for k, v in self.knobs), f"seed={self.seed}", *self.overrides]
+
+    def command(self, suite_dir: Path) -> list[str]:
+        return [sys.executable, str(SCRIPTS / f"{self.script}.py"), *self.arguments(),
+                f"hydra.run.dir={self.run_dir(suite_dir)}"]
+
+
+def long_episode_overrides(agent: str, episode_length: int, default_rollout: int = 64) -> list[str]:
+    """PPO overrides that let PPO learn a memory over a whole episode of ``episode_length`` steps.
+
+    PPO learns a dependency only if both ends fall in one replayed slice (the gradient path goes through
+    the state between them). When two episodes do not fit in the default 64-step slice, the slice (= rollout)
+    becomes the power of two >= 2 episode lengths, with fewer envs to keep about 2048 frames per iteration,
+    and the windowed transformer's window covers the episode. Shorter episodes keep the defaults.
+    """
+    if 2 * episode_length <= default_rollout:
+        return []
+    length = 1 << (2 * episode_length - 1).bit_length()
+    overrides = [f"ppo.rollout_len={length}", f"ppo.seq_len={length}", f"ppo.num_envs={max(4, 2048 // length)}"]
+    if agent == "transformer":
+        overrides.append(f"agent.window={episode_length}")
+    return overrides
+
+
+def available(group: str) -> list[str]:
+    """The config names of ``scripts/conf/<group>/``."""
+    return sorted(p.stem for p in (SCRIPTS / "conf" / group).glob("*.yaml"))
+
+
+def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:
+    """Every run of a suite's ``groups`` (validated: unknown scripts, agents, envs or keys raise ``ValueError``)."""
+    if not groups:
+        raise ValueError("the suite has no groups")
+    runs = []
+    for group, spec in groups.items():
+        where = f"suite group {group!r}"
+        unknown = set(spec) - GROUP_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GROUP_KEYS)}")
+        script = spec.get("script")
+        if script not in GROUPS:
+            raise ValueError(f"{where}: script={script!r}; valid choices: {', '.join(GROUPS)}")
+        agent_group, env_group = GROUPS[script]
+        agents, env = list(spec.get("agents") or []), spec.get("env")
+        if not agents:
+            raise ValueError(f"{where}: no agents")
+        for name, group_name in [*((a, agent_group) for a in agents), (env, env_group)]:
+            if name not in available(group_name):
+                raise ValueError(f"{where}: unknown {group_name} {name!r}; valid choices: "
+                                 f"{', '.join(available(group_name))}")
+        sweep = dict(spec.get("sweep") or {})
+        for knob, values in sweep.items():
+            if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+                raise ValueError(f"{where}: sweep.{knob} must be a non-empty list of values, got {values!r}")
+        seeds = [int(s) for s in spec.get("seeds", [0])]
+        overrides = tuple(str(o) for o in spec.get("overrides") or [])
+        long_episodes = spec.get("long_episodes")
+        if long_episodes is not None and (script != "train_rl" or long_episodes.get("knob") not in sweep):
+            raise ValueError(f"{where}: long_episodes needs script=train_rl and its knob among the swept knobs "
+                             f"({sorted(sweep)})")
+        for agent in agents:
+            for values in itertools.product(*sweep.values()):
+                knobs = tuple(zip(sweep, values))
+                extra: list[str] = []
+                if long_episodes is not None:
+                    episode = int(dict(knobs)[long_episodes["knob"]]) + int(long_episodes.get("extra_steps", 0))
+                    extra = long_episode_overrides(agent, episode)
+                for seed in seeds:
+                    runs.append(SuiteRun(group, script, agent, env, knobs, seed, (*extra, *overrides)))
+    names = [(r.group, r.name) for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError("the suite lists the same run twice (repeated agents, knob values or seeds)")
+    return runs
+
+
+def finished(run: SuiteRun, suite_dir: Path) -> bool:
+    """Whether the run's ``metrics.json`` says it is done (train_rl writes it at checkpoints too)."""
+    path = run.run_dir(suite_dir) / "metrics.json"
+    if not path.exists():
+        return False
+    if run.script == "train_lm":  # written once, at the end
+        return True
+    metrics = json.loads(path.read_text())
+    return metrics.get("frames", 0) >= metrics.get("total_frames", float("inf"))
+
+
+def check_settings(runs: Sequence[SuiteRun], suite_dir: Path) -> None:
+    """Refuse a suite dir whose runs were started with other settings (their results would be mixed up)."""
+    for run in runs:
+        path = run.run_dir(suite_dir) / SETTINGS_FILE
+        if path.exists() and json.loads(path.read_text()) != run.arguments():
+            raise ValueError(f"{run.run_dir(suite_dir)} was started with other settings "
+                             f"({json.loads(path.read_text())}, now {run.arguments()}); choose another run dir "
+                             "(hydra.run.dir=...) or delete that run")
+
+
+def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_seconds: float = 0.5) -> list[SuiteRun]:
+    """Run what is not finished, ``jobs`` subprocesses at a time; returns the runs that failed.
+
+    Each run's stdout/stderr go to ``<run dir>/output.log`` (the script's own log is ``<script>.log``).
+    SIGINT/SIGTERM stop the suite: the running scripts get SIGTERM (they checkpoint and exit) and the
+    signal is raised again as ``KeyboardInterrupt`` once they are gone.
+    """
+    suite_dir = Path(suite_dir)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    check_settings(runs, suite_dir)
+    todo = [r for r in runs if not finished(r, suite_dir)]
+    log.info("%d runs, %d already finished, %d to run, %d at a time; outputs in %s", len(runs),
+             len(runs) - len(todo), len(todo), jobs, suite_dir / "runs")
+    active: dict[SuiteRun, tuple[subprocess.Popen, float, Any]] = {}
+    failed: list[SuiteRun] = []
+    stop: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    done = len(runs) - len(todo)
+    try:
+        while (todo or active) and not stop:
+            while todo and len(active) < jobs:
+                run = todo.pop(0)
+                run_dir = run.run_dir(suite_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / SETTINGS_FILE).write_text(json.dumps(run.arguments()))
+                out = open(run_dir / "output.log", "ab")
+                env = {**os.environ, "OMP_NUM_THREADS": "1"}
+                active[run] = (subprocess.Popen(run.command(suite_dir), stdout=out, stderr=subprocess.STDOUT,
+                                                env=env, start_new_session=True), time.perf_counter(), out)
+            time.sleep(poll_seconds)
+            for run, (proc, start, out) in list(active.items()):
+                if proc.poll() is None:
+                    continue
+                out.close()
+                del active[run]
+                done += 1
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                log.info("[%d/%d] %s/%s %s in %.0f s", done, len(runs), run.group, run.name, status,
+                         time.perf_counter() - start)
+                if proc.returncode != 0:
+                    failed.append(run)
+                    log.error("%s: see %s", run.name, run.run_dir(suite_dir) / "output.log")
+    finally:
+        for proc, _, out in active.values():  # stopped (or crashed): the scripts checkpoint on SIGTERM
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc, _, out in active.values():
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            out.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop:
+        raise KeyboardInterrupt(f"suite stopped by {signal.Signals(stop[0]).name}; rerun the same command to "
+                                "continue it")
+    return failed
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

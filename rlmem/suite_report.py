@@ -1,0 +1,284 @@
+"""Results of a benchmark suite: ``results.csv``, ``results.md`` and matplotlib PNGs, read from the run dirs.
+
+Every number comes from the runs' own ``metrics.json`` and TensorBoard events. The score of a train_rl run
+is its greedy ``eval_success`` (``eval_return`` for envs without a success flag), of a train_lm run its
+``eval_accuracy``; ``frames`` counts env steps (train_rl) or trained tokens (train_lm).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlmem.suite import SuiteRun
+
+COLUMNS = ["group", "script", "agent", "env", "knobs", "seed", "status", "frames", "wall_seconds", "fps",
+           "eval_return", "eval_success", "score_name", "score", "parameters", "run_dir"]
+#: the TensorBoard tags of the learning curves, per script, in order of preference
+CURVE_TAGS = {"train_rl": ("charts/eval_success", "charts/eval_return"), "train_lm": ("lm/eval_accuracy",)}
+
+
+def knob_text(knobs: Sequence[tuple[str, Any]]) -> str:
+    return " ".join(f"{k}={v}" for k, v in knobs) or "-"
+
+
+def result_row(run: SuiteRun, suite_dir: Path, failed: bool = False) -> dict[str, Any]:
+    """One ``results.csv`` row (``status``: finished / failed / missing; numbers empty unless finished)."""
+    run_dir = run.run_dir(suite_dir)
+    row: dict[str, Any] = {"group": run.group, "script": run.script, "agent": run.agent, "env": run.env,
+                           "knobs": knob_text(run.knobs), "seed": run.seed, "run_dir": str(run_dir)}
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.exists() else {}
+    done = bool(metrics) and (run.script == "train_lm" or metrics.get("frames", 0) >= metrics.get("total_frames", 1))
+    row["status"] = "finished" if done and not failed else ("failed" if failed else "missing")
+    if not done:
+        return row
+    if run.script == "train_rl":
+        success = metrics.get("eval_success")
+        row.update(frames=metrics["frames"], wall_seconds=metrics["wall_seconds"], fps=metrics["fps"],
+                   eval_return=metrics.get("eval_return"), eval_success=success,
+                   score_name="eval_success" if success is not None else "eval_return",
+                   score=success if success is not None else metrics.get("eval_return"))
+    else:
+        cfg = metrics.get("config", {})
+        seq_len = metrics.get("task_knobs", {}).get("seq_len") or cfg.get("task", {}).get("seq_len") or 0
+        row.update(frames=int(metrics["steps"]) * int(cfg.get("batch_size", 0)) * int(seq_len),
+                   wall_seconds=metrics["wall_seconds"], fps=metrics["tokens_per_s"],
+                   eval_success=metrics["eval_accuracy"], score_name="eval_accuracy", score=metrics["eval_accuracy"])
+    row["parameters"] = metrics.get("parameters")
+    return row
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
+
+
+def learning_curve(run: SuiteRun, suite_dir: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """``(tag, x, y)`` of the run's evaluation curve from its TensorBoard events (x: frames or steps)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)  # "No path found after ..." at the last file
+    run_dir = run.run_dir(suite_dir)
+    if not any(run_dir.glob("events.out.tfevents.*")):
+        return None
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in CURVE_TAGS[run.script]:
+        if tag in tags:
+            scalars = events.Scalars(tag)
+            return tag, np.array([s.step for s in scalars]), np.array([s.value for s in scalars])
+    return None
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
+
+
+def scores(rows: Sequence[dict[str, Any]]) -> dict[str, dict[tuple[str, str, str], list[float]]]:
+    """``{group: {(env, knobs, agent): [score per finished seed]}}``."""
+    out: dict[str, dict[tuple[str, str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["status"] == "finished" and row.get("score") is not None:
+            out[row["group"]][(row["env"], row["knobs"], row["agent"])].append(float(row["score"]))
+    return out
+
+
+def horizon(rows: Sequence[dict[str, Any]], group: str) -> tuple[str, dict[str, dict[float, tuple[float, float]]]] | None:
+    """For a group sweeping one numeric knob: ``(knob, {agent: {value: (mean, std)}})``, else None."""
+    knobs = {row["knobs"] for row in rows if row["group"] == group}
+    parsed = [k.split("=") for k in knobs]
+    if len(knobs) < 2 or any(len(p) != 2 or " " in k for p, k in zip(parsed, knobs)):
+        return None
+    names = {p[0] for p in parsed}
+    try:
+        [float(p[1]) for p in parsed]
+    except ValueError:
+        return None
+    if len(names) != 1:
+        return None
+    curves: dict[str, dict[float, tuple[float, float]]] = defaultdict(dict)
+    for (env, knob, agent), values in scores(rows)[group].items():
+        curves[agent][float(knob.split("=")[1])] = _mean_std(values)
+    return names.pop(), dict(curves)
+
+
+def largest_solved(curve: dict[float, tuple[float, float]], threshold: float) -> float | None:
+    """The largest knob value whose mean score reaches ``threshold`` (None if none does)."""
+    solved = [v for v, (mean, _) in curve.items() if mean >= threshold - 1e-9]  # means of e.g. 0.95, 0.85
+    return max(solved) if solved else None
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float, jobs: int, threshold: float,
+             images: Sequence[str]) -> str:
+    """``results.md``: per group a table of mean +- std scores over seeds (best per row in bold), horizons,
+    cost per agent, the plots, and how the numbers were made."""
+    finished = [r for r in rows if r["status"] == "finished"]
+    lines = [f"# Benchmark suite `{suite}`", "",
+             f"`python scripts/benchmark.py suite={suite}`: {len(finished)} of {len(rows)} runs finished, "
+             f"{jobs} at a time; wall time of this invocation {wall_seconds / 60:.1f} min, sum of the runs' "
+             f"wall times {sum(r['wall_seconds'] for r in finished) / 60:.1f} min. Machine: {machine()}.", ""]
+    by_group = scores(rows)
+    for group in dict.fromkeys(r["group"] for r in rows):
+        group_rows = [r for r in rows if r["group"] == group]
+        agents = list(dict.fromkeys(r["agent"] for r in group_rows))
+        score_name = next((r["score_name"] for r in group_rows if r.get("score_name")), "score")
+        seeds = sorted({r["seed"] for r in group_rows})
+        lines += [f"## {group}: {score_name} (mean ± std over seeds {', '.join(map(str, seeds))})", "",
+                  "| env | knobs | " + " | ".join(agents) + " |", "|---|---|" + "---|" * len(agents)]
+        for env, knobs in dict.fromkeys((r["env"], r["knobs"]) for r in group_rows):
+            cells = {a: by_group[group].get((env, knobs, a)) for a in agents}
+            means = {a: np.mean(v) for a, v in cells.items() if v}
+            best = max(means.values()) if means else None
+            texts = []
+            for a in agents:
+                if not cells[a]:
+                    texts.append("-")
+                    continue
+                mean, std = _mean_std(cells[a])
+                text = f"{mean:.3g} ± {std:.2g}"
+                texts.append(f"**{text}**" if math.isclose(mean, best) else text)
+            lines.append(f"| {env} | {knobs} | " + " | ".join(texts) + " |")
+        lines.append("")
+        found = horizon(rows, group)
+        if found:
+            knob, curves = found
+            lines += [f"Largest `{knob}` with mean {score_name} >= {threshold}: "
+                      + ", ".join(f"{a} {_fmt(largest_solved(curves[a], threshold))}" for a in agents if a in curves),
+                      ""]
+        lines += ["| agent | parameters | frames/s (mean) | wall time per run (mean, s) |", "|---|---|---|---|"]
+        for a in agents:
+            done = [r for r in group_rows if r["agent"] == a and r["status"] == "finished"]
+            if done:
+                lines.append(f"| {a} | {done[0]['parameters']} | {np.mean([r['fps'] for r in done]):.0f} | "
+                             f"{np.mean([r['wall_seconds'] for r in done]):.1f} |")
+        lines.append("")
+    not_done = [r for r in rows if r["status"] != "finished"]
+    if not_done:
+        lines += ["Runs without results: " + ", ".join(f"{r['group']}/{r['agent']}-{r['env']} {r['knobs']} "
+                                                        f"seed {r['seed']} ({r['status']})" for r in not_done), ""]
+    lines += [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, path: Path) -> bool:
+    """One panel per env setting of ``group``, a line per agent (mean over seeds, band = min..max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
+    tag = None
+    for run in runs:
+        if run.group != group:
+            continue
+        found = learning_curve(run, suite_dir)
+        if found is not None and len(found[1]):
+            tag = found[0]
+            curves[f"{run.env} {knob_text(run.knobs)}".strip(" -")][run.agent].append(found[1:])
+    if not curves:
+        return False
+    n = len(curves)
+    cols = min(n, 4)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4 * cols, 3 * math.ceil(n / cols)), squeeze=False)
+    for ax, (panel, by_agent) in zip(axes.flat, curves.items()):
+        for agent, seeds in by_agent.items():
+            length = min(len(x) for x, _ in seeds)  # seeds of one setting evaluate at the same frames
+            x = seeds[0][0][:length]
+            ys = np.stack([y[:length] for _, y in seeds])
+            ax.plot(x, ys.mean(0), label=agent)
+            if len(seeds) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("frames" if tag.startswith("charts") else "steps")
+        ax.set_ylabel(tag.split("/")[-1])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"{group}: learning curves (mean over seeds, band = min..max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, threshold: float) -> bool:
+    """Score vs the swept knob (log scale), a line per agent, legend with the largest value solved."""
+    found = horizon(rows, group)
+    if found is None or not any(found[1].values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    knob, curves = found
+    score_name = next((r["score_name"] for r in rows if r["group"] == group and r.get("score_name")), "score")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for agent, curve in curves.items():
+        xs = sorted(curve)
+        means = np.array([curve[x][0] for x in xs])
+        stds = np.array([curve[x][1] for x in xs])
+        ax.plot(xs, means, marker="o", label=f"{agent} (solved up to {_fmt(largest_solved(curve, threshold))})")
+        ax.fill_between(xs, means - stds, means + stds, alpha=0.15)
+    ax.axhline(threshold, color="gray", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    values = sorted({x for curve in curves.values() for x in curve})
+    ax.set_xticks(values, [f"{v:g}" for v in values])
+    ax.minorticks_off()
+    ax.set_xlabel(knob)
+    ax.set_ylabel(score_name)
+    ax.set_title(f"{group}: memory horizon", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(suite: str, runs: Sequence[SuiteRun], failed: Sequence[SuiteRun], suite_dir: Path,
+                 wall_seconds: float, jobs: int, threshold: float) -> list[dict[str, Any]]:
+    """``results.csv``, the PNGs and ``results.md`` in ``suite_dir``; returns the rows."""
+    failed_set = set(failed)
+    rows = [result_row(r, suite_dir, r in failed_set) for r in runs]
+    write_csv(rows, suite_dir / "results.csv")
+    images = []
+    for group in dict.fromkeys(r.group for r in runs):
+        if plot_learning_curves(runs, suite_dir, group, suite_dir / f"learning_{group}.png"):
+            images.append(f"learning_{group}.png")
+        if plot_horizon(rows, group, suite_dir / f"horizon_{group}.png", threshold):
+            images.append(f"horizon_{group}.png")
+    (suite_dir / "results.md").write_text(markdown(suite, rows, wall_seconds, jobs, threshold, images))
+    return rows

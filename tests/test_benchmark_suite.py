@@ -1,0 +1,147 @@
+"""The benchmark suite: planning runs from a suite config, skipping finished runs, refusing a suite dir
+started with other settings, the results tables built from run dirs, and the smoke suite end to end
+(including a SIGTERM in the middle and a rerun that continues)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rlmem.suite import SuiteRun, check_settings, finished, long_episode_overrides, plan
+from rlmem.suite_report import horizon, largest_solved, markdown, result_row
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "scripts" / "conf"
+
+
+def group(**spec):
+    return {"g": {"script": "train_rl", "agents": ["gru"], "env": "delayed_cue", **spec}}
+
+
+def test_plan_is_every_agent_knob_value_and_seed():
+    runs = plan(group(agents=["gru", "mlp"], sweep={"delay": [5, 50], "n_cues": [2]}, seeds=[0, 1, 2],
+                      overrides=["total_frames=1000"]))
+    assert len(runs) == 2 * 2 * 1 * 3
+    run = runs[0]
+    assert run.name == "gru-delayed_cue-delay5-n_cues2-seed0"
+    assert run.arguments() == ["agent=gru", "env=delayed_cue", "env.delay=5", "env.n_cues=2", "seed=0",
+                               "total_frames=1000"]
+    assert run.run_dir(Path("/s")) == Path("/s/runs/g/gru-delayed_cue-delay5-n_cues2-seed0")
+    lm = plan({"lm": {"script": "train_lm", "agents": ["gru"], "env": "copy_memory", "sweep": {"delay": [3]}}})[0]
+    assert lm.arguments() == ["model=gru", "task=copy_memory", "task.delay=3", "seed=0"]
+
+
+def test_long_episodes_get_a_rollout_that_holds_two_episodes():
+    runs = plan(group(agents=["gru", "transformer"], sweep={"delay": [10, 100]},
+                      long_episodes={"knob": "delay", "extra_steps": 2}))
+    by_name = {r.name: r.overrides for r in runs}
+    assert by_name["gru-delayed_cue-delay10-seed0"] == ()  # 2 x 12 steps fit the default 64-step slice
+    # 102-step episodes: 2 x 102 = 204 -> 256-step slices, 2048 // 256 = 8 envs; the window covers an episode
+    assert by_name["gru-delayed_cue-delay100-seed0"] == ("ppo.rollout_len=256", "ppo.seq_len=256", "ppo.num_envs=8")
+    assert by_name["transformer-delayed_cue-delay100-seed0"][-1] == "agent.window=102"
+    assert long_episode_overrides("gru", 1002) == ["ppo.rollout_len=2048", "ppo.seq_len=2048", "ppo.num_envs=4"]
+
+
+@pytest.mark.parametrize("spec, match", [
+    (group(script="train_xx"), "valid choices: train_rl, train_lm"),
+    (group(agents=["no_such_agent"]), "unknown agent 'no_such_agent'; valid choices: .*gru"),
+    (group(env="no_such_env"), "unknown env 'no_such_env'; valid choices: .*delayed_cue"),
+    (group(agents=[]), "no agents"),
+    (group(sweep={"delay": 10}), "sweep.delay must be a non-empty list"),
+    (group(seeds=[0, 0]), "the same run twice"),
+    (group(typo=1), r"unknown keys \['typo'\]"),
+    (group(long_episodes={"knob": "delay"}), "long_episodes needs"),
+])
+def test_plan_errors_name_the_valid_choices(spec, match):
+    with pytest.raises(ValueError, match=match):
+        plan(spec)
+
+
+def write_metrics(run: SuiteRun, suite_dir: Path, **metrics):
+    run_dir = run.run_dir(suite_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_finished_runs_and_changed_settings(tmp_path):
+    rl, lm = SuiteRun("g", "train_rl", "gru", "delayed_cue", (), 0, ()), SuiteRun("l", "train_lm", "gru", "copy_memory", (), 0, ())
+    assert not finished(rl, tmp_path)
+    write_metrics(rl, tmp_path, frames=2048, total_frames=4096)  # a checkpoint's metrics: not done
+    assert not finished(rl, tmp_path)
+    write_metrics(rl, tmp_path, frames=4096, total_frames=4000)
+    assert finished(rl, tmp_path)
+    write_metrics(lm, tmp_path, steps=10)
+    assert finished(lm, tmp_path)
+    (rl.run_dir(tmp_path) / "suite_run.json").write_text(json.dumps(["agent=gru", "env=delayed_cue", "seed=0",
+                                                                      "total_frames=9"]))
+    with pytest.raises(ValueError, match="started with other settings"):
+        check_settings([rl], tmp_path)
+
+
+def test_results_tables_from_run_dirs(tmp_path):
+    """Scores are laid out by hand; the table's bold cell, the horizon and the largest solved delay follow."""
+    score = {("gru", 10): [1.0, 0.9], ("gru", 100): [0.95, 0.85], ("gru", 300): [0.9, 0.8], ("gru", 1000): [0.3, 0.2],
+             ("mlp", 10): [0.25, 0.25], ("mlp", 100): [0.25, 0.3], ("mlp", 300): [0.2, 0.2], ("mlp", 1000): [0.25, 0.2]}
+    runs, rows = [], []
+    for (agent, delay), values in score.items():
+        for seed, value in enumerate(values):
+            run = SuiteRun("h", "train_rl", agent, "delayed_cue", (("delay", delay),), seed, ())
+            write_metrics(run, tmp_path, frames=100, total_frames=100, wall_seconds=2.0, fps=50.0, eval_return=value,
+                          eval_success=value, parameters=7)
+            runs.append(run)
+            rows.append(result_row(run, tmp_path))
+    missing = SuiteRun("h", "train_rl", "gru", "delayed_cue", (("delay", 10),), 9, ())
+    rows.append(result_row(missing, tmp_path))
+    assert rows[-1]["status"] == "missing" and rows[0]["score"] == 1.0 and rows[0]["parameters"] == 7
+    knob, curves = horizon(rows, "h")
+    assert knob == "delay" and curves["gru"][300.0] == pytest.approx((0.85, 0.05))
+    assert largest_solved(curves["gru"], 0.9) == 100 and largest_solved(curves["mlp"], 0.9) is None
+    text = markdown("test", rows, 60.0, 2, 0.9, ["horizon_h.png"])
+    assert "| delayed_cue | delay=10 | **0.95 ± 0.05** | 0.25 ± 0 |" in text
+    assert "| delayed_cue | delay=1000 | **0.25 ± 0.05** | 0.225 ± 0.025 |" in text
+    assert "Largest `delay` with mean eval_success >= 0.9: gru 100, mlp none" in text
+    assert "seed 9 (missing)" in text and "![horizon_h](horizon_h.png)" in text
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "suite").glob("*.yaml")))
+def test_every_suite_config_plans(name):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("benchmark", overrides=[f"suite={name}"])
+    suite = OmegaConf.to_container(cfg.suite, resolve=True)
+    assert suite["name"] == name and plan(suite["groups"])
+
+
+def test_smoke_suite_end_to_end_with_a_stop_and_a_rerun(tmp_path):
+    """``benchmark.py suite=smoke``: SIGTERM after the first finished run stops the suite (the running script
+    checkpoints); the same command again skips the finished run and writes results.csv, results.md, PNGs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "suite=smoke", "jobs=2",
+               f"hydra.run.dir={tmp_path}"]
+    log = tmp_path / "benchmark.log"
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and "[1/9]" in log.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode != 0, out[-2000:]
+    assert "rerun the same command to continue" in out
+    first = tmp_path / "runs" / "delayed_cue" / "gru-delayed_cue-delay2-seed0"
+    assert (first / "metrics.json").exists()
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "9 runs, 1 already finished" in log.read_text() or "9 runs, 2 already finished" in log.read_text()
+    assert (first / "output.log").read_text().count("training gru") == 1, "the finished run was not retrained"
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 and all(",finished," in r for r in rows[1:])
+    assert "## delayed_cue: eval_success" in (tmp_path / "results.md").read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"learning_delayed_cue.png", "horizon_delayed_cue.png"}
