@@ -1,0 +1,336 @@
+"""STM: a fixed K-slot short-term memory refined by a Diffuser and read by a frozen Generator.
+
+A fixed buffer of ``K + 1`` embeddings replaces a growing cache (``K`` content slots and one mode slot), so
+memory and per-step cost are constant in the episode length. Each step ``t``:
+
+1. **input encoder**: ``e_t = Enc(x_t)`` (Linear -> GELU -> Linear), ``[B, d]``;
+2. **write** (:class:`SlotWriter`, a gated cross-attention): every content slot ``s_k`` makes a query
+   ``W_q LN(s_k)``, the input a key ``W_k e_t`` and a value ``v = W_v e_t``; the slots compete for the input
+   (softmax over the slots, ``a_k``) and a per-slot gate ``g_k = sigmoid(W_g [LN(s_k); e_t] + gate_bias)``
+   decides how much of it they take::
+
+       s_k <- s_k + g_k a_k (v - s_k)
+
+   a convex blend, so slots stay bounded. Content slots start empty (zero) and learned slot keys ``p_k``
+   join the queries, so inputs can go to different slots from the first step. With the default
+   ``gate_bias = -4`` the write weight ``g_k a_k`` of an untrained slot is below ``sigmoid(-4) = 0.018`` per
+   step (the softmax splits it over the slots), so a slot keeps its content for hundreds of steps (about half
+   of it after 300 steps of random inputs, ``tests/test_stm.py``); the gate learns when to open;
+3. **Diffuser** (:class:`Diffuser`): ``n_refine`` iterations of a small denoising network over the whole
+   buffer (self-attention across the K + 1 slots and an MLP, residual, conditioned on an embedding of the
+   iteration index), ``b <- D(b, i)`` for ``i = 0 .. n_refine - 1``. Its output projections start at zero,
+   so an untrained Diffuser is the identity and cannot scramble what the slots hold. It is trained through
+   the task loss and, when ``aux_coef > 0``, by a denoising loss (:meth:`STM.aux_loss`): the refined
+   buffers of the last call (detached) are noised at the level of a random iteration ``i`` (standard
+   deviation ``aux_noise (n_refine - i) / n_refine`` times the buffer's RMS) and ``D(., i)`` must return
+   the clean buffer; the loss is the relative squared error times ``aux_coef``;
+4. **Generator**: a frozen causal LM from ``transformers`` reads ``[mode slot | K content slots | e_t]`` as
+   input embeddings (a soft prompt; a Linear maps ``d`` to the generator's hidden size when they differ)
+   and its last hidden state at the last position (mapped back to ``d``) is the output ``y_t``.
+
+The generator only reads the buffer, so in sequence mode the (cheap) write + refine recurrence loops over
+time and the generator runs once on all ``B * T`` buffers.
+
+**The Diffuser is the gated expensive path**: ``forward(x, state, is_init, refine=None)`` takes an optional
+``refine: [B, T]`` bool; rows where it is False skip the refinement at that step (the write still happens).
+None refines every row at every step. Refinement runs only on the chosen rows (none: not at all).
+
+**The generator is frozen**: its weights are registered as (persistent) *buffers* of this module, not
+parameters: ``requires_grad`` is False, ``parameters()`` (hence every optimizer built from it) does not
+include them, gradients still flow through the generator's computation to the buffer, and ``state_dict``
+holds them, so a checkpoint restores the exact generator it was trained with. ``generator="tiny"`` (or
+``"tiny-llama"``, ``"tiny-gpt2"``) builds a small random model from a config with its own seed
+(``generator_seed``, independent of the global RNG): a fixed random transformer, the same whatever the
+training seed; any other value is a local ``save_pretrained`` directory (never downloaded;
+``scripts/pretrain_lm.py`` writes one). The generator is kept in eval mode (no dropout) even when the
+memory trains.
+
+State: ``buffer: [B, K + 1, d]`` (slot 0 is the mode slot). An episode starts from a learned buffer
+(``initial_state`` depends on parameters).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from torch import nn
+
+from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
+from rlmem.envs.core import check_float, check_int
+from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.registry import register_memory
+
+
+def parameters_to_buffers(module: nn.Module) -> nn.Module:
+    """Re-register every parameter of ``module`` (recursively) as a persistent buffer without gradient.
+
+    A frozen model's weights then stay out of ``parameters()`` (so out of any optimizer built from it, and
+    out of gradient clipping), are still moved by ``.to()`` and saved in ``state_dict``, and autograd still
+    differentiates through the computation that uses them.
+    """
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            del sub._parameters[name]
+            sub.register_buffer(name, p.detach().requires_grad_(False), persistent=True)
+    return module
+
+
+class SlotWriter(nn.Module):
+    """Gated cross-attention write of one input into the ``K`` content slots.
+
+    ``slots: [B, K, d]``, ``e: [B, d]`` -> ``[B, K, d]``: ``s_k + g_k a_k (W_v e - s_k)`` with
+    ``a = softmax_k((W_q LN(s_k) + p_k) . W_k e / sqrt(d))`` and ``g_k = sigmoid(W_g [LN(s_k); e] + gate_bias)``
+    (``p_k``: learned slot keys).
+    """
+
+    def __init__(self, d: int, n_slots: int, gate_bias: float):
+        super().__init__()
+        self.slot_keys = nn.Parameter(torch.randn(n_slots, d))
+        self.norm = nn.LayerNorm(d)
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.gate = nn.Linear(2 * d, 1)
+        nn.init.normal_(self.gate.weight, std=0.01)  # the bias alone sets the initial retention
+        nn.init.constant_(self.gate.bias, gate_bias)
+        self.scale = 1.0 / math.sqrt(d)
+
+    def write_weights(self, slots: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``g_k a_k``: how much of the input each slot takes, ``[B, K, 1]`` in ``[0, 1]``."""
+        h = self.norm(slots)
+        query = self.query(h) + self.slot_keys
+        address = torch.softmax((query * self.key(e).unsqueeze(1)).sum(-1) * self.scale, -1)  # [B, K]
+        gate = torch.sigmoid(self.gate(torch.cat([h, e.unsqueeze(1).expand_as(h)], -1)))  # [B, K, 1]
+        return gate * address.unsqueeze(-1)
+
+    def forward(self, slots: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        w = self.write_weights(slots, e)
+        return slots + w * (self.value(e).unsqueeze(1) - slots)
+
+
+class Diffuser(nn.Module):
+    """One denoising step over a buffer, conditioned on the iteration (noise level).
+
+    ``buf: [N, S, d]``, ``level``: an int or ``[N]`` int64 in ``[0, n_levels)`` -> ``[N, S, d]``::
+
+        c = E[level];  b = buf + Attn(LN(buf + c));  out = b + MLP(LN(b + c))
+
+    with the attention's and the MLP's output projections zero-initialized (the identity at start).
+    """
+
+    def __init__(self, d: int, n_heads: int, n_levels: int, d_ff: int):
+        super().__init__()
+        self.levels = nn.Embedding(n_levels, d)
+        nn.init.normal_(self.levels.weight, std=0.1)
+        self.norm_attn, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d)
+        # attention written out (one fused q/k/v Linear + SDPA): nn.MultiheadAttention's per-call overhead is
+        # most of the cost at K + 1 ~ 10 tokens, and the Diffuser runs n_refine times per step
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+        for out in (self.out, self.ff[-1]):
+            nn.init.zeros_(out.weight)
+            nn.init.zeros_(out.bias)
+
+    def forward(self, buf: torch.Tensor, level: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(level, int):
+            c = self.levels.weight[level].view(1, 1, -1)
+        else:
+            c = self.levels(level).unsqueeze(1)  # [N, 1, d]
+        N, S, d = buf.shape
+        q, k, v = self.qkv(self.norm_attn(buf + c)).view(N, S, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v)  # [N, heads, S, d / heads], every slot sees every slot
+        buf = buf + self.out(attn.transpose(1, 2).reshape(N, S, d))
+        return buf + self.ff(self.norm_ff(buf + c))
+
+
+class _LastAux:
+    """The auxiliary loss of the last forward. A copy of the module has run no forward, so copies start
+    empty (a non-leaf tensor cannot be deep-copied anyway)."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo):
+        return _LastAux()
+
+    def __getstate__(self):
+        return {"value": None}
+
+
+@register_memory("stm")
+class STM(MemorySystem):
+    """K-slot short-term memory -> Diffuser -> frozen Generator (module docstring).
+    ``x: [B, T, d_in] -> y: [B, T, d_model]``.
+
+    Args:
+        d_in: input features per step.
+        d_model: width ``d`` of the slots, the encoder and the output.
+        n_slots: ``K``, content slots (>= 1); the buffer has ``K + 1`` rows (slot 0: the mode slot).
+        n_refine: Diffuser iterations per step (>= 0; 0: no Diffuser at all).
+        n_heads: heads of the Diffuser's self-attention across slots (divide ``d_model``).
+        d_ff: hidden width of the Diffuser's MLP (None: ``2 d_model``).
+        gate_bias: initial bias of the write gate (more negative: slots keep content longer at start).
+        aux_coef: weight of the denoising auxiliary loss (0: none; :meth:`aux_loss` returns None).
+        aux_noise: noise level of the first iteration in that loss, relative to the buffer's RMS.
+        generator: ``"tiny"``, ``"tiny-llama"``, ``"tiny-gpt2"`` (a small random model from a config) or a
+            local ``save_pretrained`` directory of a causal LM.
+        generator_hidden, generator_layers, generator_heads: sizes of a tiny generator (ignored for a
+            directory).
+        generator_seed: seed of a tiny generator's weights (independent of the global RNG).
+
+    Cost of a step: the encoder, the write (``O(K d^2)``), ``n_refine`` Diffuser passes over ``K + 1``
+    slots and one generator pass over ``K + 2`` positions; none of it depends on the episode length.
+    State: ``(K + 1) d`` numbers per row.
+    """
+
+    test_kwargs = {"d_model": 8, "n_slots": 3, "n_refine": 2, "n_heads": 2, "generator_hidden": 16,
+                   "generator_layers": 1, "generator_heads": 2, "aux_coef": 0.1}
+
+    def __init__(self, d_in: int, d_model: int = 32, n_slots: int = 8, n_refine: int = 2, n_heads: int = 2,
+                 d_ff: int | None = None, gate_bias: float = -4.0, aux_coef: float = 0.0, aux_noise: float = 0.5,
+                 generator: str = "tiny", generator_hidden: int = 32, generator_layers: int = 2,
+                 generator_heads: int = 4, generator_seed: int = 0):
+        super().__init__()
+        name = self.registry_name
+        d_in = check_int(f"{name}: d_in", d_in, low=1)
+        d_model = check_int(f"{name}: d_model", d_model, low=1)
+        n_slots = check_int(f"{name}: n_slots", n_slots, low=1, why="K, the number of content slots")
+        n_refine = check_int(f"{name}: n_refine", n_refine, low=0, why="Diffuser iterations per step; 0 = none")
+        n_heads = check_int(f"{name}: n_heads", n_heads, low=1)
+        if d_model % n_heads:
+            raise ValueError(f"{name}: d_model={d_model} must be divisible by n_heads={n_heads}")
+        d_ff = check_int(f"{name}: d_ff", 2 * d_model if d_ff is None else d_ff, low=1, why="or null for 2 * d_model")
+        gate_bias = check_float(f"{name}: gate_bias", gate_bias)
+        aux_coef = check_float(f"{name}: aux_coef", aux_coef, low=0.0)
+        aux_noise = check_float(f"{name}: aux_noise", aux_noise, low=0.0)
+        if not isinstance(generator, str) or not generator:
+            raise ValueError(f"{name}: generator must be one of {', '.join(TINY_SOURCES)} or a local directory, "
+                             f"got {generator!r}")
+        self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
+        self.n_slots, self.n_refine, self.aux_coef, self.aux_noise = n_slots, n_refine, aux_coef, aux_noise
+        self.generator_source = generator
+
+        self.encoder = nn.Sequential(nn.Linear(d_in, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        # the episode's first buffer: a learned mode slot and empty content slots. Empty matters: the first
+        # write into a slot sets its direction (what the generator's normalized layers see) whatever the gate
+        init = torch.zeros(n_slots + 1, d_model)
+        init[0] = torch.randn(d_model)
+        self.init_buffer = nn.Parameter(init)
+        self.writer = SlotWriter(d_model, n_slots, gate_bias)
+        self.diffuser = Diffuser(d_model, n_heads, n_refine, d_ff) if n_refine else None
+
+        if generator in TINY_SOURCES:
+            g_hidden = check_int(f"{name}: generator_hidden", generator_hidden, low=1)
+            g_layers = check_int(f"{name}: generator_layers", generator_layers, low=1)
+            g_heads = check_int(f"{name}: generator_heads", generator_heads, low=1)
+            if g_hidden % g_heads:
+                raise ValueError(f"{name}: generator_hidden={g_hidden} must be divisible by generator_heads={g_heads}")
+            seed = check_int(f"{name}: generator_seed", generator_seed, low=0)
+            with torch.random.fork_rng(devices=[]):  # the tiny generator's seed must not move the global RNG
+                lm = load_causal_lm(generator, vocab_size=32, hidden_size=g_hidden, n_layers=g_layers,
+                                    n_heads=g_heads, max_positions=max(64, n_slots + 2), seed=seed)
+        else:
+            lm = load_causal_lm(generator)  # FileNotFoundError / ValueError with the valid choices
+        config = lm.config
+        max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if max_positions is not None and n_slots + 2 > max_positions:
+            raise ValueError(f"{name}: the generator reads n_slots + 2 = {n_slots + 2} positions, more than its "
+                             f"{max_positions} position embeddings")
+        embeddings = lm.get_input_embeddings().weight.detach()
+        self.generator = parameters_to_buffers(lm.base_model).eval()  # the decoder stack; the LM head is unused
+        hidden = int(config.hidden_size)
+        # soft-prompt tokens enter at the scale of the generator's own token embeddings (per-coordinate RMS):
+        # much larger inputs would swamp what its layers add to the residual stream, so the last position would
+        # barely read the slots. A buffer, so a checkpoint keeps it consistent with the generator it holds.
+        self.register_buffer("input_scale", embeddings.float().pow(2).mean().sqrt().to(embeddings.dtype))
+        self.generator_hidden = hidden
+        self.to_generator = nn.Linear(d_model, hidden) if hidden != d_model else nn.Identity()
+        self.from_generator = nn.Linear(hidden, d_model) if hidden != d_model else nn.Identity()
+        self._aux = _LastAux()
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_model={self.d_model}, n_slots={self.n_slots}, n_refine={self.n_refine}, "
+                f"generator={self.generator_source!r} (hidden {self.generator_hidden}, frozen)")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.generator.eval()  # frozen: no dropout, whatever the rest does
+        return self
+
+    def initial_state(self, batch_size, device=None):
+        buf = self.init_buffer.to(device).unsqueeze(0).expand(batch_size, -1, -1)
+        return TensorDict({"buffer": buf}, batch_size=[batch_size])
+
+    # -- the pieces ------------------------------------------------------------------------------------------
+
+    def write(self, buf: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """``buf: [B, K+1, d]``, ``e: [B, d]`` -> the buffer with ``e`` written into its content slots."""
+        return torch.cat([buf[:, :1], self.writer(buf[:, 1:], e)], 1)
+
+    def refine(self, buf: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``n_refine`` Diffuser iterations on ``buf: [B, K+1, d]``, on the rows where ``rows: [B]`` (bool) is
+        True (None: all); the other rows are returned unchanged."""
+        if self.diffuser is None:
+            return buf
+        if rows is None or bool(rows.all()):
+            for i in range(self.n_refine):
+                buf = self.diffuser(buf, i)
+            return buf
+        index = rows.nonzero().squeeze(1)
+        if index.numel() == 0:
+            return buf
+        sub = buf.index_select(0, index)
+        for i in range(self.n_refine):
+            sub = self.diffuser(sub, i)
+        return buf.index_copy(0, index, sub)
+
+    def read(self, buf: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The generator on ``[mode | content | e]``: ``buf: [N, K+1, d]``, ``e: [N, d]`` -> ``[N, d]``."""
+        tokens = self.to_generator(torch.cat([buf, e.unsqueeze(1)], 1)) * self.input_scale  # [N, K+2, hidden]
+        hidden = self.generator(inputs_embeds=tokens, use_cache=False).last_hidden_state
+        return self.from_generator(hidden[:, -1])
+
+    def denoising_loss(self, clean: torch.Tensor) -> torch.Tensor:
+        """Noise ``clean: [N, K+1, d]`` at a random iteration's level, relative squared error of ``D``'s answer."""
+        clean = clean.detach()
+        level = torch.randint(self.n_refine, (clean.shape[0],), device=clean.device)
+        sigma = self.aux_noise * (self.n_refine - level).to(clean.dtype) / self.n_refine  # first iteration: noisiest
+        rms = clean.pow(2).mean((1, 2), keepdim=True).sqrt()
+        noisy = clean + sigma.view(-1, 1, 1) * rms * torch.randn_like(clean)
+        return F.mse_loss(self.diffuser(noisy, level), clean) / clean.pow(2).mean().clamp_min(1e-12)
+
+    # -- the contract ----------------------------------------------------------------------------------------
+
+    def forward(self, x, state, is_init, refine: torch.Tensor | None = None):
+        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``refine: [B, T]`` bool or None -> ``y: [B, T, d_model]``."""
+        check_inputs(self, x, state, is_init)
+        B, T = x.shape[:2]
+        if refine is not None:
+            if tuple(refine.shape) != (B, T) or refine.dtype != torch.bool:
+                raise ValueError(f"{self.registry_name}: refine must be a bool tensor of shape [B, T]={(B, T)}, "
+                                 f"got {refine.dtype} {tuple(refine.shape)}")
+        e = self.encoder(x)  # [B, T, d]
+        buf = state["buffer"]
+        resets = is_init.any(0).tolist()  # one host sync: which steps need the initial buffer
+        init = self.initial_state(B, x.device)["buffer"] if any(resets) else None
+        bufs = []
+        for t in range(T):
+            if resets[t]:
+                buf = torch.where(is_init[:, t].view(B, 1, 1), init, buf)
+            buf = self.refine(self.write(buf, e[:, t]), None if refine is None else refine[:, t])
+            bufs.append(buf)
+        seen = torch.stack(bufs, 1)  # [B, T, K+1, d]: what the generator reads at each step
+        y = self.read(seen.flatten(0, 1), e.flatten(0, 1)).view(B, T, self.d_model)
+        self._aux.value = None
+        if self.aux_coef > 0 and self.diffuser is not None and self.training and torch.is_grad_enabled():
+            self._aux.value = self.aux_coef * self.denoising_loss(seen.flatten(0, 1))
+        return y, TensorDict({"buffer": buf}, batch_size=state.batch_size)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """``aux_coef`` x the denoising loss of the last forward in training mode with autograd on, else None."""
+        return self._aux.value
