@@ -187,26 +187,61 @@ def _bound(bound: float | None, infinite: str) -> str:
 
 
 class TaskEnv(gym.Env):
-    """A single Gymnasium env over a one-row :class:`MemoryTask`. Subclasses set ``task_cls``."""
+    """A single Gymnasium env over a one-row :class:`MemoryTask`. Subclasses set ``task_cls``.
+
+    ``render_mode="rgb_array"``: :meth:`render` returns a frame ``[H, W, 3]`` uint8 showing the observation,
+    the hidden state (``get_state()``) and the last action (see :mod:`rlmem.envs.render`); with the
+    default ``render_mode=None`` stepping does no render bookkeeping at all.
+    """
 
     task_cls: ClassVar[type[MemoryTask]]
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
 
-    def __init__(self, **kwargs):
+    def __init__(self, render_mode: str | None = None, **kwargs):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"{type(self).__name__}: unknown render_mode {render_mode!r}; valid: None, "
+                             + ", ".join(repr(m) for m in self.metadata["render_modes"]))
+        self.render_mode = render_mode
         self.task = self.task_cls(num_envs=1, **kwargs)
         self.observation_space = self.task.observation_space
         self.action_space = self.task.action_space
+        self._renderer = None  # built at the first render()
+        self._last_step = None  # rlmem.envs.render.StepInfo, kept only when rendering
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self.task.reset_envs(np.array([0]), [self.np_random])
+        if self.render_mode is not None:
+            from rlmem.envs.render import StepInfo
+
+            self._last_step = StepInfo()
         return self.task.observe()[0], {}
 
     def step(self, action):
         if not self.task.episode:
             raise RuntimeError("call reset() before step()")
-        reward, terminated, truncated = self.task.step(self.task.check_action(action, single=True))
+        action = self.task.check_action(action, single=True)
+        reward, terminated, truncated = self.task.step(action)
+        if self.render_mode is not None:
+            last = self._last_step
+            last.action, last.reward = int(action[0]), float(reward[0])
+            last.episode_return += last.reward
+            last.done = bool(terminated[0] or truncated[0])
         return self.task.observe()[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), {}
+
+    def render(self) -> np.ndarray | None:
+        """The current frame ``[H, W, 3]`` uint8 (``render_mode="rgb_array"``); None without a render mode."""
+        if self.render_mode is None:
+            gym.logger.warn(f"{type(self).__name__}.render() called without a render mode; make the env with "
+                            "render_mode='rgb_array'")
+            return None
+        if not self.task.episode:
+            raise RuntimeError("call reset() before render()")
+        if self._renderer is None:
+            from rlmem.envs.render import Renderer
+
+            self._renderer = Renderer(self.spec.id if self.spec is not None else type(self).__name__)
+        return self._renderer(self.task.observe()[0], self.get_state(), self._last_step)
 
     def get_state(self) -> dict[str, Any]:
         """The hidden Markov state (for analysis and oracle policies)."""
