@@ -1,25 +1,34 @@
-"""Greedy evaluation episodes (argmax actions), outside the collector."""
+"""Greedy evaluation episodes (argmax actions), outside the collector, and what ``scripts/evaluate.py``
+builds on: loading a trained agent from its checkpoint, env overrides, and recording episodes as a GIF.
+
+Episode ``i`` of an evaluation with seed ``s`` is the env seeded ``s + i`` (row ``i`` of a vector env
+seeded ``s``), so a recorded episode ``i`` (a single env seeded ``s + i``) replays it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 import torch
 
-from rlmem.env_factory import make_vector_env
+from rlmem.env_factory import MissingDependencyError, make_torchrl_env, make_vector_env, split_env_config
+from rlmem.run_io import load_checkpoint
+
+#: what a train_rl checkpoint must hold to rebuild its agent (see ``RecurrentPPO._state``)
+CHECKPOINT_KEYS = ("agent", "agent_cfg", "env_cfg", "frames")
 
 
 @torch.no_grad()
-def evaluate_greedy(
-    agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int, success_threshold: float | None,
-    max_steps: int = 100_000,
-) -> dict[str, float]:
-    """Run one greedy episode in each of ``n_episodes`` parallel envs.
+def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int,
+                    max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """Run one greedy episode in each of ``n_episodes`` parallel envs (env ``i`` seeded ``seed + i``).
 
-    Returns ``eval_return`` (mean), ``eval_success`` (fraction of episodes with return >=
-    ``success_threshold``, NaN when the env defines none) and ``eval_length`` (mean steps).
+    Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64)``; an episode still running after
+    ``max_steps`` steps counts with what it has so far.
     """
     vec = make_vector_env(env_cfg, n_episodes, for_torchrl=False)
     obs, _ = vec.reset(seed=seed)
@@ -38,5 +47,186 @@ def evaluate_greedy(
         if done.all():
             break
     vec.close()
+    return returns, lengths
+
+
+def summarize(returns: np.ndarray, lengths: np.ndarray, success_threshold: float | None) -> dict[str, float]:
+    """``eval_return`` (mean), ``eval_success`` (fraction of returns >= ``success_threshold``, NaN when the env
+    defines none) and ``eval_length`` (mean steps) of ``returns: [n]``, ``lengths: [n]``."""
     success = float("nan") if success_threshold is None else float(np.mean(returns >= success_threshold))
     return {"eval_return": float(returns.mean()), "eval_success": success, "eval_length": float(lengths.mean())}
+
+
+def evaluate_greedy(
+    agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int, success_threshold: float | None,
+    max_steps: int = 100_000,
+) -> dict[str, float]:
+    """Run one greedy episode in each of ``n_episodes`` parallel envs.
+
+    Returns ``eval_return`` (mean), ``eval_success`` (fraction of episodes with return >=
+    ``success_threshold``, NaN when the env defines none) and ``eval_length`` (mean steps).
+    """
+    return summarize(*greedy_episodes(agent, env_cfg, n_episodes, seed, max_steps), success_threshold)
+
+
+# --- trained agents -----------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run dir (``<dir>/checkpoints/last.pt``), its ``checkpoints`` dir, or a ``.pt`` file -> the file."""
+    given = Path(path).expanduser()
+    if not given.exists():
+        raise FileNotFoundError(f"checkpoint={path}: no such file or directory; give a train_rl run dir "
+                                "(holding checkpoints/last.pt) or a checkpoint .pt file")
+    if given.is_file():
+        return given
+    for candidate in (given / "checkpoints" / "last.pt", given / "last.pt"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"checkpoint={path}: {given} holds no checkpoints/last.pt; is it a train_rl run dir? "
+                            "(a run writes it every logger.checkpoint_interval frames and at its end)")
+
+
+def load_trained_agent(path: str | Path):
+    """The agent of a train_rl checkpoint, rebuilt from the configs it was trained with.
+
+    Returns ``(agent in eval mode, checkpoint dict)``; raises naming what is wrong with the file.
+    """
+    from rlmem.agents import ActorCritic  # here, not at the top: rlmem.ppo imports this module
+
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as err:  # torch.load's errors vary with what the file really is
+        raise ValueError(f"checkpoint={path}: not a checkpoint torch can load ({type(err).__name__}: {err})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")
+    # the agent's sizes come from the env it was trained on, as in RecurrentPPO
+    probe = make_torchrl_env(ckpt["env_cfg"], 1)
+    obs_dim = probe.observation_spec["observation"].shape[-1]
+    action_spec = probe.action_spec_unbatched
+    probe.close()
+    agent = ActorCritic(obs_dim, action_spec.space.n, action_spec, ckpt["agent_cfg"])
+    agent.load_state_dict(ckpt["agent"])
+    agent.eval()
+    return agent, ckpt
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run dir of ``<run dir>/checkpoints/last.pt``; for a checkpoint elsewhere, its own folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def override_env_config(env_cfg: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``env_cfg`` updated with ``overrides``.
+
+    For an rlmem env the keys must be its knobs or ``difficulty`` (the error names them); any other
+    Gymnasium env checks its own kwargs when it is built.
+    """
+    merged = {**env_cfg, **overrides}
+    env_id, _ = split_env_config(merged)
+    if env_id.startswith("rlmem/"):
+        task_cls = getattr(gym.envs.registration.load_env_creator(gym.spec(env_id).entry_point), "task_cls", None)
+        if task_cls is not None:
+            valid = {"id", "difficulty", *task_cls.defaults}
+            unknown = sorted(set(overrides) - valid)
+            if unknown:
+                raise ValueError(f"unknown env option(s) {unknown} for {env_id}; valid: {sorted(valid)}")
+    return merged
+
+
+def check_same_spaces(trained_cfg: Mapping[str, Any], env_cfg: Mapping[str, Any]) -> None:
+    """Raise unless ``env_cfg`` gives the observation and action spaces the agent was trained on."""
+    spaces = []
+    for cfg in (trained_cfg, env_cfg):
+        vec = make_vector_env(cfg, 1, for_torchrl=False)
+        spaces.append((vec.single_observation_space.shape, vec.single_action_space))
+        vec.close()
+    (trained_obs, trained_act), (obs, act) = spaces
+    if trained_obs != obs or trained_act != act:
+        raise ValueError(f"the agent was trained on observations of shape {trained_obs} and actions {trained_act}; "
+                         f"env {dict(env_cfg)} has {obs} and {act}; evaluate with knobs that keep both "
+                         "(e.g. a DelayedCue delay, not its n_cues)")
+
+
+# --- recording ----------------------------------------------------------------------------------------
+def make_render_env(env_cfg: Mapping[str, Any]) -> gym.Env:
+    """A single env with ``render_mode="rgb_array"``; clear errors for envs that cannot render."""
+    env_id, kwargs = split_env_config(env_cfg)
+    entry_point = gym.spec(env_id).entry_point
+    creator = entry_point if callable(entry_point) else gym.envs.registration.load_env_creator(entry_point)
+    render_modes = getattr(creator, "metadata", {}).get("render_modes", [])
+    if "rgb_array" not in render_modes:
+        raise ValueError(f"video: {env_id} cannot be recorded, it has no 'rgb_array' render mode "
+                         f"(its render modes: {render_modes})")
+    try:
+        env = gym.make(env_id, render_mode="rgb_array", **kwargs)
+        env.reset(seed=0)
+        env.render()  # Gymnasium's own envs import their drawing packages here
+    except gym.error.DependencyNotInstalled as err:
+        raise MissingDependencyError(f"video: rendering {env_id} needs an optional dependency: {err}") from None
+    return env
+
+
+@torch.no_grad()
+def record_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int,
+                    max_steps: int = 100_000) -> tuple[list[list[np.ndarray]], np.ndarray]:
+    """Greedy episodes ``i = 0 .. n_episodes - 1`` in a single env seeded ``seed + i`` (so they replay the
+    first episodes of :func:`greedy_episodes` with the same seed), rendered.
+
+    Returns ``(frames, returns [n_episodes])``: ``frames[i]`` holds ``length_i + 1`` frames ``[H, W, 3]``
+    uint8, after the reset and after every step.
+    """
+    env = make_render_env(env_cfg)
+    episodes, returns = [], np.zeros(n_episodes)
+    for i in range(n_episodes):
+        obs, _ = env.reset(seed=seed + i)
+        state = agent.memory.initial_state(1)
+        is_init = torch.ones(1, dtype=torch.bool)
+        frames = [env.render()]
+        for _ in range(max_steps):
+            action, state = agent.act_greedy(torch.as_tensor(obs, dtype=torch.float32)[None], state, is_init)
+            is_init = torch.zeros_like(is_init)
+            obs, reward, terminated, truncated, _ = env.step(int(action[0]))
+            returns[i] += reward
+            frames.append(env.render())
+            if terminated or truncated:
+                break
+        episodes.append(frames)
+    env.close()
+    return episodes, returns
+
+
+def write_gif(path: str | Path, episodes: Sequence[Sequence[np.ndarray]], fps: float,
+              captions: Sequence[str] | None = None, hold_last: int = 3) -> int:
+    """Write the episodes' frames back to back as one looping GIF (Pillow, no video codec needed).
+
+    ``captions[i]`` is drawn in a strip above episode ``i``'s frames with the step number; each episode's
+    last frame is shown ``hold_last`` times as long. Returns the number of frames written.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    font = ImageFont.load_default(size=12)
+    images, durations = [], []
+    frame_ms = 1000.0 / fps
+    for i, frames in enumerate(episodes):
+        for step, frame in enumerate(frames):
+            image = Image.fromarray(np.asarray(frame, dtype=np.uint8))
+            if captions is not None:
+                strip = Image.new("RGB", (image.width, 20), (255, 255, 255))
+                ImageDraw.Draw(strip).text((6, 3), f"{captions[i]}   step {step}", fill=(20, 20, 20), font=font)
+                framed = Image.new("RGB", (image.width, image.height + 20))
+                framed.paste(strip, (0, 0))
+                framed.paste(image, (0, 20))
+                image = framed
+            # one adaptive palette per frame: rlmem frames hold few colours, so this is lossless for them
+            images.append(image.convert("P", palette=Image.Palette.ADAPTIVE, colors=128))
+            durations.append(round(frame_ms * (hold_last if step == len(frames) - 1 else 1)))
+    if not images:
+        raise ValueError("no frames to write")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0, optimize=True)
+    return len(images)
