@@ -4,6 +4,11 @@ reads sit (variant A/B), placement, sharing, chapters, int8 banks, LoRA, saving 
 from __future__ import annotations
 
 import copy
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,3 +460,25 @@ def test_a_model_is_injected_once():
 def test_placement_layers_without_a_model():
     cfg = MemoryAdapterConfig(placement="every_n", placement_n=3)
     assert placement_layers(cfg, 7) == [0, 3, 6]
+
+
+# -- scripts/adapter_compare.py ------------------------------------------------------------------------------
+
+def test_adapter_compare_smoke_writes_results(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "scripts" / "adapter_compare.py"), "smoke=true",
+                          f"hydra.run.dir={tmp_path}"], cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (tmp_path / "results.md").read_text()
+    for method in ("vanilla", "memory", "lora", "memory_lora", "pretrained base, not fine-tuned"):
+        assert f"| {method} |" in md
+    assert "int8 bank" in md
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["method"] for r in rows] == ["vanilla", "memory", "lora", "memory_lora"]
+    params = {r["method"]: int(r["trainable_params"]) for r in rows}
+    # LoRA-only trains the fewest weights, full fine-tuning the most; memory + LoRA = memory + LoRA
+    assert params["lora"] < params["memory"] < params["vanilla"]
+    assert params["memory_lora"] == params["memory"] + params["lora"]
+    assert (tmp_path / "base_model" / "config.json").is_file()
+    assert rows[0]["int8_accuracy"] == "" and rows[1]["int8_accuracy"] != ""
