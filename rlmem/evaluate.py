@@ -106,7 +106,11 @@ def load_trained_agent(path: str | Path):
     action_spec = probe.action_spec_unbatched
     probe.close()
     agent = ActorCritic(obs_dim, action_spec.space.n, action_spec, ckpt["agent_cfg"])
-    agent.load_state_dict(ckpt["agent"])
+    try:
+        agent.load_state_dict(ckpt["agent"])
+    except RuntimeError as err:  # the code building this memory changed since the run
+        raise ValueError(f"checkpoint={path}: its weights do not fit the agent its agent_cfg "
+                         f"{ckpt['agent_cfg']} builds now: {err}") from None
     agent.eval()
     return agent, ckpt
 

@@ -26,7 +26,7 @@ from torchrl.data import Categorical
 
 import rlmem  # noqa: F401  (registers the envs)
 from rlmem.agents import ActorCritic
-from rlmem.evaluate import evaluate_greedy
+from rlmem.evaluate import evaluate_greedy, greedy_episodes, record_episodes, write_gif
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -187,6 +187,50 @@ def test_errors_exit_with_code_2_and_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"evaluate: invalid configuration: checkpoint={tmp_path}: {tmp_path} holds no checkpoints/last.pt; is it a "
         "train_rl run dir? (a run writes it every logger.checkpoint_interval frames and at its end)"]
+
+
+class Toy(gym.Env):
+    """Any Gymnasium env that renders (not an rlmem TaskEnv): episodes of 2 .. 6 steps drawn at reset, reward
+    1 for action 1; frames are 8 x 12 and show the step."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 4}
+    observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.length = 0, int(self.np_random.integers(2, 7))
+        return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = self.np_random.uniform(-1, 1, 2).astype(np.float32)
+        return obs, float(action == 1), self.t >= self.length, False, {}
+
+    def render(self):
+        return np.full((8, 12, 3), 20 * self.t, dtype=np.uint8)
+
+
+def test_recording_any_gymnasium_env_replays_the_evaluations_first_episodes(tmp_path):
+    if "rlmem_test/Toy-v0" not in gym.registry:
+        gym.register("rlmem_test/Toy-v0", entry_point=Toy)
+    env_cfg = {"id": "rlmem_test/Toy-v0"}
+    torch.manual_seed(0)
+    agent = ActorCritic(2, 2, Categorical(2), {"memory": "gru", "encoder_dim": 8, "hidden_size": 8}).eval()
+    returns, lengths = greedy_episodes(agent, env_cfg, 5, seed=3)
+    frames, recorded = record_episodes(agent, env_cfg, 3, seed=3)
+    assert recorded.tolist() == returns[:3].tolist()
+    assert [len(f) for f in frames] == (lengths[:3] + 1).tolist()  # reset frame + one per step
+    assert len(set(lengths.tolist())) > 1  # the episodes really differ in length
+    n = write_gif(tmp_path / "toy.gif", frames, fps=10, captions=["a", "b", "c"])
+    gif = Image.open(tmp_path / "toy.gif")
+    assert n == gif.n_frames == int((lengths[:3] + 1).sum())
+    assert gif.size == (12, 8 + 20)  # the caption strip sits above the env's frame
+    with pytest.raises(ValueError, match="fps must be > 0"):
+        write_gif(tmp_path / "bad.gif", frames, fps=0)
 
 
 # --- the rgb_array render of every rlmem env ------------------------------------------------------------
