@@ -168,7 +168,7 @@ def test_sharing_sets_the_number_of_distinct_banks(sharing, extra, n_banks):
     assert len(adapted.adapter.banks) == n_banks
     bank_params = {id(p) for b in adapted.adapter.banks for p in b.parameters()}
     assert len(bank_params) == n_banks
-    # a gradient step on a loss through layer 0 only reaches layer 0's bank (and those sharing it)
+    # every bank is read by some layer, so each one gets a gradient (a bank left out of the reads would not)
     with torch.no_grad():
         for read in adapted.adapter.reads:
             read.w_o.weight.normal_()
