@@ -149,8 +149,7 @@ def check_same_spaces(trained_cfg: Mapping[str, Any], env_cfg: Mapping[str, Any]
     (trained_obs, trained_act), (obs, act) = spaces
     if trained_obs != obs or trained_act != act:
         raise ValueError(f"the agent was trained on observations of shape {trained_obs} and actions {trained_act}; "
-                         f"env {dict(env_cfg)} has {obs} and {act}; evaluate with knobs that keep both "
-                         "(e.g. a DelayedCue delay, not its n_cues)")
+                         f"env {dict(env_cfg)} has {obs} and {act}; only overrides that keep both can be evaluated")
 
 
 # --- recording ----------------------------------------------------------------------------------------

@@ -176,8 +176,18 @@ def test_clear_errors(run_dir, tmp_path):
         evaluate(config(checkpoint=str(run_dir), env={"dealy": 20}))
     with pytest.raises(ValueError, match="trained on observations of shape"):
         evaluate(config(checkpoint=str(run_dir), env={"n_cues": 8}))
-    with pytest.raises(ValueError, match="video_episodes must be in"):
-        evaluate(config(checkpoint=str(run_dir), video=str(tmp_path / "v"), video_episodes=5))
+    with pytest.raises(ValueError, match=r"video_episodes must be in \[1, inf\]"):
+        evaluate(config(checkpoint=str(run_dir), video=str(tmp_path / "v"), video_episodes=0))
+    with pytest.raises(ValueError, match=r"fps must be a finite number"):
+        evaluate(config(checkpoint=str(run_dir), video=str(tmp_path / "v"), fps=0))
+
+
+def test_more_video_episodes_than_evaluated_ones(run_dir, tmp_path):
+    """Recorded episode i is seeded seed + i whether or not it is one of the evaluation's."""
+    evaluate = load_evaluate_script().evaluate
+    result = evaluate(config(checkpoint=str(run_dir), episodes=1, video=str(tmp_path / "v"), video_episodes=3))
+    assert Image.open(tmp_path / "v" / "eval.gif").n_frames == result["video_frames"] == 3 * (DELAY + 3)
+    assert result["recorded_returns"][:1] == result["returns"]
 
 
 def test_errors_exit_with_code_2_and_one_line(tmp_path):
