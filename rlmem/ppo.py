@@ -48,6 +48,7 @@ from rlmem.env_factory import effective_env_kwargs, make_torchrl_env, success_th
 from rlmem.envs.core import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
+from rlmem.reward_scaling import ReturnScaler
 from rlmem.run_io import (NonFiniteError, check_finite, flatten, load_checkpoint, run_dir_holds_a_run,
                           save_checkpoint, write_metrics)
 from rlmem.torchrl_wrapper import STATE_KEY
@@ -71,6 +72,7 @@ class PPOConfig:
     value_coef: float = 0.5
     max_grad_norm: float = 0.5
     normalize_advantage: bool = True
+    normalize_reward: bool = True  # divide rewards by the running std of the discounted return (if > 1)
     eval_interval: int = 25_000  # frames between greedy evaluations
     eval_episodes: int = 64
 
@@ -177,6 +179,8 @@ class RecurrentPPO:
             normalize_advantage=ppo.normalize_advantage,
         )
         self.gae = GAE(gamma=ppo.gamma, lmbda=ppo.gae_lambda, value_network=None)
+        # values and advantages are learned on scaled rewards; returns are reported unscaled (RewardSum)
+        self.reward_scaler = ReturnScaler(ppo.num_envs, ppo.gamma) if ppo.normalize_reward else None
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=ppo.lr, eps=1e-5)
 
         self.frames, self.iteration, self.wall_before = 0, 0, 0.0
@@ -207,6 +211,7 @@ class RecurrentPPO:
             "env_cfg": self.env_cfg,
             "ppo": dataclasses.asdict(self.ppo),
             "torch_rng": torch.get_rng_state(),
+            "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
         }
 
     def _load(self, path: Path) -> None:
@@ -225,6 +230,8 @@ class RecurrentPPO:
         self.metrics = ckpt["metrics"]
         self.last_checkpoint_frames = self.frames
         torch.set_rng_state(ckpt["torch_rng"])
+        if self.reward_scaler is not None and ckpt.get("reward_scaler") is not None:
+            self.reward_scaler.load_state_dict(ckpt["reward_scaler"])
         log.info("resuming from %s at frames=%d", path, self.frames)
 
     def _save_checkpoint(self) -> None:
@@ -336,6 +343,9 @@ class RecurrentPPO:
             for data in collector:
                 data = data.reshape(ppo.num_envs, ppo.rollout_len)
                 self._check_memory_state(data)
+                if self.reward_scaler is not None:
+                    reward, done = data["next", "reward"], data["next", "done"]
+                    data["next", "reward"] = self.reward_scaler(reward.squeeze(-1), done.squeeze(-1)).unsqueeze(-1)
                 if ppo.anneal_lr:  # from the frames before this batch, so the last update still learns
                     for group in self.optimizer.param_groups:
                         group["lr"] = ppo.lr * (1.0 - self.frames / end)
@@ -351,6 +361,8 @@ class RecurrentPPO:
                         writer.add_scalar("charts/episodic_return", np.mean(episode_returns), self.frames)
                     writer.add_scalar("charts/SPS", fps, self.frames)
                     writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.frames)
+                    if self.reward_scaler is not None:
+                        writer.add_scalar("charts/reward_scale", 1.0 / self.reward_scaler.std, self.frames)
                     for name, value in losses.items():
                         # "memory/<key>": the memory system's own diagnostics (MemorySystem.diagnostics)
                         writer.add_scalar(name if name.startswith("memory/") else f"losses/{name}", value,

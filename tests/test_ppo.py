@@ -199,3 +199,31 @@ def test_a_non_finite_memory_state_stops_training_and_keeps_the_last_good_checkp
     assert kept["frames"] == good["frames"]
     for key, value in kept["agent"].items():
         torch.testing.assert_close(value, good["agent"][key], rtol=0, atol=0)
+
+
+def value_losses(run_dir: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [s.value for s in events.Scalars("losses/value_loss")]
+
+
+def test_large_returns_are_scaled_so_the_value_loss_stays_of_order_one(tmp_path):
+    """CartPole pays 1 per step: discounted returns reach the tens. Unscaled, the value loss is in the
+    hundreds and dominates the memory that actor and critic share (CartPole stayed at eval return ~100);
+    scaled by the running return std it stays of order 1, and the scaler's statistics are checkpointed."""
+    ppo = dict(num_envs=8, rollout_len=64, seq_len=64, minibatches=2, epochs=1, eval_episodes=2, eval_interval=10**6)
+    runs = {}
+    for normalize in (True, False):
+        trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 16, "hidden_size": 16}, {"id": "CartPole-v1"},
+                               PPOConfig(**ppo, normalize_reward=normalize), tmp_path / str(normalize),
+                               total_frames=3 * 8 * 64, progress_bar=False)
+        trainer.train()
+        runs[normalize] = (trainer, value_losses(tmp_path / str(normalize)))
+    scaled, unscaled = runs[True][1], runs[False][1]
+    assert max(unscaled[1:]) > 20 and max(scaled) < 5, (scaled, unscaled)
+    scaler = runs[True][0].reward_scaler
+    assert scaler.std > 2  # returns of tens: scaled down
+    saved = load_checkpoint(tmp_path / "True" / "checkpoints" / "last.pt")["reward_scaler"]
+    assert saved["count"] == scaler.count == 3 * 8 * 64 and saved["var"] == scaler.var
