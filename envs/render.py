@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 WIDTH = 480
@@ -56,11 +57,8 @@ class Renderer:
     """Draws frames for one env; the layout is fixed at the first frame from the shapes it sees."""
 
     def __init__(self, title: str):
-        from PIL import ImageFont  # imported here: envs that never render never import Pillow
-
         self.title = title
-        self.font = ImageFont.load_default(size=12)
-        self.small = ImageFont.load_default(size=10)
+        self.font, self.small = load_font(12), load_font(10)
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
     def __call__(self, obs: np.ndarray, state: Mapping[str, Any], last: StepInfo) -> np.ndarray:
@@ -73,7 +71,8 @@ class Renderer:
         if self._shapes is None:
             self._shapes = shapes
         elif shapes != self._shapes:  # a video needs one frame size: say what changed rather than crop
-            raise ValueError(f"{self.title}: observation/state shapes changed between frames: {self._shapes} -> {shapes}")
+            raise ValueError(f"{self.title}: observation/state shapes changed between frames: "
+                             f"{self._shapes} -> {shapes}")
         t = int(state["t"]) if "t" in state and state["t"].ndim == 0 else None
         rows = [("observation", "obs", obs[None])]
         for key, value in state.items():
@@ -137,6 +136,18 @@ class Renderer:
                     outlines.append((x, y, x + cell - 1, y + CELL_H - 1))
                 y += CELL_H + 2
         return y + 2
+
+
+def load_font(size: int):
+    """Pillow's default font at ``size`` px (a fixed-size bitmap font where Pillow has no FreeType)."""
+    try:
+        from PIL import ImageFont  # imported here: envs that never render never import Pillow
+    except ImportError:
+        raise gym.error.DependencyNotInstalled("rendering rlmem envs needs Pillow: pip install pillow") from None
+    try:
+        return ImageFont.load_default(size=size)
+    except ImportError:  # Pillow built without FreeType
+        return ImageFont.load_default()
 
 
 def _strip_grid(value: np.ndarray) -> np.ndarray | None:

@@ -207,11 +207,13 @@ def write_gif(path: str | Path, episodes: Sequence[Sequence[np.ndarray]], fps: f
     ``captions[i]`` is drawn in a strip above episode ``i``'s frames with the step number; each episode's
     last frame is shown ``hold_last`` times as long. Returns the number of frames written.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
+
+    from rlmem.envs.render import load_font
 
     if fps <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    font = ImageFont.load_default(size=12)
+    font = load_font(12)
     images, durations = [], []
     frame_ms = 1000.0 / fps
     for i, frames in enumerate(episodes):

@@ -30,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from rlmem.cli import CONFIG_ERRORS
 from rlmem.env_factory import effective_env_kwargs, success_threshold
 from rlmem.envs.core import check_float, check_int
-from rlmem.evaluate import (check_same_spaces, greedy_episodes, load_trained_agent, override_env_config,
-                            record_episodes, resolve_checkpoint, run_dir_of, summarize, write_gif)
+from rlmem.evaluate import (check_same_spaces, greedy_episodes, load_trained_agent, make_render_env,
+                            override_env_config, record_episodes, resolve_checkpoint, run_dir_of, summarize, write_gif)
 from rlmem.user_code import import_modules
 
 log = logging.getLogger("rlmem.evaluate")
@@ -88,6 +88,8 @@ def evaluate(config: dict[str, Any]) -> dict[str, Any]:
     check_same_spaces(ckpt["env_cfg"], env_cfg)
     env_kwargs = effective_env_kwargs(env_cfg)
     threshold = success_threshold(env_cfg)
+    if video is not None:
+        make_render_env(env_cfg).close()  # an env that cannot render fails now, not after the evaluation
 
     returns, lengths = greedy_episodes(agent, env_cfg, episodes, seed)
     result: dict[str, Any] = {
