@@ -33,12 +33,12 @@ def stm(seed=0, **kwargs) -> STM:
     return build_memory("stm", d_in=D_IN, **{**SMALL, **kwargs})
 
 
-def live(memory: STM, seed: int = 1) -> STM:
+def live(memory: STM, seed: int = 1, scale: float = 0.5) -> STM:
     """Random Diffuser output weights (as after training): refinement then changes the buffer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in (memory.diffuser.out, memory.diffuser.ff[-1]):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.5)
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * scale)
     return memory
 
 
@@ -174,6 +174,34 @@ def test_refine_switched_at_some_steps_step_mode_equals_sequence_mode():
     torch.testing.assert_close(torch.cat(ys, 1), y_seq, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state["buffer"], s_seq["buffer"], rtol=1e-4, atol=1e-5)
     assert (y_seq - y_all).abs().max() > 1e-3
+
+
+def test_refinement_changes_the_next_state_only_when_it_persists():
+    x, is_init = inputs()
+    off = torch.zeros(3, 6, dtype=torch.bool)
+    for persist in (False, True):
+        memory = live(stm(persist_refinement=persist)).eval()
+        with torch.no_grad():
+            _, s_on = memory(x, memory.initial_state(3), is_init)
+            _, s_off = memory(x, memory.initial_state(3), is_init, refine=off)
+        differs = (s_on["buffer"] - s_off["buffer"]).abs().max() > 1e-3
+        assert bool(differs) == persist, persist
+
+
+def test_persistent_refinement_passes_the_contract():
+    # small weights: a persistent refinement is applied 2 x 12 times in a row here, large ones blow up
+    check_memory(live(stm(persist_refinement=True), scale=0.05))
+
+
+def test_diffuser_updates_are_relative_to_the_slot_scale():
+    """D(a b) = a D(b) for a > 0: a slot written with a closed gate (tiny) is refined like a large one."""
+    memory = live(stm()).double()
+    buf = torch.randn(4, 4, 8, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    for level in (0, 1):
+        for a in (0.1, 10.0):
+            # up to LayerNorm's eps (1e-5 against a variance of a^2): an update of fixed size would be off by 10x
+            torch.testing.assert_close(memory.diffuser(a * buf, level), a * memory.diffuser(buf, level),
+                                       rtol=2e-2, atol=1e-3 * a)
 
 
 def test_refine_must_be_a_bool_tensor_of_shape_b_t():

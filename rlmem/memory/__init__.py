@@ -8,6 +8,9 @@ from rlmem.memory.registry import available_memories, build_memory, memory_class
 from rlmem.memory import baselines  # noqa: E402,F401  isort:skip
 from rlmem.memory import mamba, ssm, transformer, miras, infinity  # noqa: E402,F401  isort:skip
 from rlmem.memory import armt, darmt  # noqa: E402,F401  isort:skip
+from rlmem.memory import cmrn  # noqa: E402,F401  isort:skip
+from rlmem.memory import stm  # noqa: E402,F401  isort:skip
+from rlmem.memory import adapter  # noqa: E402,F401  isort:skip
 
 __all__ = [
     "CHECKS",
