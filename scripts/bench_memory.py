@@ -1,13 +1,17 @@
-"""Per-step acting latency early vs late in one long episode, for the memory systems of the agents.
+"""Per-step acting latency and memory early vs late in one long episode, for the memory systems of the agents.
 
-    python scripts/bench_memory.py                       # mamba ssm infinity transformer gru, B = 1 and 16
+    python scripts/bench_memory.py                       # mamba ssm infinity transformer gru stm, B = 1 and 16
     python scripts/bench_memory.py --systems mamba transformer:window=256 --steps 2000 --batch-sizes 1
+    python scripts/bench_memory.py --systems stm stm:n_refine=0 --batch-sizes 1 16
 
 Each system is built from its agent config (``scripts/conf/agent/<name>.yaml``: ``encoder_dim`` is
 ``d_in``, the other keys are memory kwargs) and stepped like an acting policy: ``forward`` with T=1 under
 ``no_grad``, carrying its state, ``is_init`` only at step 0. The latency "at step s" is the median time
 of one more step from the state reached after s steps (early and late steps timed alternately); a
 constant-state system has ratio late/early ~ 1, a windowed one is bounded once its window is full.
+Memory: the process's resident set size (RSS, from ``/proc/self/statm``) after ``early`` steps and after
+``steps`` steps, and the peak RSS sampled every 50 steps in between: a system whose state does not grow keeps
+it flat (the peak over the whole process, ``ru_maxrss``, is printed at the end).
 Also reported: one training pass (sequence mode, forward + backward) on a ``[16, 64]`` batch (16 replayed
 slices of 64 steps).
 """
@@ -15,6 +19,8 @@ slices of 64 steps).
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -40,21 +46,36 @@ def build(spec: str):
     return build_memory(memory, d_in=d_in, **cfg), d_in
 
 
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE_MB
+
+
 @torch.no_grad()
-def latencies(memory, d_in: int, batch: int, steps: int, early: int, samples: int) -> tuple[list, list, int]:
+def latencies(memory, d_in: int, batch: int, steps: int, early: int, samples: int) -> tuple[list, list, int, dict]:
     """Play one episode of ``steps`` steps, keeping the states after ``early`` and after ``steps`` steps;
     then time one more step from each, alternating, ``samples`` times (alternating keeps the comparison
-    fair when other jobs share the machine). Returns seconds per step (early, late) and the state size
-    (floats per row) after ``steps`` steps."""
+    fair when other jobs share the machine). Returns seconds per step (early, late), the state size
+    (floats per row) after ``steps`` steps and the RSS in MB (``early``, ``late``, ``peak`` between them)."""
     memory.eval()
     g = torch.Generator().manual_seed(0)
     pool = torch.randn(64, batch, 1, d_in, generator=g)  # inputs cycle through a small pool
     state = memory.initial_state(batch)
     start, cont = torch.ones(batch, 1, dtype=torch.bool), torch.zeros(batch, 1, dtype=torch.bool)
+    rss = {}
     for t in range(steps):
         _, state = memory(pool[t % len(pool)], state, start if t == 0 else cont)
         if t + 1 == early:
             early_state = state
+            rss["early"] = rss["peak"] = rss_mb()
+        elif t + 1 > early and (t + 1) % 50 == 0:
+            rss["peak"] = max(rss["peak"], rss_mb())
+    rss["late"] = rss_mb()
+    rss["peak"] = max(rss["peak"], rss["late"])
     x = pool[steps % len(pool)]
     times = {"early": [], "late": []}
     for _ in range(samples):
@@ -62,7 +83,7 @@ def latencies(memory, d_in: int, batch: int, steps: int, early: int, samples: in
             t0 = time.perf_counter()
             memory(x, s, cont)
             times[key].append(time.perf_counter() - t0)
-    return times["early"], times["late"], sum(v[0].numel() for v in state.values())
+    return times["early"], times["late"], sum(v[0].numel() for v in state.values()), rss
 
 
 def train_pass_ms(memory, d_in: int, batch: int = 16, T: int = 64, reps: int = 5) -> float:
@@ -82,7 +103,7 @@ def train_pass_ms(memory, d_in: int, batch: int = 16, T: int = 64, reps: int = 5
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["mamba", "ssm", "infinity", "transformer", "gru"],
+    parser.add_argument("--systems", nargs="+", default=["mamba", "ssm", "infinity", "transformer", "gru", "stm"],
                         help="agent names (scripts/conf/agent/<name>.yaml), optionally name:key=value,...")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--steps", type=int, default=5000, help="episode length; the late point")
@@ -97,18 +118,21 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {args.threads} thread(s); median ms per step over {args.samples} steps\n")
     header = (f"| system | params | state floats/row | B | ms @ step {args.early} | ms @ step {args.steps} "
-              f"| ratio | train fwd+bwd [16x64] ms |")
+              f"| ratio | RSS MB @ step {args.early} | RSS MB @ step {args.steps} (peak between) "
+              "| train fwd+bwd [16x64] ms |")
     print(header)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.systems:
         memory, d_in = build(name)
-        n_params = sum(p.numel() for p in memory.parameters())
+        n_params = sum(p.numel() for p in memory.parameters())  # trainable (a frozen generator is buffers)
         train_ms = train_pass_ms(memory, d_in)
         for batch in args.batch_sizes:
-            early, late, state_size = latencies(memory, d_in, batch, args.steps, args.early, args.samples)
+            early, late, state_size, rss = latencies(memory, d_in, batch, args.steps, args.early, args.samples)
             early, late = 1e3 * statistics.median(early), 1e3 * statistics.median(late)
             print(f"| {name} | {n_params} | {state_size} | {batch} | {early:.3f} | {late:.3f} | {late / early:.2f} "
-                  f"| {train_ms:.1f} |", flush=True)
+                  f"| {rss['early']:.0f} | {rss['late']:.0f} ({rss['peak']:.0f}) | {train_ms:.1f} |", flush=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    print(f"\npeak RSS of the whole process: {peak:.0f} MB")
 
 
 if __name__ == "__main__":
