@@ -134,15 +134,16 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float, jobs: int, threshold: float,
-             images: Sequence[str]) -> str:
+def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float | None, jobs: int, threshold: float,
+             images: Sequence[str], command: str | None = None) -> str:
     """``results.md``: per group a table of mean +- std scores over seeds (best per row in bold), horizons,
     cost per agent, the plots, and how the numbers were made."""
     finished = [r for r in rows if r["status"] == "finished"]
+    command = command or f"python scripts/benchmark.py suite={suite}"
+    wall = "" if wall_seconds is None else f"{jobs} at a time, wall time of the invocation {wall_seconds / 60:.1f} min, "
     lines = [f"# Benchmark suite `{suite}`", "",
-             f"`python scripts/benchmark.py suite={suite}`: {len(finished)} of {len(rows)} runs finished, "
-             f"{jobs} at a time; wall time of this invocation {wall_seconds / 60:.1f} min, sum of the runs' "
-             f"wall times {sum(r['wall_seconds'] for r in finished) / 60:.1f} min. Machine: {machine()}.", ""]
+             f"`{command}`: {len(finished)} of {len(rows)} runs finished; {wall}sum of the runs' wall times "
+             f"{sum(r['wall_seconds'] for r in finished) / 60:.1f} min. Machine: {machine()}.", ""]
     by_group = scores(rows)
     for group in dict.fromkeys(r["group"] for r in rows):
         group_rows = [r for r in rows if r["group"] == group]
@@ -269,7 +270,8 @@ def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, thresho
 
 
 def write_report(suite: str, runs: Sequence[SuiteRun], failed: Sequence[SuiteRun], suite_dir: Path,
-                 wall_seconds: float, jobs: int, threshold: float) -> list[dict[str, Any]]:
+                 wall_seconds: float | None, jobs: int, threshold: float, command: str | None = None
+                 ) -> list[dict[str, Any]]:
     """``results.csv``, the PNGs and ``results.md`` in ``suite_dir``; returns the rows."""
     failed_set = set(failed)
     rows = [result_row(r, suite_dir, r in failed_set) for r in runs]
@@ -280,5 +282,5 @@ def write_report(suite: str, runs: Sequence[SuiteRun], failed: Sequence[SuiteRun
             images.append(f"learning_{group}.png")
         if plot_horizon(rows, group, suite_dir / f"horizon_{group}.png", threshold):
             images.append(f"horizon_{group}.png")
-    (suite_dir / "results.md").write_text(markdown(suite, rows, wall_seconds, jobs, threshold, images))
+    (suite_dir / "results.md").write_text(markdown(suite, rows, wall_seconds, jobs, threshold, images, command))
     return rows

@@ -145,3 +145,9 @@ def test_smoke_suite_end_to_end_with_a_stop_and_a_rerun(tmp_path):
     assert len(rows) == 1 + 9 and all(",finished," in r for r in rows[1:])
     assert "## delayed_cue: eval_success" in (tmp_path / "results.md").read_text()
     assert {p.name for p in tmp_path.glob("*.png")} >= {"learning_delayed_cue.png", "horizon_delayed_cue.png"}
+    (tmp_path / "results.md").unlink()
+    report = subprocess.run([*command, "run=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-2000:]
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# Benchmark suite `smoke`") and "9 of 9 runs finished" in text
+    assert "jobs=2" in text and "hydra.run.dir" not in text  # the command as typed, without the run dir
