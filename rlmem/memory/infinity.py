@@ -29,22 +29,24 @@ class InfinityMemory(MemorySystem):
 
     The defaults are sized for PPO on a CPU (a narrow backbone: ``expand=1``, ``d_state=8``): the cost of a
     training pass is dominated by the ``[B, T, d_inner, d_state]`` scan tensors and by the per-step ops of
-    the DualTierMiras time loop (see docs/memory.md).
+    the DualTierMiras chunks (``chunk`` steps each in sequence mode; 1 = the exact step loop; see
+    docs/memory.md).
     """
 
-    test_kwargs = {"d_model": 16, "n_layers": 1, "d_state": 4, "d_conv": 3, "mem_slots": 8, "n_heads": 2}
+    # chunk=1: the contract's step == sequence check is exact (see DualTierMiras)
+    test_kwargs = {"d_model": 16, "n_layers": 1, "d_state": 4, "d_conv": 3, "mem_slots": 8, "n_heads": 2, "chunk": 1}
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 8, d_conv: int = 4,
                  expand: int = 1, dt_rank: int | None = None, mem_slots: int = 16, n_heads: int = 4,
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
-                 momentum: float = 0.5, temperature: float = 0.1):
+                 momentum: float = 0.5, temperature: float = 0.1, chunk: int = 16):
         super().__init__()
         self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
         self.mamba = MambaMemory(d_in, d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv,
                                  expand=expand, dt_rank=dt_rank)
         self.miras = DualTierMiras(d_model, d_model=d_model, mem_slots=mem_slots, n_heads=n_heads,
                                    surprise_threshold=surprise_threshold, lr_fast=lr_fast, lr_deep=lr_deep,
-                                   decay=decay, momentum=momentum, temperature=temperature)
+                                   decay=decay, momentum=momentum, temperature=temperature, chunk=chunk)
         self.fuse = nn.Linear(2 * d_model, d_model)
 
     def initial_state(self, batch_size, device=None):

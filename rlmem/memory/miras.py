@@ -20,6 +20,19 @@ Every step, with per-head queries/keys ``q, k`` (unit length, ``mem_slots`` dims
 interference. A matrix memory needs no slot mask: a never-written memory is zero and reads as zero.
 All writes are batched tensor ops; each batch row has its own memory in the state.
 
+Sequence mode (T > 1, the training pass) runs in chunks of ``chunk`` steps, as Titans trains its
+neural memory: within a chunk every step's prediction error ``e_t = v_t - M_0 k_t`` (hence its surprise
+and gate) is taken against the chunk-start memory ``M_0``, not the previous step's. With ``e_t`` and
+``g_t`` fixed, both tiers are linear recurrences in ``(S, M)`` with per-step, per-head scalar
+coefficients (``S_t = a_t S_{t-1} + u_t``, ``M_t = b_t M_{t-1} + c_t S_{t-1} + u_t``, ``u_t = w_t e_t k_t^T``),
+so the chunk's reads and end state are computed in parallel from cumulative products of the
+coefficients: a causal, decay-weighted attention over the chunk plus the chunk-start memory's read.
+``chunk=1`` (and every T=1 call, i.e. acting) runs the exact step loop. No exact parallel form exists in
+general: ``e_t`` depends on ``M_{t-1}``, and the gate is a sigmoid of ``|e_t|^2``, so the step map
+``M_{t-1} -> M_t`` is nonlinear in the memory and steps do not compose into a fixed-size operator.
+An episode start inside a chunk is exact: from that step on, the row's chunk-start memory is the
+fresh (zero) state and nothing before the reset reaches later steps.
+
 State: ``fast, deep, deep_momentum: [B, n_heads, d_head, mem_slots]``, zero at episode start.
 """
 
@@ -39,6 +52,20 @@ from rlmem.memory.registry import register_memory
 _EPS = 1e-4
 #: smallest surprise-gate temperature accepted
 MIN_TEMPERATURE = 1e-6
+#: largest chunk accepted: a chunk costs O(chunk^2) memory and O(chunk^3) work per row and head
+MAX_CHUNK = 256
+
+
+def _segment_products(x: torch.Tensor) -> torch.Tensor:
+    """``x: [..., C]`` (coefficients of steps 1..C) -> ``P: [..., C + 1, C + 1]`` with
+    ``P[t, s] = prod_{s < j <= t} x_j`` for ``t >= s`` (1 on the diagonal); entries above it are junk.
+
+    A cumulative product down the columns of ``[1 if j <= s else x_j]``: exact, no logs, so zero
+    coefficients (decay 1, momentum 0) are fine."""
+    C = x.shape[-1]
+    padded = F.pad(x, (1, 0), value=1.0)[..., :, None]  # [..., C + 1, 1]: x_j for row j, x_0 = 1
+    below = torch.ones(C + 1, C + 1, dtype=torch.bool, device=x.device).tril(-1)  # j > s
+    return torch.where(below, padded, 1.0).cumprod(-2)
 
 
 @register_memory("miras")
@@ -47,13 +74,16 @@ class DualTierMiras(MemorySystem):
 
     ``y_t = LayerNorm(h_t + out_proj([fast.read(q_t); deep.read(q_t)]))`` with ``h_t = in_proj(x_t)``;
     the step's own key/value is written after the read, so ``y_t`` retrieves from steps ``< t``.
+    ``chunk``: steps per chunk in sequence mode (see the module docstring); 1 is the exact step loop.
     """
 
-    test_kwargs = {"d_model": 16, "mem_slots": 8, "n_heads": 2}
+    # chunk=1: the contract's step == sequence check is exact; chunked sequence mode is tested against
+    # its own reference and bounded against the step loop in tests/test_miras.py
+    test_kwargs = {"d_model": 16, "mem_slots": 8, "n_heads": 2, "chunk": 1}
 
     def __init__(self, d_in: int, d_model: int = 64, mem_slots: int = 16, n_heads: int = 4,
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
-                 momentum: float = 0.5, temperature: float = 0.1):
+                 momentum: float = 0.5, temperature: float = 0.1, chunk: int = 16):
         super().__init__()
         d_in = check_int("miras: d_in", d_in, low=1)
         d_model = check_int("miras: d_model", d_model, low=1)
@@ -68,6 +98,8 @@ class DualTierMiras(MemorySystem):
         momentum = check_float("miras: momentum", momentum, low=0.0, high=1.0)
         temperature = check_float("miras: temperature", temperature, low=MIN_TEMPERATURE,
                                   why="the surprise gate divides by it in float32")
+        self.chunk = check_int("miras: chunk", chunk, low=1, high=MAX_CHUNK,
+                               why="steps per chunk in sequence mode; 1 = the exact step loop")
         self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
         self.mem_slots, self.n_heads, self.d_head = mem_slots, n_heads, d_model // n_heads
         self.surprise_threshold, self.lr_fast, self.lr_deep = surprise_threshold, lr_fast, lr_deep
@@ -79,6 +111,9 @@ class DualTierMiras(MemorySystem):
         self.out_proj = nn.Linear(2 * d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunk={self.chunk}"
 
     def initial_state(self, batch_size, device=None):
         shape = (batch_size, self.n_heads, self.d_head, self.mem_slots)
@@ -102,25 +137,44 @@ class DualTierMiras(MemorySystem):
         """``memory: [..., d_head, S]``, ``query: [..., S]`` -> ``[..., d_head]``."""
         return (memory @ query.unsqueeze(-1)).squeeze(-1)
 
-    def retrieve(self, h, state, is_init):
+    def _gate(self, error: torch.Tensor, v_energy: torch.Tensor) -> torch.Tensor:
+        """Surprise gate of a prediction error ``error: [..., d_head]`` with ``v_energy = |v|^2 + eps``."""
+        surprise = error.pow(2).sum(-1) / v_energy
+        return torch.sigmoid((surprise - self.surprise_threshold) / self.log_temperature.exp())
+
+    def retrieve(self, h, state, is_init, chunk: int | None = None, gate_scale: torch.Tensor | None = None):
         """Run the memory over ``h: [B, T, d_model]``: ``-> (reads [B, T, 2 * d_model], next_state)``.
 
-        ``reads[:, t]`` is ``[fast heads; deep heads]`` read before step t's write. Both tiers are updated
-        by one stacked Titans step (tier 0 = fast: momentum 0, gate 1; tier 1 = deep) to keep the number
-        of small ops in this time loop low: it is the cost of the system. Also sets
-        ``self.last_write_rate``, the mean deep-tier gate of this call (detached), for logging.
+        ``reads[:, t]`` is ``[fast heads; deep heads]`` read before step t's write. ``chunk`` (default
+        ``self.chunk``) picks the sequence-mode algorithm: 1 or T = 1 -> :meth:`scan_steps` (exact),
+        else :meth:`scan_chunks`. ``gate_scale: [B, T]`` (optional) multiplies the deep-tier gate per row
+        and step (0 = no deep write, no deep forgetting). Also sets ``self.last_write_rate``, the mean
+        deep-tier gate of this call (detached), for logging.
         """
-        B, T, _ = h.shape
+        chunk = self.chunk if chunk is None else check_int("miras: chunk", chunk, low=1, high=MAX_CHUNK)
         q, k, v = self.project(h)
+        if gate_scale is not None and tuple(gate_scale.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"miras: gate_scale must have shape [B, T]={tuple(h.shape[:2])}, "
+                             f"got {tuple(gate_scale.shape)}")
+        if chunk == 1 or h.shape[1] == 1:  # acting (T = 1) always takes the exact step
+            return self.scan_steps(q, k, v, state, is_init, gate_scale)
+        return self.scan_chunks(q, k, v, state, is_init, chunk, gate_scale)
+
+    def scan_steps(self, q, k, v, state, is_init, gate_scale=None):
+        """The exact step loop: ``q, k: [B, T, H, S]``, ``v: [B, T, H, d_head]`` -> ``(reads, next_state)``.
+
+        Both tiers are updated by one stacked Titans step (tier 0 = fast: momentum 0, gate 1; tier 1 =
+        deep) to keep the number of small ops in this time loop low: it is the cost of the system.
+        """
+        B, T = q.shape[:2]
         qk = torch.stack([q, k], -1).unsqueeze(2)  # [B, T, 1, H, S, 2]: read and predict in one matmul
         k_row = k[:, :, None, :, None, :]  # [B, T, 1, H, 1, S]
         v_tier = v.unsqueeze(2)  # [B, T, 1, H, d_head]
         v_energy = v.pow(2).sum(-1) + _EPS  # [B, T, H]
-        lr = h.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
-        eta = h.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
-        is_fast = torch.tensor([True, False], device=h.device).view(2, 1)
-        temperature = self.log_temperature.exp()
-        keep = (~is_init).to(h.dtype)[:, :, None, None, None, None]
+        lr = q.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
+        eta = q.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
+        is_fast = torch.tensor([True, False], device=q.device).view(2, 1)
+        keep = (~is_init).to(q.dtype)[:, :, None, None, None, None]
         reset_steps = set(is_init.any(0).nonzero().flatten().tolist())  # one host sync per call
         mem = torch.stack([state["fast"], state["deep"]], 1)  # [B, 2, H, d_head, S]
         mom = torch.stack([torch.zeros_like(state["deep_momentum"]), state["deep_momentum"]], 1)
@@ -131,8 +185,9 @@ class DualTierMiras(MemorySystem):
             out = mem @ qk[:, t]  # [B, 2, H, d_head, 2]
             reads.append(out[..., 0])
             error = v_tier[:, t] - out[..., 1]  # the tier's prediction error on the new pair
-            surprise = error.pow(2).sum(-1) / v_energy[:, t, None]  # [B, 2, H]
-            gate = torch.sigmoid((surprise - self.surprise_threshold) / temperature)
+            gate = self._gate(error, v_energy[:, t, None])  # [B, 2, H]
+            if gate_scale is not None:
+                gate = gate * gate_scale[:, t, None, None]
             gates.append(gate[:, 1])
             g = torch.where(is_fast, 1.0, gate)[..., None, None]  # the fast tier always writes
             full_mom = torch.addcmul(eta * mom, lr * error.unsqueeze(-1), k_row[:, t])
@@ -142,6 +197,81 @@ class DualTierMiras(MemorySystem):
         r = torch.stack(reads, 1).flatten(2)  # [B, T, 2 * d_model]: fast heads, then deep heads
         next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
                                 batch_size=state.batch_size)
+        return r, next_state
+
+    def scan_chunks(self, q, k, v, state, is_init, chunk, gate_scale=None):
+        """Chunked sequence mode (same arguments and result as :meth:`scan_steps`).
+
+        Per chunk of C steps (head h; steps j = 1..C; state 0 = the chunk start): ``e_j = v_j - M_0 k_j``
+        (``M_0 := 0`` after a reset in the row), deep gate ``g_j`` from ``e_j``, and ``a_j = 1 - g_j (1 -
+        momentum)``, ``b_j = 1 - g_j decay``, ``c_j = g_j momentum``, ``w_j = g_j lr_deep``. Then ``M_t =
+        Pb[t, 0] M_0 + D[t, 0] S_0 + sum_s (Pb + D)[t, s] w_s e_s k_s^T`` with ``Pa, Pb`` the products of
+        a, b over ``(s, t]`` and ``D[t, s] = sum_{s<j<=t} Pb[t, j] c_j Pa[j-1, s]`` (the momentum's path
+        into M), all ``[C + 1, C + 1]`` per row and head, zero across a reset; the fast tier is the case
+        g = 1, momentum 0, whose coefficients do not depend on the memory. Step j reads ``M_{j-1} q_j``:
+        the chunk-start memory's read plus a ``k_s . q_j``-weighted sum over ``s < j``.
+        """
+        B, T, H, S = q.shape
+        d = v.shape[-1]
+        n = -(-T // chunk)
+        C = chunk if n > 1 else T
+        pad = n * C - T
+
+        def chunked(x):  # [B, T, ...] -> [n, B, C, ...]; padded steps are identity steps (see `real`)
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x
+            return x.view(B, n, C, *x.shape[2:]).transpose(0, 1)
+
+        # state-independent pieces, for all chunks at once; heads next to batch: [n, B, H, C, .]
+        qc, kc, vc = (chunked(x).transpose(2, 3) for x in (q, k, v))
+        qk = torch.cat([qc, kc], -2).contiguous()  # [n, B, H, 2C, S]: read and predict in one matmul
+        scores_qk = qc @ kc.transpose(-1, -2)  # [n, B, H, C, C]: q_j . k_s
+        v_energy = vc.pow(2).sum(-1) + _EPS  # [n, B, H, C]
+        reset = chunked(is_init)  # [n, B, C]
+        real = chunked(torch.ones_like(is_init, dtype=q.dtype))  # 0 on padding
+        scale = real if gate_scale is None else chunked(gate_scale.to(q.dtype)) * real
+        tril = torch.ones(C + 1, C + 1, dtype=torch.bool, device=q.device).tril()
+        seg_id = F.pad(reset.cumsum(-1), (1, 0))  # [n, B, C + 1]: episodes started so far in the chunk
+        # segment[t, s], t >= s: no reset in steps (s, t], so state s still reaches state t
+        segment = ((seg_id.unsqueeze(-1) == seg_id.unsqueeze(-2)) & tril).unsqueeze(2).to(q.dtype)
+        fresh = segment[..., 1:, 0]  # [n, B, 1, C]: step j still sees the chunk-start state
+        before = segment[..., 1:, 1:]  # [n, B, 1, C, C]: write s reaches step j's read (s < j, no reset between)
+        keep = (~reset).to(q.dtype).unsqueeze(2)  # [n, B, 1, C]
+        # the fast tier: decay 1 - decay per real step, write lr_fast e_j k_j^T
+        Pf = _segment_products(1 - self.decay * real).unsqueeze(2) * segment  # [n, B, 1, C + 1, C + 1]
+        attn_fast = self.lr_fast * Pf[..., :-1, 1:] * before * scores_qk  # [n, B, H, C, C]
+        fast_read0, fast_keep, fast_write = Pf[..., :-1, 0] * fresh, Pf[..., -1, :1], self.lr_fast * Pf[..., -1, 1:]
+
+        fast, deep, mom = state["fast"], state["deep"], state["deep_momentum"]  # [B, H, d_head, S]
+        v2 = torch.cat([vc, vc], -1)  # [n, B, H, C, 2 d_head]: the target of both tiers
+        reads, gates = [], []
+        for i in range(n):
+            start = qk[i] @ torch.cat([fast, deep, mom], -2).transpose(-1, -2)  # [B, H, 2C, 3 d_head]
+            error = v2[i] - fresh[i].unsqueeze(-1) * start[..., C:, : 2 * d]  # [B, H, C, 2 d_head]
+            e_fast, e_deep = error[..., :d], error[..., d:]
+            read_fast = fast_read0[i].unsqueeze(-1) * start[..., :C, :d] + attn_fast[i] @ e_fast
+            fast = fast_keep[i, ..., None] * fast + (e_fast * fast_write[i].unsqueeze(-1)).transpose(-1, -2) @ kc[i]
+            # the deep tier: coefficients from the gate of this chunk's errors
+            gate = self._gate(e_deep, v_energy[i]) * scale[i].unsqueeze(1)  # [B, H, C]
+            gates.append(gate)
+            Pa = _segment_products(1 - gate * (1 - self.momentum)) * segment[i]  # [B, H, C + 1, C + 1]
+            Pb = _segment_products(1 - gate * self.decay) * segment[i]
+            c = gate * self.momentum * keep[i]  # a reset at j cuts the momentum's path S_{j-1} -> M_j
+            D = Pb[..., 1:] @ (c.unsqueeze(-1) * Pa[..., :-1, :])  # [B, H, C + 1, C + 1]
+            W = Pb + D  # coefficient of u_s = w_s e_s k_s^T (s >= 1) in M_t
+            w = self.lr_deep * gate
+            attn_deep = W[..., :-1, 1:] * before[i] * w.unsqueeze(-2) * scores_qk[i]  # [B, H, C, C]
+            read_deep = (Pb[..., :-1, 0] * fresh[i]).unsqueeze(-1) * start[..., :C, d : 2 * d] \
+                + (D[..., :-1, 0] * fresh[i]).unsqueeze(-1) * start[..., :C, 2 * d :] + attn_deep @ e_deep
+            reads.append(torch.cat([read_fast, read_deep], 1))  # [B, 2H, C, d_head]: fast heads, then deep
+            # end state: M and S written from the same e_s k_s^T with their own coefficients, one matmul
+            written = torch.cat([e_deep * (w * W[..., -1, 1:]).unsqueeze(-1),
+                                 e_deep * (w * Pa[..., -1, 1:]).unsqueeze(-1)], -1).transpose(-1, -2) @ kc[i]
+            deep, mom = (Pb[..., -1, :1, None] * deep + D[..., -1, :1, None] * mom + written[..., :d, :],
+                         Pa[..., -1, :1, None] * mom + written[..., d:, :])
+        self.last_write_rate = (torch.stack(gates).sum() / (B * H * T)).detach()  # padded steps have gate 0
+        r = torch.stack(reads).transpose(2, 3).flatten(3)  # [n, B, C, 2 * d_model]
+        r = r.transpose(0, 1).flatten(1, 2)[:, :T]  # [B, T, 2 * d_model]
+        next_state = TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
         return r, next_state
 
     def forward(self, x, state, is_init):
