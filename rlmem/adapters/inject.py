@@ -166,7 +166,9 @@ class MemoryAdapter(nn.Module):
 
 class MemoryAdaptedLM(nn.Module):
     """A frozen causal LM with memory reads and/or LoRA. Called like the model it wraps (``model(input_ids=...)
-    .logits``); ``use_cache`` defaults to False."""
+    .logits``); ``use_cache`` defaults to False. Call it (or :meth:`hidden_states`) rather than ``self.model``:
+    each call starts a fresh record of routing decisions for :meth:`aux_loss` and hands the padding mask to
+    the routers."""
 
     def __init__(self, model: nn.Module, adapter: MemoryAdapter | None, cfg: MemoryAdapterConfig,
                  lora_targets: list[str] | None):
@@ -182,19 +184,31 @@ class MemoryAdaptedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 **kwargs: Any):
         self._begin(input_ids, attention_mask, kwargs)
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        finally:
+            self._end()
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                       **kwargs: Any) -> torch.Tensor:
         """The last layer's hidden states (after the final norm), ``[B, T, hidden]``: the decoder stack
         without the LM head."""
         self._begin(input_ids, attention_mask, kwargs)
-        return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        try:
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                         **kwargs).last_hidden_state
+        finally:
+            self._end()
 
     def _begin(self, input_ids, attention_mask, kwargs) -> None:
         kwargs.setdefault("use_cache", False)
         if self.adapter is not None:
             self.adapter.begin(attention_mask)
+
+    def _end(self) -> None:
+        if self.adapter is not None:  # a later direct call of self.model must not route with this call's mask
+            self.adapter._now.mask = None
+            self.adapter._now.block_input.clear()
 
     def aux_loss(self) -> torch.Tensor | None:
         """The routers' auxiliary loss of the last forward (None without chapters or memory)."""
