@@ -6,6 +6,13 @@ a ``SyncVectorEnv`` with ``SAME_STEP`` autoreset, which ``GymWrapper`` also acce
 
 An id may name the module that registers it, Gymnasium's ``"my_module:MyEnv-v0"`` convention: the module
 is imported first (from ``sys.path`` or the working directory).
+
+Spaces (:func:`check_spaces`): actions ``Discrete``, ``MultiDiscrete`` or a 1-d float ``Box`` with finite
+bounds; observations a ``Box`` of rank 1-3 (rank 3 = an image), ``Discrete``, ``MultiBinary`` or a ``Dict``
+of those. TorchRL's ``GymWrapper`` writes a ``Dict`` observation's entries as top-level keys of the
+tensordict; :func:`make_torchrl_env` nests them under ``"observation"`` (a ``RenameTransform``), so
+``td["observation"]`` is the whole observation for every space (a tensor, or a sub-tensordict with the
+Dict's keys) and the primer, the PPO bootstrap and the encoders need no case of their own.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
-from torchrl.envs import Compose, DoubleToFloat, InitTracker, RewardSum, TransformedEnv
+from torchrl.envs import Compose, DoubleToFloat, InitTracker, RenameTransform, RewardSum, TransformedEnv
 from torchrl.envs.libs.gym import GymWrapper
 
 import rlmem.envs  # noqa: F401  (registers rlmem/ ids)
@@ -85,19 +92,46 @@ def effective_env_kwargs(env_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_spaces(env_id: str, vec: gym.vector.VectorEnv) -> None:
-    if not isinstance(vec.single_action_space, gym.spaces.Discrete):
-        raise ValueError(f"{env_id}: only Discrete action spaces are supported, got {vec.single_action_space}")
+    """Raise a ValueError naming the supported spaces unless rlmem's agents can act in and observe ``vec``."""
+    from rlmem.agents.actions import action_head
+    from rlmem.agents.encoders import build_encoder
+
+    try:
+        action_head(vec.single_action_space)
+        build_encoder(vec.single_observation_space, 1)
+    except ValueError as err:
+        raise ValueError(f"{env_id}: {err}") from None
     obs = vec.single_observation_space
-    if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
-        raise ValueError(f"{env_id}: only flat Box observation spaces are supported, got {obs}")
+    if isinstance(obs, gym.spaces.Dict) and {"observation", "state"} & set(obs.spaces):
+        # GymWrapper renames a "state" entry to "observation": both would collide with the nesting below
+        raise ValueError(f"{env_id}: Dict observations with an entry named 'observation' or 'state' are not "
+                         f"supported (rlmem nests the entries under 'observation'); got keys {list(obs.spaces)}")
+
+
+def env_spaces(env_cfg: Mapping[str, Any]):
+    """``(observation space, action space, TorchRL action spec)`` of one env: what an agent is built from."""
+    probe = make_torchrl_env(env_cfg, 1)
+    try:
+        vec = probe.base_env._env  # the Gymnasium vector env GymWrapper wraps
+        return vec.single_observation_space, vec.single_action_space, probe.action_spec_unbatched
+    finally:
+        probe.close()
 
 
 def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None) -> TransformedEnv:
-    """The collector's env: GymWrapper + InitTracker (``is_init``) + RewardSum + the memory primer."""
+    """The collector's env: GymWrapper + InitTracker (``is_init``) + RewardSum + the memory primer; float64
+    observations as float32; a Dict observation's entries nested under ``"observation"``."""
     vec = make_vector_env(env_cfg, num_envs)
     base = GymWrapper(vec, categorical_action_encoding=True, device="cpu")
     transforms = [InitTracker(), RewardSum()]
-    if vec.single_observation_space.dtype != np.float32:
+    obs_space = vec.single_observation_space
+    if isinstance(obs_space, gym.spaces.Dict):
+        keys = list(obs_space.spaces)
+        transforms.insert(0, RenameTransform(keys, [("observation", k) for k in keys]))
+        floats64 = [("observation", k) for k, s in obs_space.spaces.items() if s.dtype == np.float64]
+        if floats64:
+            transforms.insert(1, DoubleToFloat(in_keys=floats64))
+    elif obs_space.dtype == np.float64:
         transforms.insert(0, DoubleToFloat(in_keys=["observation"]))
     if primer is not None:
         transforms.append(primer)

@@ -15,7 +15,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rlmem.env_factory import MissingDependencyError, make_torchrl_env, make_vector_env, split_env_config
+from rlmem.agents.encoders import as_observation
+from rlmem.env_factory import MissingDependencyError, env_spaces, make_vector_env, split_env_config
 from rlmem.run_io import load_checkpoint
 
 #: what a train_rl checkpoint must hold to rebuild its agent (see ``RecurrentPPO._state``)
@@ -38,7 +39,7 @@ def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
     returns = np.zeros(n_episodes)
     lengths = np.zeros(n_episodes, dtype=np.int64)
     for _ in range(max_steps):
-        action, state = agent.act_greedy(torch.as_tensor(obs, dtype=torch.float32), state, is_init)
+        action, state = agent.act_greedy(as_observation(obs), state, is_init)
         is_init = torch.zeros_like(is_init)
         obs, reward, terminated, truncated, _ = vec.step(action.numpy())
         returns[~done] += reward[~done]
@@ -101,11 +102,7 @@ def load_trained_agent(path: str | Path):
     if missing:
         raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")
     # the agent's sizes come from the env it was trained on, as in RecurrentPPO
-    probe = make_torchrl_env(ckpt["env_cfg"], 1)
-    obs_dim = probe.observation_spec["observation"].shape[-1]
-    action_spec = probe.action_spec_unbatched
-    probe.close()
-    agent = ActorCritic(obs_dim, action_spec.space.n, action_spec, ckpt["agent_cfg"])
+    agent = ActorCritic(*env_spaces(ckpt["env_cfg"]), ckpt["agent_cfg"])
     try:
         agent.load_state_dict(ckpt["agent"])
     except RuntimeError as err:  # the code building this memory changed since the run
@@ -188,9 +185,9 @@ def record_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
         is_init = torch.ones(1, dtype=torch.bool)
         frames = [env.render()]
         for _ in range(max_steps):
-            action, state = agent.act_greedy(torch.as_tensor(obs, dtype=torch.float32)[None], state, is_init)
+            action, state = agent.act_greedy(as_observation(obs, batch=True), state, is_init)
             is_init = torch.zeros_like(is_init)
-            obs, reward, terminated, truncated, _ = env.step(int(action[0]))
+            obs, reward, terminated, truncated, _ = env.step(int(action[0]) if action.dim() == 1 else action[0].numpy())
             returns[i] += reward
             frames.append(env.render())
             if terminated or truncated:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rlmem.agents import ActorCritic
-from rlmem.env_factory import effective_env_kwargs, make_torchrl_env, success_threshold
+from rlmem.env_factory import effective_env_kwargs, env_spaces, make_torchrl_env, success_threshold
 from rlmem.envs.core import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
@@ -160,12 +160,7 @@ class RecurrentPPO:
         np.random.seed(seed)
 
         # build the env first: bad env names/values fail here, before anything is written
-        probe = make_torchrl_env(self.env_cfg, 1)
-        obs_dim = probe.observation_spec["observation"].shape[-1]
-        action_spec = probe.action_spec_unbatched
-        n_actions = action_spec.space.n
-        probe.close()
-        self.agent = ActorCritic(obs_dim, n_actions, action_spec, self.agent_cfg)
+        self.agent = ActorCritic(*env_spaces(self.env_cfg), self.agent_cfg)
         self.success_threshold = success_threshold(self.env_cfg)
         self.env_kwargs = effective_env_kwargs(self.env_cfg)
 
