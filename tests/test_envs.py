@@ -6,6 +6,7 @@ from the :class:`rlmem.envs.core.MemoryTask` subclass.
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import gymnasium as gym
@@ -42,6 +43,18 @@ def make_vec(env_id, num_envs, autoreset_mode="NextStep"):
         env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
         autoreset_mode=autoreset_mode, **kwargs_for(env_id),
     )
+
+
+def random_actions(space, rng, n):
+    """``n`` uniformly random actions of ``space`` (Discrete: ``[n]`` ints; Box: ``[n, *shape]`` floats)."""
+    if isinstance(space, gym.spaces.Box):
+        return rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(space.dtype)
+    return rng.integers(space.n, size=n)
+
+
+def one_action(action):
+    """Row ``i`` of :func:`random_actions` as a single env's action (an int for Discrete)."""
+    return action if np.ndim(action) else int(action)
 
 
 def rollout_single(env, seed, actions_rng, n_steps):
@@ -129,14 +142,14 @@ def test_vector_env_equals_single_envs(env_id, mode):
     np.testing.assert_array_equal(obs_v, np.stack(obs_s))
     single_done = np.zeros(n, dtype=bool)
     for _ in range(steps):
-        actions = rng.integers(vec.single_action_space.n, size=n)
+        actions = random_actions(vec.single_action_space, rng, n)
         obs_v, r_v, term_v, trunc_v, info = vec.step(actions)
         for i, env in enumerate(singles):
             if mode == "NextStep" and single_done[i]:
                 o, _ = env.reset()
                 r, term, trunc = 0.0, False, False
             else:
-                o, r, term, trunc, _ = env.step(int(actions[i]))
+                o, r, term, trunc, _ = env.step(one_action(actions[i]))
             single_done[i] = term or trunc
             assert r_v[i] == r and term_v[i] == term and trunc_v[i] == trunc
             if single_done[i] and mode == "SameStep":
@@ -177,7 +190,7 @@ def test_oracle_reaches_documented_optimal_return(env_id):
 @pytest.mark.parametrize("env_id", IDS)
 def test_random_policy_lands_near_documented_chance_return(env_id):
     task = make_vec(env_id, 1).task
-    returns = episode_returns(env_id, lambda vec, rng: rng.integers(vec.single_action_space.n, size=16), 2000)
+    returns = episode_returns(env_id, lambda vec, rng: random_actions(vec.single_action_space, rng, 16), 2000)
     tol = 4 * returns.std() / np.sqrt(len(returns)) + 1e-6
     assert returns.mean() == pytest.approx(task.chance_return(), abs=tol)
 
@@ -186,7 +199,18 @@ def test_random_policy_lands_near_documented_chance_return(env_id):
 def test_invalid_actions_raise_clear_errors(env_id):
     env = make(env_id)
     env.reset(seed=0)
-    n = env.action_space.n
+    space = env.action_space
+    if isinstance(space, gym.spaces.Box):  # continuous: finite values are clipped (as Gymnasium's envs do)
+        valid = re.escape(f"[{space.low.min()}, {space.high.max()}]")
+        for bad in (np.full(space.shape, np.nan), np.zeros((space.shape[0] + 1,)), "left"):
+            with pytest.raises(ValueError, match=valid):
+                env.step(bad)
+        vec = make_vec(env_id, 2)
+        vec.reset(seed=0)
+        with pytest.raises(ValueError, match=valid):
+            vec.step(np.zeros((2, space.shape[0] + 1)))
+        return
+    n = space.n
     for bad in (n, -1, 0.5):
         with pytest.raises(ValueError, match=r"\[0, "):
             env.step(bad)
@@ -301,7 +325,7 @@ def test_sb3_contrib_recurrent_ppo_trains_unchanged(env_id):
     lstm_state, episode_start = None, np.ones(1, dtype=bool)
     for _ in range(10):
         action, lstm_state = model.predict(obs, state=lstm_state, episode_start=episode_start, deterministic=True)
-        assert env.action_space.contains(int(action))
+        assert env.action_space.contains(one_action(action))
         obs, _, term, trunc, _ = env.step(action)
         assert env.observation_space.contains(obs)
         episode_start = np.array([term or trunc])
