@@ -31,8 +31,8 @@ The generator: ``generator=null`` pretrains a tiny causal LM on the task (next-t
 of the same run dir reuses it); ``generator=<dir>`` loads a local ``save_pretrained`` directory (never
 downloads), e.g. one written by ``scripts/pretrain_lm.py``.
 
-Outputs in the run dir: ``examples/K<K>/ex<i>.json`` (story, Q, A, every loss, the baselines, converged
-flags, decoded text), ``contents_K<K>.pt`` (the best contents of each stage, ``[N, K, hidden]``, and the mode
+Outputs in the run dir: ``examples/K<K>/ex<i>.json`` (story, Q and A text, every stage's losses and converged
+flag, the baselines and thresholds, decoded text), ``contents_K<K>.pt`` (the best contents of each stage, ``[N, K, hidden]``, and the mode
 embeddings), ``summary.json`` and ``summary.md`` (convergence rates and decode accuracy vs K).
 """
 
@@ -236,14 +236,15 @@ def run_k(model, task, ex, modes, K: int, full: dict, cfg: dict, scale: float, g
     for i in range(ex["q"].shape[0]):
         rec: dict[str, Any] = {
             "K": K, "example": i,
-            "story": decode_text(task, ex["story"][i]), "q": decode_text(task, ex["q"][i]),
-            "a": decode_text(task, ex["a"][i]),
+            "text": {"story": decode_text(task, ex["story"][i]), "q": decode_text(task, ex["q"][i]),
+                     "a": decode_text(task, ex["a"][i])},
             "random_baseline_loss": {t: float(base[t][i]) for t in ("q", "a")},
             "full_context_loss": {t: float(full[t][i]) for t in ("q", "a")},
             "threshold": {t: float(thresholds[t][i]) for t in ("q", "a")},
         }
+        rec["stages"] = {}
         for stage, r in results.items():
-            rec[stage] = {"loss": {t: float(v[i]) for t, v in r["loss"].items()}, "converged": bool(r["converged"][i]),
+            rec["stages"][stage] = {"loss": {t: float(v[i]) for t, v in r["loss"].items()}, "converged": bool(r["converged"][i]),
                           "restarts_used": int(r["restarts_used"][i]), "final_loss_per_restart": r["history"][i]}
         rec["decoded"] = {t: decode_text(task, decoded[t][i]) for t in ("q", "a")}
         rec["decode_correct"] = {t: bool((decoded[t][i] == ex[t][i]).all()) for t in ("q", "a")}
@@ -256,19 +257,21 @@ def run_k(model, task, ex, modes, K: int, full: dict, cfg: dict, scale: float, g
 def summarize_k(records: list[dict]) -> dict[str, float]:
     n = len(records)
     mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
-    conv = [r for r in records if r["joint"]["converged"]]
+    conv = [r for r in records if r["stages"]["joint"]["converged"]]
     both = lambda r: r["decode_correct"]["q"] and r["decode_correct"]["a"]  # noqa: E731
     return {
         "examples": n,
-        "converged_q": mean([r["q"]["converged"] for r in records]),
-        "converged_a": mean([r["a"]["converged"] for r in records]),
-        "converged_joint": mean([r["joint"]["converged"] for r in records]),
+        "converged_q": mean([r["stages"]["q"]["converged"] for r in records]),
+        "converged_a": mean([r["stages"]["a"]["converged"] for r in records]),
+        "converged_joint": mean([r["stages"]["joint"]["converged"] for r in records]),
         "decode_q": mean([r["decode_correct"]["q"] for r in records]),
         "decode_a": mean([r["decode_correct"]["a"] for r in records]),
         "decode_both": mean([both(r) for r in records]),
         "decode_both_of_converged": mean([both(r) for r in conv]),
-        "joint_loss_q": mean([r["joint"]["loss"]["q"] for r in records]),
-        "joint_loss_a": mean([r["joint"]["loss"]["a"] for r in records]),
+        "single_loss_q": mean([r["stages"]["q"]["loss"]["q"] for r in records]),
+        "single_loss_a": mean([r["stages"]["a"]["loss"]["a"] for r in records]),
+        "joint_loss_q": mean([r["stages"]["joint"]["loss"]["q"] for r in records]),
+        "joint_loss_a": mean([r["stages"]["joint"]["loss"]["a"] for r in records]),
         "random_baseline_q": mean([r["random_baseline_loss"]["q"] for r in records]),
         "random_baseline_a": mean([r["random_baseline_loss"]["a"] for r in records]),
         "full_context_q": mean([r["full_context_loss"]["q"] for r in records]),
@@ -292,12 +295,13 @@ def summary_markdown(summary: dict) -> str:
         f"Mean losses: random-content baseline Q {first['random_baseline_q']:.2f} / A {first['random_baseline_a']:.2f}"
         f" (at K={next(iter(per_k))}), full context Q {first['full_context_q']:.2f} / A {first['full_context_a']:.2f}.",
         "",
-        "| K | conv. Q only | conv. A only | conv. joint | joint loss Q | joint loss A | decode Q | decode A "
-        "| decode Q and A | decode Q and A (converged) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| K | conv. Q only | conv. A only | conv. joint | loss Q only | loss A only | joint loss Q | joint loss A "
+        "| decode Q | decode A | decode Q and A | decode Q and A (converged) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for K, s in per_k.items():
         lines.append(f"| {K} | {s['converged_q']:.2f} | {s['converged_a']:.2f} | {s['converged_joint']:.2f} | "
+                     f"{s['single_loss_q']:.3f} | {s['single_loss_a']:.3f} | "
                      f"{s['joint_loss_q']:.3f} | {s['joint_loss_a']:.3f} | {s['decode_q']:.2f} | {s['decode_a']:.2f} "
                      f"| {s['decode_both']:.2f} | {s['decode_both_of_converged']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -362,7 +362,8 @@ def test_stm_fit_smoke_writes_the_summary_per_k(tmp_path):
             assert 0.0 <= s[key] <= 1.0, (K, key)
         records = [json.loads(p.read_text()) for p in sorted((out / "examples" / f"K{K}").glob("ex*.json"))]
         assert len(records) == s["examples"] == 2
-        assert s["converged_joint"] == sum(r["joint"]["converged"] for r in records) / 2
+        assert s["converged_joint"] == sum(r["stages"]["joint"]["converged"] for r in records) / 2
+        assert all(r["text"]["q"].startswith("where") for r in records)
         contents = torch.load(out / f"contents_K{K}.pt", weights_only=True)
         assert contents["joint"].shape[:2] == (2, int(K))
     assert "| 4 |" in (out / "summary.md").read_text()
