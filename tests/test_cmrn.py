@@ -302,6 +302,19 @@ def test_balance_loss_gradient_lowers_the_probability_of_an_overused_expert():
     assert grad[0] > 0 and grad[1] < 0 and grad[2] < 0  # descent moves probability away from expert 0
 
 
+def test_aux_losses_train_the_router_only():
+    """The load-balance and z-losses move the router's weights, not the shared features (embedding,
+    temporal layers) that the experts and the policy read."""
+    memory = cmrn(n_experts=3, top_k=1).train()
+    x, is_init = inputs()
+    memory(x, memory.initial_state(4), is_init)
+    names = [n for n, p in memory.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(memory.aux_loss(), list(memory.parameters()), allow_unused=True)))
+    assert grads["router.weight"] is not None and grads["router.weight"].abs().sum() > 0
+    assert all(g is None for n, g in grads.items() if not n.startswith("router.")), \
+        [n for n, g in grads.items() if g is not None]
+
+
 def _spy_aux(monkeypatch):
     """Every aux_loss() a trainer asks for gets a hook recording the gradient that reaches it."""
     seen = []

@@ -34,7 +34,9 @@ the same numbers, kept as the reference (tests) and for the cost comparison in `
 **Auxiliary losses** of the last ``forward`` (``aux_loss()``), over its ``N`` tokens (rows x steps):
 Switch-style load balance ``E * sum_e f_e P_e`` (``f_e`` the fraction of routed assignments that went to
 ``e``, ``P_e`` the mean router probability of ``e``; 1 when both are uniform) times ``balance_coef``,
-plus the router z-loss ``mean(logsumexp(logits)^2)`` times ``z_coef``. ``diagnostics()`` reports the
+plus the router z-loss ``mean(logsumexp(logits)^2)`` times ``z_coef``. Their gradients reach the router's
+weights only (the logits are recomputed from detached features): a steady pull on the shared features
+would keep moving what the experts and the policy read after the task loss has converged. ``diagnostics()`` reports the
 expert usage fractions (``expert_usage/<i>``), the mean per-token routing entropy (nats), the entropy of
 the usage fractions and both raw losses.
 
@@ -394,14 +396,17 @@ class CMRN(MemorySystem):
         if chosen is not None:
             top_vals = top_vals.masked_fill(~chosen, float("-inf"))  # column 0 is always chosen (k >= 1)
         gates = torch.softmax(top_vals, -1)  # renormalized over the chosen experts
-        probs = torch.softmax(logits, -1)
+        # the aux losses shape the router, not the features the experts and the policy read: they see the
+        # router's logits of detached features (same values), so their steady pull cannot drift the trunk
+        aux_logits = self.router(z.detach())
+        probs = torch.softmax(aux_logits, -1)
         hit = F.one_hot(top_idx, E).to(torch.bool)  # [B, k, E]
         if chosen is not None:
             hit = hit & chosen.unsqueeze(-1)
         gate_e = (gates.unsqueeze(-1) * hit).sum(1)  # [B, E]: each expert's gate, 0 if not chosen
         hit_e = hit.any(1)  # [B, E]
         stats["prob_sum"] = stats["prob_sum"] + probs.sum(0)
-        stats["lse2_sum"] = stats["lse2_sum"] + torch.logsumexp(logits, -1).pow(2).sum()
+        stats["lse2_sum"] = stats["lse2_sum"] + torch.logsumexp(aux_logits, -1).pow(2).sum()
         stats["entropy_sum"] = stats["entropy_sum"] + (-(probs * probs.clamp_min(1e-12).log()).sum(-1)).sum().detach()
         stats["assigned"] = stats["assigned"] + hit_e.sum(0).detach()
 
