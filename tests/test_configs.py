@@ -87,7 +87,7 @@ def test_agent_configs_build(agent):
     from rlmem.agents import ActorCritic
 
     cfg = OmegaConf.to_container(compose_rl(f"agent={agent}").agent)
-    agent_module = ActorCritic(obs_dim=5, n_actions=4, action_spec=Categorical(4), cfg=cfg)
+    agent_module = ActorCritic(5, 4, Categorical(4), cfg)  # a flat Box(5) observation, Discrete(4) actions
     action, _ = agent_module.act_greedy(torch.zeros(3, 5), agent_module.memory.initial_state(3),
                                         torch.ones(3, dtype=torch.bool))
     assert action.shape == (3,)

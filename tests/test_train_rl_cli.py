@@ -228,7 +228,7 @@ def test_invalid_value_fails_before_training(tmp_path):
         ("agent.hidden_size=0", "hidden_size"),
         ("+agent.no_such_param=3", "valid"),
         ("env=gym env.id=NoSuchEnv-v0", "unknown env id"),
-        ("env=gym env.id=Pendulum-v1", "Discrete action"),
+        ("env=gym env.id=Blackjack-v1", "Blackjack-v1: observation: unsupported observation space Tuple.*supported: Box"),
         ("imports=[no_such_module_xyz]", "cannot import module 'no_such_module_xyz'"),
     ],
 )
