@@ -18,20 +18,20 @@ memory and per-step cost are constant in the episode length. Each step ``t``:
    of it after 300 steps of random inputs, ``tests/test_stm.py``); the gate learns when to open;
 3. **Diffuser** (:class:`Diffuser`): ``n_refine`` iterations of a small denoising network over the whole
    buffer (self-attention across the K + 1 slots and an MLP, residual, conditioned on an embedding of the
-   iteration index), ``b <- D(b, i)`` for ``i = 0 .. n_refine - 1``. Its output projections start at zero,
-   so an untrained Diffuser is the identity. By default (``persist_refinement=False``) the refined buffer is
+   iteration index), ``b <- D(b, i)`` for ``i = 0 .. n_refine - 1``; its updates are scaled by the RMS of
+   the slot they change, and its output projections start at zero (an untrained Diffuser is the identity). By default (``persist_refinement=False``) the refined buffer is
    what the generator reads at this step and the state carries the written buffer: refinement cannot
    erase what the gate keeps, and it does not compound over the episode. With ``persist_refinement=True``
    the refined buffer is the next state; then the Diffuser is applied ``n_refine x T`` times in a row, a
    deep recurrence that in our measurements kept a supervised delayed-cue probe at chance for 300 updates
-   where the default solves it in 150. It is trained through
+   where the default reached accuracy 1.0 within 200. It is trained through
    the task loss and, when ``aux_coef > 0``, by a denoising loss (:meth:`STM.aux_loss`): the refined
    buffers of the last call (detached) are noised at the level of a random iteration ``i`` (standard
    deviation ``aux_noise (n_refine - i) / n_refine`` times the buffer's RMS) and ``D(., i)`` must return
    the clean buffer; the loss is the relative squared error times ``aux_coef``;
 4. **Generator**: a frozen causal LM from ``transformers`` reads ``[mode slot | K content slots | e_t]`` as
-   input embeddings (a soft prompt; a Linear maps ``d`` to the generator's hidden size when they differ)
-   and its last hidden state at the last position (mapped back to ``d``) is the output ``y_t``.
+   input embeddings (a soft prompt, scaled to the RMS of the generator's token embeddings; a Linear maps
+   ``d`` to the generator's hidden size when they differ) and its last hidden state at the last position (mapped back to ``d``) is the output ``y_t``.
 
 The generator only reads the buffer, so in sequence mode only the (cheap) write recurrence loops over
 time; the refinement (unless it persists) and the generator run once on all ``B * T`` buffers.
@@ -51,7 +51,7 @@ training seed; any other value is a local ``save_pretrained`` directory (never d
 memory trains.
 
 State: ``buffer: [B, K + 1, d]`` (slot 0 is the mode slot). An episode starts from a learned buffer
-(``initial_state`` depends on parameters).
+(``initial_state`` depends on parameters; at init a random mode slot and empty content slots).
 """
 
 from __future__ import annotations
