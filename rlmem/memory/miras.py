@@ -28,8 +28,10 @@ coefficients (``S_t = a_t S_{t-1} + u_t``, ``M_t = b_t M_{t-1} + c_t S_{t-1} + u
 so the chunk's reads and end state are computed in parallel from cumulative products of the
 coefficients: a causal, decay-weighted attention over the chunk plus the chunk-start memory's read.
 ``chunk=1`` (and every T=1 call, i.e. acting) runs the exact step loop. No exact parallel form exists in
-general: ``e_t`` depends on ``M_{t-1}``, and the gate is a sigmoid of ``|e_t|^2``, so the step map
-``M_{t-1} -> M_t`` is nonlinear in the memory and steps do not compose into a fixed-size operator.
+general: ``e_t`` depends on ``M_{t-1}``, and the deep gate is a sigmoid of ``|e_t|^2``, so the deep
+tier's step map ``M_{t-1} -> M_t`` is nonlinear in the memory and steps do not compose into a fixed-size
+operator (the fast tier's map is affine, but with a matrix coefficient ``(1 - decay) I - lr k k^T``,
+not a scalar one).
 An episode start inside a chunk is exact: from that step on, the row's chunk-start memory is the
 fresh (zero) state and nothing before the reset reaches later steps.
 
