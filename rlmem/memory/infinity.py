@@ -39,7 +39,7 @@ class InfinityMemory(MemorySystem):
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 8, d_conv: int = 4,
                  expand: int = 1, dt_rank: int | None = None, mem_slots: int = 16, n_heads: int = 4,
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
-                 momentum: float = 0.5, temperature: float = 0.1, chunk: int = 16):
+                 momentum: float = 0.5, temperature: float = 0.1, chunk: int = 1):
         super().__init__()
         self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
         self.mamba = MambaMemory(d_in, d_model=d_model, n_layers=n_layers, d_state=d_state, d_conv=d_conv,

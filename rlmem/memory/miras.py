@@ -70,6 +70,28 @@ def _segment_products(x: torch.Tensor) -> torch.Tensor:
     return torch.where(below, padded, 1.0).cumprod(-2)
 
 
+def check_chunk_stable(chunk: int, lr_fast: float, lr_deep: float, momentum: float) -> None:
+    """Refuse chunked sequence mode where it diverges.
+
+    Within a chunk every step's error is taken against the chunk-start memory, so a key seen on every
+    step of a chunk (the blank steps of a delay, any repeated observation) is written ``chunk`` times from
+    the same error: the fast tier moves by ``chunk * lr_fast`` times the error (overshooting, and growing
+    from chunk to chunk, when that exceeds 2), the deep tier's momentum adds up to ``lr_deep / (1 -
+    momentum)`` per step. Measured with the default learning rates (0.5) on a constant input: NaN after
+    512 steps with ``chunk`` 4, 8 or 16. Chunks are therefore allowed only where no step can overshoot:
+    ``chunk * lr_fast <= 1`` and ``chunk * lr_deep <= 1 - momentum``.
+    """
+    tol = 1e-9
+    if chunk > 1 and (chunk * lr_fast > 1 + tol or chunk * lr_deep > 1 - momentum + tol):
+        largest = max(1, min(int(1 / lr_fast + tol) if lr_fast else MAX_CHUNK,
+                             int((1 - momentum) / lr_deep + tol) if lr_deep else MAX_CHUNK))
+        raise ValueError(
+            f"miras: chunk={chunk} diverges with lr_fast={lr_fast}, lr_deep={lr_deep}, momentum={momentum}: "
+            "a key repeated within a chunk is written chunk times from the same error; chunked sequence mode "
+            f"needs chunk * lr_fast <= 1 and chunk * lr_deep <= 1 - momentum (here chunk <= {largest}), "
+            "or use chunk=1, the exact step loop")
+
+
 @register_memory("miras")
 class DualTierMiras(MemorySystem):
     """Fast + surprise-gated deep associative memory. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
@@ -85,7 +107,7 @@ class DualTierMiras(MemorySystem):
 
     def __init__(self, d_in: int, d_model: int = 64, mem_slots: int = 16, n_heads: int = 4,
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
-                 momentum: float = 0.5, temperature: float = 0.1, chunk: int = 16):
+                 momentum: float = 0.5, temperature: float = 0.1, chunk: int = 1):
         super().__init__()
         d_in = check_int("miras: d_in", d_in, low=1)
         d_model = check_int("miras: d_model", d_model, low=1)
@@ -102,6 +124,7 @@ class DualTierMiras(MemorySystem):
                                   why="the surprise gate divides by it in float32")
         self.chunk = check_int("miras: chunk", chunk, low=1, high=MAX_CHUNK,
                                why="steps per chunk in sequence mode; 1 = the exact step loop")
+        check_chunk_stable(self.chunk, lr_fast, lr_deep, momentum)
         self.d_in, self.d_out, self.d_model = d_in, d_model, d_model
         self.mem_slots, self.n_heads, self.d_head = mem_slots, n_heads, d_model // n_heads
         self.surprise_threshold, self.lr_fast, self.lr_deep = surprise_threshold, lr_fast, lr_deep
@@ -153,7 +176,11 @@ class DualTierMiras(MemorySystem):
         and step (0 = no deep write, no deep forgetting). Also sets ``self.last_write_rate``, the mean
         deep-tier gate of this call (detached), for logging.
         """
-        chunk = self.chunk if chunk is None else check_int("miras: chunk", chunk, low=1, high=MAX_CHUNK)
+        if chunk is None:
+            chunk = self.chunk
+        else:
+            chunk = check_int("miras: chunk", chunk, low=1, high=MAX_CHUNK)
+            check_chunk_stable(chunk, self.lr_fast, self.lr_deep, self.momentum)
         q, k, v = self.project(h)
         if gate_scale is not None and tuple(gate_scale.shape) != tuple(h.shape[:2]):
             raise ValueError(f"miras: gate_scale must have shape [B, T]={tuple(h.shape[:2])}, "
