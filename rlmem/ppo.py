@@ -441,6 +441,14 @@ class RecurrentPPO:
                 batch = slices[idx]
                 with set_recurrent_mode(True):
                     self.agent.backbone(batch)
+                    # a sequence mode can fail where acting did not (the policy's NaN logits would otherwise
+                    # surface as an obscure sampling error inside the loss)
+                    if not torch.isfinite(batch["features"]).all():
+                        raise NonFiniteError(
+                            f"non-finite output of memory system {self.agent_cfg.get('memory')!r} in the PPO "
+                            f"replay (sequence mode) at frames={self.frames}; {self._kept_checkpoint()}; acting "
+                            "(step mode) was finite, so compare the memory's sequence mode with its steps "
+                            "(rlmem.check_memory) or try a lower ppo.lr")
                     out = self.loss_module(batch)
                 loss = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
                 aux = self.agent.aux_loss()

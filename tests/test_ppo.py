@@ -201,6 +201,23 @@ def test_a_non_finite_memory_state_stops_training_and_keeps_the_last_good_checkp
         torch.testing.assert_close(value, good["agent"][key], rtol=0, atol=0)
 
 
+class SequenceNaNMemory(ScaledMemory):
+    """Finite when stepped (acting), NaN in sequence mode (T > 1): a broken parallel form."""
+
+    def forward(self, x, state, is_init):
+        y, state = super().forward(x, state, is_init)
+        return (y * float("nan") if x.shape[1] > 1 else y), state
+
+
+def test_a_non_finite_replay_stops_training_with_a_clear_error(tmp_path):
+    cfg = PPOConfig(**SMALL)
+    trainer = RecurrentPPO({"memory": "test_ppo:SequenceNaNMemory", "encoder_dim": 8}, {"id": "rlmem/DelayedCue-v0"},
+                           cfg, tmp_path, total_frames=cfg.frames_per_batch, progress_bar=False)
+    with pytest.raises(NonFiniteError, match=r"memory system 'test_ppo:SequenceNaNMemory' in the PPO replay "
+                                             r"\(sequence mode\) at frames=64; no checkpoint was written yet"):
+        trainer.train()
+
+
 def value_losses(run_dir: Path) -> list[float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
