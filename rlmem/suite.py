@@ -36,7 +36,10 @@ log = logging.getLogger("benchmark")
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 #: per script: (config group of the agents, config group of the envs)
-GROUPS = {"train_rl": ("agent", "env"), "train_lm": ("model", "task")}
+GROUPS = {"train_rl": ("agent", "env"), "train_lm": ("model", "task"), "sb3_reference": (None, "env")}
+#: an "agent" of train_rl groups that is run by scripts/sb3_reference.py (sb3-contrib's RecurrentPPO), which
+#: takes only these of the group's overrides
+REFERENCE_AGENT, REFERENCE_OVERRIDES = "sb3_recurrent_ppo", ("total_frames=", "threads=")
 SETTINGS_FILE = "suite_run.json"
 GROUP_KEYS = {"script", "agents", "env", "sweep", "seeds", "overrides", "long_episodes"}
 
@@ -64,8 +67,9 @@ class SuiteRun:
     def arguments(self) -> list[str]:
         """The script's command-line overrides (without the run dir)."""
         agent_group, env_group = GROUPS[self.script]
-        return [f"{agent_group}={self.agent}", f"{env_group}={self.env}",
-                *(f"{env_group}.{k}={v}" for k, v in self.knobs), f"seed={self.seed}", *self.overrides]
+        agent = [] if agent_group is None else [f"{agent_group}={self.agent}"]
+        return [*agent, f"{env_group}={self.env}", *(f"{env_group}.{k}={v}" for k, v in self.knobs),
+                f"seed={self.seed}", *self.overrides]
 
     def command(self, suite_dir: Path) -> list[str]:
         return [sys.executable, str(SCRIPTS / f"{self.script}.py"), *self.arguments(),
@@ -105,13 +109,14 @@ def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(GROUP_KEYS)}")
         script = spec.get("script")
-        if script not in GROUPS:
-            raise ValueError(f"{where}: script={script!r}; valid choices: {', '.join(GROUPS)}")
+        if script not in ("train_rl", "train_lm"):
+            raise ValueError(f"{where}: script={script!r}; valid choices: train_rl, train_lm")
         agent_group, env_group = GROUPS[script]
         agents, env = list(spec.get("agents") or []), spec.get("env")
         if not agents:
             raise ValueError(f"{where}: no agents")
-        for name, group_name in [*((a, agent_group) for a in agents), (env, env_group)]:
+        checked = [(a, agent_group) for a in agents if not (script == "train_rl" and a == REFERENCE_AGENT)]
+        for name, group_name in [*checked, (env, env_group)]:
             if name not in available(group_name):
                 raise ValueError(f"{where}: unknown {group_name} {name!r}; valid choices: "
                                  f"{', '.join(available(group_name))}")
@@ -133,7 +138,11 @@ def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:
                     episode = int(dict(knobs)[long_episodes["knob"]]) + int(long_episodes.get("extra_steps", 0))
                     extra = long_episode_overrides(agent, episode)
                 for seed in seeds:
-                    runs.append(SuiteRun(group, script, agent, env, knobs, seed, (*extra, *overrides)))
+                    if script == "train_rl" and agent == REFERENCE_AGENT:
+                        kept = tuple(o for o in overrides if o.startswith(REFERENCE_OVERRIDES))
+                        runs.append(SuiteRun(group, "sb3_reference", agent, env, knobs, seed, kept))
+                    else:
+                        runs.append(SuiteRun(group, script, agent, env, knobs, seed, (*extra, *overrides)))
     names = [(r.group, r.name) for r in runs]
     if len(set(names)) != len(names):
         raise ValueError("the suite lists the same run twice (repeated agents, knob values or seeds)")

@@ -25,7 +25,8 @@ from rlmem.suite import SuiteRun
 COLUMNS = ["group", "script", "agent", "env", "knobs", "seed", "status", "frames", "wall_seconds", "fps",
            "eval_return", "eval_success", "score_name", "score", "parameters", "run_dir"]
 #: the TensorBoard tags of the learning curves, per script, in order of preference
-CURVE_TAGS = {"train_rl": ("charts/eval_success", "charts/eval_return"), "train_lm": ("lm/eval_accuracy",)}
+CURVE_TAGS = {"train_rl": ("charts/eval_success", "charts/eval_return"), "train_lm": ("lm/eval_accuracy",),
+              "sb3_reference": ("charts/eval_success", "charts/eval_return")}
 
 
 def knob_text(knobs: Sequence[tuple[str, Any]]) -> str:
@@ -43,7 +44,7 @@ def result_row(run: SuiteRun, suite_dir: Path, failed: bool = False) -> dict[str
     row["status"] = "finished" if done and not failed else ("failed" if failed else "missing")
     if not done:
         return row
-    if run.script == "train_rl":
+    if run.script in ("train_rl", "sb3_reference"):
         success = metrics.get("eval_success")
         row.update(frames=metrics["frames"], wall_seconds=metrics["wall_seconds"], fps=metrics["fps"],
                    eval_return=metrics.get("eval_return"), eval_success=success,

@@ -51,8 +51,25 @@ def test_long_episodes_get_a_rollout_that_holds_two_episodes():
     assert long_episode_overrides("gru", 1002) == ["ppo.rollout_len=2048", "ppo.seq_len=2048", "ppo.num_envs=4"]
 
 
+def test_the_reference_agent_runs_sb3_recurrent_ppo_with_the_overrides_it_knows(tmp_path):
+    gru, ref = plan(group(agents=["gru", "sb3_recurrent_ppo"], sweep={"delay": [5]},
+                          overrides=["total_frames=2048", "ppo.num_envs=8"]))
+    assert gru.script == "train_rl" and ref.script == "sb3_reference"
+    assert ref.arguments() == ["env=delayed_cue", "env.delay=5", "seed=0", "total_frames=2048"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*ref.command(tmp_path)[:-1], "eval_interval=1024", "eval_episodes=4",
+                           f"hydra.run.dir={ref.run_dir(tmp_path)}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert finished(ref, tmp_path)
+    row = result_row(ref, tmp_path)
+    assert row["status"] == "finished" and row["frames"] >= 2048 and 0 <= row["eval_success"] <= 1
+    assert row["parameters"] > 0 and row["score_name"] == "eval_success"
+
+
 @pytest.mark.parametrize("spec, match", [
     (group(script="train_xx"), "valid choices: train_rl, train_lm"),
+    (group(script="sb3_reference"), "valid choices: train_rl, train_lm"),
     (group(agents=["no_such_agent"]), "unknown agent 'no_such_agent'; valid choices: .*gru"),
     (group(env="no_such_env"), "unknown env 'no_such_env'; valid choices: .*delayed_cue"),
     (group(agents=[]), "no agents"),
