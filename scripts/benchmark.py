@@ -187,17 +187,32 @@ def run_suite(cfg) -> None:
                         jobs, float(cfg.success_threshold), " ".join(["python scripts/benchmark.py", *shown]))
     log.info("results: %s, %s", suite_dir / "results.csv", suite_dir / "results.md")
     if cfg.publish:
-        images = ROOT / "docs" / "results"
-        images.mkdir(parents=True, exist_ok=True)
-        for png in suite_dir.glob("*.png"):
-            shutil.copy(png, images / png.name)
-        text = (suite_dir / "results.md").read_text()
-        for png in suite_dir.glob("*.png"):
-            text = text.replace(f"]({png.name})", f"](results/{png.name})")
-        (ROOT / "docs" / "results.md").write_text(text)
-        log.info("published docs/results.md and docs/results/*.png")
+        publish(suite["name"], suite_dir)
+        log.info("published docs/results/%s.md, its PNGs and docs/results.md", suite["name"])
     if cfg.run and (failed or any(r["status"] != "finished" for r in rows)):
         raise SystemExit(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.group}/{r.name}" for r in failed))
+
+
+def publish(suite: str, suite_dir: Path) -> None:
+    """Copy a suite's results.md and PNGs to docs/results/ (PNGs prefixed with the suite's name) and
+    rebuild docs/results.md from every suite published there."""
+    import shutil
+
+    docs = ROOT / "docs" / "results"
+    docs.mkdir(parents=True, exist_ok=True)
+    text = (suite_dir / "results.md").read_text()
+    for png in sorted(suite_dir.glob("*.png")):
+        shutil.copy(png, docs / f"{suite}_{png.name}")
+        text = text.replace(f"]({png.name})", f"]({suite}_{png.name})")
+    (docs / f"{suite}.md").write_text(text)
+    parts = []
+    for md in sorted(docs.glob("*.md")):
+        part = md.read_text().replace("](", "](results/").replace("](results/http", "](http")
+        parts.append(part.replace("# Benchmark suite", "## Benchmark suite", 1).replace("\n## ", "\n### "))
+    header = ("# Benchmark results\n\nGenerated from real runs by `python scripts/benchmark.py suite=<name> "
+              "publish=true` (one section per suite; each says its command, machine and time). Regenerate a "
+              "section from an existing suite dir without training: add `run=false`.\n\n")
+    (ROOT / "docs" / "results.md").write_text(header + "\n".join(parts))
 
 
 def main() -> None:

@@ -168,3 +168,23 @@ def test_smoke_suite_end_to_end_with_a_stop_and_a_rerun(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Benchmark suite `smoke`") and "9 of 9 runs finished" in text
     assert "jobs=2" in text and "hydra.run.dir" not in text  # the command as typed, without the run dir
+
+
+def test_publish_writes_a_section_per_suite_and_the_index(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    for suite in ("horizon", "smoke"):
+        suite_dir = tmp_path / "runs" / suite
+        suite_dir.mkdir(parents=True)
+        (suite_dir / "results.md").write_text(f"# Benchmark suite `{suite}`\n\n## g: table\n\n![h](horizon_g.png)\n")
+        (suite_dir / "horizon_g.png").write_bytes(b"png")
+        bench.publish(suite, suite_dir)
+    index = (tmp_path / "docs" / "results.md").read_text()
+    assert index.startswith("# Benchmark results")
+    assert "## Benchmark suite `horizon`" in index and "## Benchmark suite `smoke`" in index
+    assert "### g: table" in index and "![h](results/smoke_horizon_g.png)" in index
+    assert (tmp_path / "docs" / "results" / "horizon_horizon_g.png").read_bytes() == b"png"
