@@ -435,7 +435,7 @@ def test_add_expert_freezes_the_old_experts_and_grows_the_router():
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_experts": 3, "top_k": 4}, r"top_k must be in \[1, 3\] \(n_experts=3\), got 4"),
     ({"top_k": 0}, r"top_k must be in \[1, 3\]"),
-    ({"expert_types": ["general", "generative", "pattern"]}, r"unknown expert type\(s\) \['generative'\]; "
+    ({"expert_types": ["general", "generative", "pattern"]}, r"unknown expert_types \['generative'\]; "
                                                              r"valid: \['general', 'symbolic', 'pattern'\]"),
     ({"expert_types": ["general"]}, "expert_types has 1 entries, n_experts=3"),
     ({"mem_slots": 0}, r"mem_slots must be in \[1, inf\]"),

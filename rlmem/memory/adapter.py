@@ -75,7 +75,10 @@ class AdapterMemory(MemorySystem):
                 lm = load_causal_lm(self.source, vocab_size=32, hidden_size=hidden_size, n_layers=n_layers,
                                     n_heads=n_heads, max_positions=max(64, self.window), seed=base_seed)
         else:
-            lm = load_causal_lm(self.source)  # FileNotFoundError / ValueError naming the valid choices
+            try:
+                lm = load_causal_lm(self.source)  # FileNotFoundError / ValueError naming the valid choices
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"{name}: source={self.source!r}: {err}") from None
         config = lm.config
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if positions is not None and self.window > positions:

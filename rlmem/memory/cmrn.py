@@ -485,13 +485,15 @@ def expert_type_list(expert_types: Sequence[str] | str | None, n_experts: int) -
         types = [cycle[i % len(cycle)] for i in range(n_experts)]
     elif isinstance(expert_types, str):
         types = [expert_types] * n_experts
-    else:
+    elif isinstance(expert_types, Sequence):
         types = list(expert_types)
         if len(types) != n_experts:
             raise ValueError(f"cmrn: expert_types has {len(types)} entries, n_experts={n_experts}")
+    else:
+        raise TypeError(f"cmrn: expert_types must be a type name or a list of them, got {expert_types!r}")
     unknown = sorted({t for t in types if not isinstance(t, str) or t not in EXPERT_TYPES}, key=str)
     if unknown:
-        raise ValueError(f"cmrn: unknown expert type(s) {unknown}; valid: {list(EXPERT_TYPES)}")
+        raise ValueError(f"cmrn: unknown expert_types {unknown}; valid: {list(EXPERT_TYPES)}")
     return types
 
 

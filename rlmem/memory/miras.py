@@ -83,8 +83,8 @@ def check_chunk_stable(chunk: int, lr_fast: float, lr_deep: float, momentum: flo
     """
     tol = 1e-9
     if chunk > 1 and (chunk * lr_fast > 1 + tol or chunk * lr_deep > 1 - momentum + tol):
-        largest = max(1, min(int(1 / lr_fast + tol) if lr_fast else MAX_CHUNK,
-                             int((1 - momentum) / lr_deep + tol) if lr_deep else MAX_CHUNK))
+        bounds = [1 / lr_fast if lr_fast else MAX_CHUNK, (1 - momentum) / lr_deep if lr_deep else MAX_CHUNK]
+        largest = max(1, int(min(MAX_CHUNK, *bounds) + tol))
         raise ValueError(
             f"miras: chunk={chunk} diverges with lr_fast={lr_fast}, lr_deep={lr_deep}, momentum={momentum}: "
             "a key repeated within a chunk is written chunk times from the same error; chunked sequence mode "

@@ -254,7 +254,10 @@ class STM(MemorySystem):
                 lm = load_causal_lm(generator, vocab_size=32, hidden_size=g_hidden, n_layers=g_layers,
                                     n_heads=g_heads, max_positions=max(64, n_slots + 2), seed=seed)
         else:
-            lm = load_causal_lm(generator)  # FileNotFoundError / ValueError with the valid choices
+            try:
+                lm = load_causal_lm(generator)  # FileNotFoundError / ValueError with the valid choices
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"{name}: generator={generator!r}: {err}") from None
         config = lm.config
         max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if max_positions is not None and n_slots + 2 > max_positions:
