@@ -173,11 +173,14 @@ def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float | N
             lines += [f"Largest `{knob}` with mean {score_name} >= {threshold}: "
                       + ", ".join(f"{a} {_fmt(largest_solved(curves[a], threshold))}" for a in agents if a in curves),
                       ""]
-        lines += ["| agent | parameters | frames/s (mean) | wall time per run (mean, s) |", "|---|---|---|---|"]
+        lines += ["| agent | parameters | eval return (mean) | frames/s (mean) | wall time per run (mean, s) |",
+                  "|---|---|---|---|---|"]
         for a in agents:
             done = [r for r in group_rows if r["agent"] == a and r["status"] == "finished"]
             if done:
-                lines.append(f"| {a} | {done[0]['parameters']} | {np.mean([r['fps'] for r in done]):.0f} | "
+                returns = [r["eval_return"] for r in done if r.get("eval_return") is not None]
+                ret = f"{np.mean(returns):.4g}" if returns else "-"
+                lines.append(f"| {a} | {done[0]['parameters']} | {ret} | {np.mean([r['fps'] for r in done]):.0f} | "
                              f"{np.mean([r['wall_seconds'] for r in done]):.1f} |")
         lines.append("")
     not_done = [r for r in rows if r["status"] != "finished"]
