@@ -12,9 +12,14 @@ A suite (``scripts/conf/suite/<name>.yaml``) is a set of named groups::
         overrides: [total_frames=200000]   # any other command-line overrides of the script
         long_episodes: {knob: delay, extra_steps: 2}   # optional, see long_episode_overrides
 
+An agent named ``sb3_recurrent_ppo`` in a train_rl group is the reference: its runs are
+``scripts/sb3_reference.py`` (sb3-contrib's RecurrentPPO) with the env knobs, the seed and only the
+``total_frames`` / ``threads`` overrides.
+
 :func:`plan` expands it into :class:`SuiteRun` s, :func:`execute` runs them as subprocesses (``jobs`` at a
 time) into ``<suite dir>/runs/<group>/<name>``. A run whose ``metrics.json`` says it finished is skipped, an
-interrupted one resumes from its checkpoint (the scripts do that), so rerunning a killed suite continues it.
+interrupted one resumes from its checkpoint (train_rl and train_lm do that; a reference run starts over),
+so rerunning a killed suite continues it.
 """
 
 from __future__ import annotations
