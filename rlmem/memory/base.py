@@ -22,6 +22,13 @@ Optional auxiliary losses (load balance, reconstruction, ...) are returned by
 adds them to its loss. Optional diagnostics (expert usage, write rates, ...) are
 returned by :meth:`MemorySystem.diagnostics`, also for the most recent ``forward``;
 both trainers log them to TensorBoard as ``memory/<key>``.
+
+A system with an expensive path that can be switched off per row and step (a deep-tier write, a
+coprocessor, a refinement, extra experts) names it in ``trigger_path`` and accepts
+``forward(x, state, is_init, trigger=None)`` with ``trigger: [B, T]`` bool: the path runs at step t of
+row b only where ``trigger[b, t]``; ``None`` runs it everywhere (the system's behaviour without
+triggers). Step mode and sequence mode agree given the same triggers. The agents turn such a trigger
+into an action (``rlmem.agents.triggers``).
 ``rlmem.check_memory(memory)`` checks a system against this contract.
 """
 
@@ -41,6 +48,8 @@ class MemorySystem(nn.Module):
 
     d_in: int
     d_out: int
+    #: the expensive path ``forward(..., trigger=[B, T])`` switches per row and step (None: no such path)
+    trigger_path: str | None = None
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> TensorDict:
         """The state at an episode start: a TensorDict with ``batch_size=[batch_size]``."""
@@ -85,6 +94,16 @@ def reset_state(state: TensorDict, init: TensorDict, reset: torch.Tensor) -> Ten
     return state.apply(
         lambda s, i: torch.where(reset.view(-1, *([1] * (s.dim() - 1))), i, s), init
     )
+
+
+def check_trigger(memory: MemorySystem, trigger: torch.Tensor | None, is_init: torch.Tensor) -> None:
+    """A ``trigger`` must be None or a bool tensor shaped like ``is_init: [B, T]``."""
+    if trigger is None:
+        return
+    if not isinstance(trigger, torch.Tensor) or trigger.dtype != torch.bool or trigger.shape != is_init.shape:
+        got = f"{trigger.dtype} {list(trigger.shape)}" if isinstance(trigger, torch.Tensor) else repr(trigger)
+        raise ValueError(f"{type(memory).__name__}: trigger must be None or a bool tensor of shape [B, T]="
+                         f"{list(is_init.shape)}, got {got}")
 
 
 def check_inputs(memory: MemorySystem, x: torch.Tensor, state: TensorDict, is_init: torch.Tensor) -> None:

@@ -146,9 +146,9 @@ def _initial(memory: nn.Module, batch: int, s: CheckSetup) -> TensorDictBase:
     return state
 
 
-def _run(memory: nn.Module, x: torch.Tensor, state: TensorDictBase, is_init: torch.Tensor):
+def _run(memory: nn.Module, x: torch.Tensor, state: TensorDictBase, is_init: torch.Tensor, **trigger):
     """``forward`` plus the checks every call must pass: ``y: [B, T, d_out]``, finite, a TensorDict state."""
-    out = memory(x, state, is_init)
+    out = memory(x, state, is_init, **trigger)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise _Failure(f"forward must return (y, next_state), got {type(out).__name__}")
     y, next_state = out
@@ -430,6 +430,28 @@ def check_deterministic(memory: nn.Module, s: CheckSetup) -> None:
 
 
 #: Every check by name, in the order :func:`check_memory` runs them. Each takes ``(memory, CheckSetup)``.
+def check_triggers(memory: nn.Module, s: CheckSetup) -> None:
+    """For a system with a ``trigger_path``: given the same random ``trigger: [B, T]``, step mode equals
+    sequence mode, and ``trigger=None`` equals all True. Systems without a path pass. (Whether the path
+    changes anything is left to the system's own tests: a zero-initialized path does nothing before training.)"""
+    if getattr(memory, "trigger_path", None) is None:
+        return
+    x, is_init, T = _x(memory, s), _episode_starts(s), s.steps
+    trigger = s.randn(s.batch_size, T, stream=7) > 0
+    init = _initial(memory, s.batch_size, s)
+    y_seq, s_seq = _run(memory, x, init, is_init, trigger=trigger)
+    state, ys = init, []
+    for t in range(T):
+        y, state = _run(memory, x[:, t : t + 1], state, is_init[:, t : t + 1], trigger=trigger[:, t : t + 1])
+        ys.append(y)
+    what = "T calls with T=1 vs one call with T steps, given the same random triggers"
+    _compare(torch.cat(ys, 1), y_seq, f"{what}, outputs", steps=True, **s.loose)
+    _compare_states(state, s_seq, f"{what}, final state", **s.loose)
+    y_none, _ = _run(memory, x, init, is_init)
+    y_all, _ = _run(memory, x, init, is_init, trigger=torch.ones_like(trigger))
+    _compare(y_all, y_none, "trigger all True vs trigger=None, outputs", steps=True, **s.tight)
+
+
 CHECKS: dict[str, Callable[[nn.Module, CheckSetup], None]] = {
     "step_equals_sequence": check_step_equals_sequence,
     "reset_equals_fresh_state": check_reset_equals_fresh_state,
@@ -438,6 +460,7 @@ CHECKS: dict[str, Callable[[nn.Module, CheckSetup], None]] = {
     "state_in_tensordict": check_state_in_tensordict,
     "state_dict_round_trip": check_state_dict_round_trip,
     "deterministic": check_deterministic,
+    "triggers": check_triggers,
 }
 
 _TRAIN_MODE_CHECKS = {"gradients_through_state"}

@@ -70,7 +70,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from rlmem.envs.core import check_float, check_int
-from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.base import MemorySystem, check_inputs, check_trigger
 from rlmem.memory.registry import register_memory
 
 DISPATCH = ("sparse", "dense")
@@ -250,6 +250,10 @@ class CMRN(MemorySystem):
     an ``O(d_key + d)`` write. State: ``L d + E S (d_key + d + 1) + 1`` numbers per row.
     """
 
+    @property
+    def trigger_path(self) -> str | None:
+        return None if self.top_k == 1 else f"experts 2..{self.top_k} of top_k"
+
     test_kwargs = {"d_model": 16, "n_timescales": 3, "n_experts": 3, "top_k": 2, "mem_slots": 3, "d_key": 8,
                    "n_predicates": 6, "n_clauses": 4, "n_prototypes": 4}
 
@@ -325,10 +329,17 @@ class CMRN(MemorySystem):
 
     # -- forward ---------------------------------------------------------------------------------------
 
-    def forward(self, x, state, is_init, top_k: torch.Tensor | None = None):
+    def forward(self, x, state, is_init, top_k: torch.Tensor | None = None, trigger: torch.Tensor | None = None):
         """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``top_k: [B, T]`` integer experts per token (1 ..
-        n_experts) or None for the configured ``top_k`` -> ``(y: [B, T, d_model], next_state)``."""
+        n_experts) or None for the configured ``top_k`` -> ``(y: [B, T, d_model], next_state)``.
+        ``trigger: [B, T]`` bool (the contract's switch; give it or ``top_k``): the configured ``top_k``
+        experts where True, one where False."""
         check_inputs(self, x, state, is_init)
+        if trigger is not None:
+            check_trigger(self, trigger, is_init)
+            if top_k is not None:
+                raise ValueError("cmrn: give top_k or trigger, not both")
+            top_k = torch.where(trigger, self.top_k, 1)
         B, T = x.shape[:2]
         k_rows = self._check_top_k(top_k, B, T, x.device)
         h, count = state["h"], state["count"]

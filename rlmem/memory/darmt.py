@@ -132,6 +132,7 @@ class DARMT(ARMT):
     step (read where a segment closes).
     """
 
+    trigger_path = "coprocessor"
     test_kwargs = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_mem": 4, "segment_len": 3, "num_mem_tokens": 2,
                    "n_coproc_layers": 2, "num_latents": 2}
 
@@ -167,8 +168,14 @@ class DARMT(ARMT):
         state["mem"] = self.mem_tokens.to(device).expand(batch_size, -1, -1).clone()  # learned: has gradients
         return state
 
-    def forward(self, x, state, is_init, coproc=None):
+    def forward(self, x, state, is_init, coproc=None, trigger=None):
+        """``coproc`` / ``trigger`` (the contract's name; give one): ``[B, T]`` bool or None (always) switches
+        the coprocessor per row at the steps that close a segment."""
         check_inputs(self, x, state, is_init)
+        if trigger is not None:
+            if coproc is not None:
+                raise ValueError(f"{self.registry_name}: give coproc or trigger, not both (they are the same switch)")
+            coproc = trigger
         if coproc is not None and (coproc.dtype != torch.bool or coproc.shape != is_init.shape):
             raise ValueError(f"{self.registry_name}: coproc must be a bool tensor of shape [B, T]="
                              f"{list(is_init.shape)} or None, got {coproc.dtype} {list(coproc.shape)}")

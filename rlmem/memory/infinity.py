@@ -33,6 +33,7 @@ class InfinityMemory(MemorySystem):
     docs/memory.md).
     """
 
+    trigger_path = "deep-tier write"
     # chunk=1: the contract's step == sequence check is exact (see DualTierMiras)
     test_kwargs = {"d_model": 16, "n_layers": 1, "d_state": 4, "d_conv": 3, "mem_slots": 8, "n_heads": 2, "chunk": 1}
 
@@ -59,10 +60,11 @@ class InfinityMemory(MemorySystem):
         return TensorDict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
                           batch_size=state.batch_size)
 
-    def forward(self, x, state, is_init):
+    def forward(self, x, state, is_init, trigger=None):
+        """``trigger: [B, T]`` bool (None: all True) switches DualTierMiras' deep-tier write per row and step."""
         check_inputs(self, x, state, is_init)
         b, mamba_state = self.mamba(x, self._part(state, "mamba"), is_init)
-        m, miras_state = self.miras(b, self._part(state, "miras"), is_init)
+        m, miras_state = self.miras(b, self._part(state, "miras"), is_init, trigger=trigger)
         g = torch.sigmoid(self.fuse(torch.cat([b, m], -1)))
         y = torch.lerp(b, m, g)
         next_state = {f"mamba_{k}": v for k, v in mamba_state.items()}

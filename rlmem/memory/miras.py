@@ -48,7 +48,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from rlmem.envs.core import check_float, check_int
-from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.base import MemorySystem, check_inputs, check_trigger
 from rlmem.memory.registry import register_memory
 
 _EPS = 1e-4
@@ -103,6 +103,7 @@ class DualTierMiras(MemorySystem):
 
     # chunk=1: the contract's step == sequence check is exact; chunked sequence mode is tested against
     # its own reference and bounded against the step loop in tests/test_miras.py
+    trigger_path = "deep-tier write"
     test_kwargs = {"d_model": 16, "mem_slots": 8, "n_heads": 2, "chunk": 1}
 
     def __init__(self, d_in: int, d_model: int = 64, mem_slots: int = 16, n_heads: int = 4,
@@ -185,6 +186,8 @@ class DualTierMiras(MemorySystem):
         if gate_scale is not None and tuple(gate_scale.shape) != tuple(h.shape[:2]):
             raise ValueError(f"miras: gate_scale must have shape [B, T]={tuple(h.shape[:2])}, "
                              f"got {tuple(gate_scale.shape)}")
+        if h.shape[1] == 1 and gate_scale is not None and not bool(gate_scale.any()):
+            return self.step_fast_only(q, k, v, state, is_init)  # no row writes the deep tier: skip its cost
         if chunk == 1 or h.shape[1] == 1:  # acting (T = 1) always takes the exact step
             return self.scan_steps(q, k, v, state, is_init, gate_scale)
         return self.scan_chunks(q, k, v, state, is_init, chunk, gate_scale)
@@ -227,6 +230,20 @@ class DualTierMiras(MemorySystem):
         next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
                                 batch_size=state.batch_size)
         return r, next_state
+
+    def step_fast_only(self, q, k, v, state, is_init):
+        """One step (``T = 1``) in which no row writes the deep tier: the same numbers as :meth:`scan_steps`
+        with ``gate_scale = 0``, without computing the deep tier's prediction, gate and update (the path a
+        trigger switches off; its FLOPs are what the trigger saves)."""
+        keep = (~is_init[:, 0]).to(q.dtype)[:, None, None, None]
+        fast, deep, mom = (state[key] * keep for key in ("fast", "deep", "deep_momentum"))
+        q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]  # [B, H, S], [B, H, S], [B, H, d_head]
+        out = fast @ torch.stack([q0, k0], -1)  # [B, H, d_head, 2]: read and predict
+        error = v0 - out[..., 1]
+        fast = torch.add(self.lr_fast * error.unsqueeze(-1) * k0.unsqueeze(-2), fast, alpha=1 - self.decay)
+        self.last_write_rate = q.new_zeros(())
+        r = torch.stack([out[..., 0], self.read(deep, q0)], 1).flatten(1).unsqueeze(1)  # [B, 1, 2 * d_model]
+        return r, TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
 
     def scan_chunks(self, q, k, v, state, is_init, chunk, gate_scale=None):
         """Chunked sequence mode (same arguments and result as :meth:`scan_steps`).
@@ -303,8 +320,10 @@ class DualTierMiras(MemorySystem):
         next_state = TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
         return r, next_state
 
-    def forward(self, x, state, is_init):
+    def forward(self, x, state, is_init, trigger=None):
+        """``trigger: [B, T]`` bool (None: all True) switches the deep-tier write per row and step."""
         check_inputs(self, x, state, is_init)
+        check_trigger(self, trigger, is_init)
         h = self.in_proj(x)
-        r, next_state = self.retrieve(h, state, is_init)
+        r, next_state = self.retrieve(h, state, is_init, gate_scale=None if trigger is None else trigger.to(h.dtype))
         return self.norm(h + self.out_proj(r)), next_state

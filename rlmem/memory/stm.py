@@ -205,6 +205,10 @@ class STM(MemorySystem):
     State: ``(K + 1) d`` numbers per row.
     """
 
+    @property
+    def trigger_path(self) -> str | None:
+        return None if self.diffuser is None else "Diffuser refinement"
+
     test_kwargs = {"d_model": 8, "n_slots": 3, "n_refine": 2, "n_heads": 2, "generator_hidden": 16,
                    "generator_layers": 1, "generator_heads": 2, "aux_coef": 0.1}
 
@@ -328,9 +332,14 @@ class STM(MemorySystem):
 
     # -- the contract ----------------------------------------------------------------------------------------
 
-    def forward(self, x, state, is_init, refine: torch.Tensor | None = None):
-        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``refine: [B, T]`` bool or None -> ``y: [B, T, d_model]``."""
+    def forward(self, x, state, is_init, refine: torch.Tensor | None = None, trigger: torch.Tensor | None = None):
+        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``refine: [B, T]`` bool or None -> ``y: [B, T, d_model]``.
+        ``trigger`` is the contract's name of ``refine`` (give one)."""
         check_inputs(self, x, state, is_init)
+        if trigger is not None:
+            if refine is not None:
+                raise ValueError(f"{self.registry_name}: give refine or trigger, not both (they are the same switch)")
+            refine = trigger
         B, T = x.shape[:2]
         if refine is not None:
             if tuple(refine.shape) != (B, T) or refine.dtype != torch.bool:
