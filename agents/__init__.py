@@ -9,12 +9,19 @@ An agent is described by a flat config (``scripts/conf/agent/<name>.yaml``)::
 so ``agent.hidden_size=128`` on the command line resizes the memory. The encoder is picked from the
 observation space (:mod:`rlmem.agents.encoders`: flat Linear + Tanh, image CNN, Dict of those) and the
 policy head from the action space (:mod:`rlmem.agents.actions`: categorical, independent categoricals,
-tanh-squashed Gaussian).
+tanh-squashed Gaussian). A second flat config, the trigger (``scripts/conf/trigger/<name>.yaml``), decides
+when a memory with a gated path runs it (:mod:`rlmem.agents.triggers`).
+
+The trainer (:class:`rlmem.ppo.RecurrentPPO`) takes the agent object :func:`build_agent` returns; it
+needs ``policy``, ``actor``, ``critic``, ``backbone``, ``memory_module``, ``act_greedy``, ``aux_loss``,
+``diagnostics``, ``config``, ``triggered``, ``cost_coef``, ``cost_warmup``, ``path_cost`` and
+``after_rollout``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
@@ -26,8 +33,17 @@ from torchrl.modules import ProbabilisticActor
 
 from rlmem.agents.actions import action_head
 from rlmem.agents.encoders import as_observation, build_encoder
+from rlmem.agents.triggers import (TriggeredMemory, TriggeredMemoryModule, WithTrigger, build_trigger_policy,
+                                   trigger_cost_settings)
+from rlmem.compute import PathCost, measure_path_flops
+from rlmem.env_factory import env_spaces
+from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
+from rlmem.run_io import load_checkpoint
 from rlmem.memory import build_memory
 from rlmem.torchrl_wrapper import MemoryModule
+
+#: the trigger of an agent built without one: the gated path (if any) on every step, as without triggers
+DEFAULT_TRIGGER = {"policy": "always"}
 
 class Apply(TensorDictModuleBase):
     """``td[out_key] = module(td[in_key])`` (``out_key`` a tuple of keys: the module returns a tuple).
@@ -63,18 +79,33 @@ class ActorCritic(nn.Module):
     of earlier rlmem versions, so their checkpoints still load.
     """
 
-    def __init__(self, observation: gym.Space | int, action: gym.Space | int, action_spec, cfg: Mapping[str, Any]):
+    def __init__(self, observation: gym.Space | int, action: gym.Space | int, action_spec, cfg: Mapping[str, Any],
+                 trigger: Mapping[str, Any] | None = None):
         super().__init__()
+        self.agent_cfg = dict(cfg)
+        self.trigger_cfg = dict(DEFAULT_TRIGGER if trigger is None else trigger)
         cfg = dict(cfg)
         memory_name = cfg.pop("memory")
         encoder_dim = int(cfg.pop("encoder_dim", 64))
         self.encoder, embed_dim = build_encoder(observation, encoder_dim)
         self.action_head = head = action_head(action)
         memory = build_memory(memory_name, d_in=embed_dim, **cfg)
-        self.backbone = TensorDictSequential(
-            Apply(self.encoder, "observation", "embed"),
-            MemoryModule(memory, in_key="embed", out_key="features"),
-        )
+        self.cost_coef, configured_cost, self.cost_warmup = trigger_cost_settings(self.trigger_cfg)
+        policy = build_trigger_policy(self.trigger_cfg, embed_dim + memory.d_out)  # checks the knobs
+        #: FLOPs per acting step of a row without / with the gated path (None: the memory has no such path)
+        self.path_cost: PathCost | None = None
+        if getattr(memory, "trigger_path", None) is not None:
+            measured = measure_path_flops(memory)
+            self.path_cost = measured if configured_cost is None else PathCost(measured.base, configured_cost * 1e6)
+        self.triggered = policy.name != "always"  # "always" is the memory as it is: no decision, nothing to wrap
+        if self.triggered:
+            if policy.uses_probe and policy.probe != "hidden_var" and not head.discrete:
+                head.uncertainty(None, policy.probe)  # raises, naming the valid probe
+            memory = TriggeredMemory(memory, policy, probe=self._uncertainty)
+            memory_module = TriggeredMemoryModule(memory, in_key="embed", out_key="features")
+        else:
+            memory_module = MemoryModule(memory, in_key="embed", out_key="features")
+        self.backbone = TensorDictSequential(Apply(self.encoder, "observation", "embed"), memory_module)
         self.policy_head = policy_head = nn.Linear(memory.d_out, head.out_features)
         self.value_head = value_head = nn.Linear(memory.d_out, 1)
         # small policy init (as in CleanRL / "What matters in on-policy RL"): near-uniform first actions
@@ -82,12 +113,16 @@ class ActorCritic(nn.Module):
         nn.init.zeros_(policy_head.bias)
         nn.init.orthogonal_(value_head.weight, 1.0)
         nn.init.zeros_(value_head.bias)
+        in_keys, dist_class, dist_kwargs = list(head.param_keys), head.distribution_class, head.distribution_kwargs
+        if self.triggered and policy.learned:  # the action is (env action, trigger): one joint log-prob
+            in_keys += ["trigger_logits", "trigger"]
+            dist_class, dist_kwargs = WithTrigger, {"base_class": head.distribution_class, "base_kwargs": dist_kwargs}
         self.actor = ProbabilisticActor(
             Apply(head.params_module(policy_head), "features", head.param_keys),
-            in_keys=list(head.param_keys),
+            in_keys=in_keys,
             out_keys=["action"],
-            distribution_class=head.distribution_class,
-            distribution_kwargs=head.distribution_kwargs,
+            distribution_class=dist_class,
+            distribution_kwargs=dist_kwargs,
             spec=action_spec,
             return_log_prob=True,
         )
@@ -99,13 +134,36 @@ class ActorCritic(nn.Module):
         """``features -> distribution parameters`` (the policy head, plus the log-std of a Gaussian)."""
         return self.actor.module[0].module
 
+    def after_rollout(self, data) -> None:
+        """Called by the trainer with each collected rollout ``[N, T]``: a MeCo trigger calibrates its
+        thresholds on the rollout's probe scores (held out from the decisions they will make)."""
+        calibrate = getattr(self.memory, "policy", None) and getattr(self.memory.policy, "calibrate", None)
+        if calibrate is not None and "trigger_score" in data.keys():
+            calibrate(data["trigger_score"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this agent (with the env's spaces): ``{"agent": ..., "trigger": ...}``."""
+        return {"agent": self.agent_cfg, "trigger": self.trigger_cfg}
+
+    def _uncertainty(self, y: torch.Tensor, kind: str) -> torch.Tensor:
+        """The policy's uncertainty at outputs ``y: [..., d]`` -> ``[...]`` (the trigger probes)."""
+        return self.action_head.uncertainty(self.policy_params(y), kind)
+
     @torch.no_grad()
     def act_greedy(self, obs, state, is_init: torch.Tensor):
         """One greedy step outside TorchRL: ``obs: [N, *obs_shape]`` (tensor or array, a ``TensorDict`` or
-        dict of arrays for a Dict space), ``is_init: [N]`` -> ``(action [N, *action_shape], state)``."""
+        dict of arrays for a Dict space), ``is_init: [N]`` -> ``(action [N, *action_shape], state)``.
+        ``self.last_trigger: [N]`` is the step's trigger (all True without a trigger policy)."""
         if not isinstance(obs, (torch.Tensor, TensorDictBase)):
             obs = as_observation(obs)
-        y, state = self.memory(self.encoder(obs).unsqueeze(1), state, is_init.unsqueeze(1))
+        x = self.encoder(obs).unsqueeze(1)
+        if self.triggered:
+            y, state, record = self.memory.run(x, state, is_init.unsqueeze(1))
+            self.last_trigger = record["trigger"][:, 0]
+        else:
+            y, state = self.memory(x, state, is_init.unsqueeze(1))
+            self.last_trigger = torch.ones(x.shape[0], dtype=torch.bool)
         return self.action_head.greedy(self.policy_params(y[:, 0])), state
 
     @property
@@ -123,3 +181,34 @@ class ActorCritic(nn.Module):
         """The memory's diagnostics of its last forward call (:meth:`MemorySystem.diagnostics`)."""
         diagnostics = getattr(self.memory, "diagnostics", None)  # a user's memory need not subclass MemorySystem
         return {} if diagnostics is None else diagnostics()
+
+
+def build_agent(agent_cfg: Mapping[str, Any], env_cfg: Mapping[str, Any],
+                trigger: Mapping[str, Any] | None = None) -> ActorCritic:
+    """The agent ``agent_cfg`` (and ``trigger``) describe, sized for the env ``env_cfg`` builds."""
+    return ActorCritic(*env_spaces(env_cfg), agent_cfg, trigger)
+
+
+def load_trained_agent(path: str | Path):
+    """The agent of a train_rl checkpoint (a run dir or a ``.pt`` file), rebuilt from the configs it was
+    trained with.
+
+    Returns ``(agent in eval mode, checkpoint dict)``; raises naming what is wrong with the file.
+    """
+    path = resolve_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as err:  # torch.load's errors vary with what the file really is
+        raise ValueError(f"checkpoint={path}: not a checkpoint torch can load ({type(err).__name__}: {err})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")
+    # the agent's sizes come from the env it was trained on, as in RecurrentPPO
+    agent = build_agent(ckpt["agent_cfg"], ckpt["env_cfg"], ckpt.get("trigger_cfg"))
+    try:
+        agent.load_state_dict(ckpt["agent"])
+    except RuntimeError as err:  # the code building this memory changed since the run
+        raise ValueError(f"checkpoint={path}: its weights do not fit the agent its agent_cfg "
+                         f"{ckpt['agent_cfg']} builds now: {err}") from None
+    agent.eval()
+    return agent, ckpt

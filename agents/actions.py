@@ -15,6 +15,8 @@ Greedy actions are the distribution's deterministic action: argmax (per dim) for
 
 from __future__ import annotations
 
+import math
+
 import gymnasium as gym
 import numpy as np
 import torch
@@ -77,6 +79,15 @@ class ActionHead:
     def params_module(self, policy_head: nn.Linear) -> nn.Module:
         return policy_head  # the logits are the head's output
 
+    #: whether :meth:`uncertainty` is defined (discrete heads)
+    discrete = False
+
+    def uncertainty(self, params, kind: str) -> torch.Tensor:
+        """How unsure the policy is, in [0, 1] per row: ``kind`` ``entropy`` (entropy / its maximum) or
+        ``max_prob`` (``(1 - max prob) / (1 - 1/n)``); discrete heads only (the probes of the trigger policies)."""
+        raise ValueError(f"{type(self).__name__}: the trigger probes 'entropy' / 'max_prob' need a discrete action "
+                         "space; use trigger.probe=hidden_var")
+
     def greedy(self, params):
         """The deterministic action ``[*batch, *action_shape]`` from ``params_module``'s output."""
         params = params if isinstance(params, tuple) else (params,)
@@ -84,17 +95,39 @@ class ActionHead:
         return dist.deterministic_sample
 
 
+def _uncertainty(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """``logits: [..., n]`` -> ``[...]`` in [0, 1] (see :meth:`ActionHead.uncertainty`)."""
+    n = logits.shape[-1]
+    if n < 2:
+        return torch.zeros(logits.shape[:-1], device=logits.device, dtype=logits.dtype)
+    logp = logits.log_softmax(-1)
+    if kind == "entropy":
+        return -(logp.exp() * logp).sum(-1) / math.log(n)
+    return (1 - logp.exp().amax(-1)) / (1 - 1 / n)
+
+
 class CategoricalHead(ActionHead):
+    discrete = True
+
     def greedy(self, logits):
         return logits.argmax(-1)
+
+    def uncertainty(self, logits, kind):
+        return _uncertainty(logits, kind)
 
 
 class MultiCategoricalHead(ActionHead):
     distribution_class = MultiCategorical
 
+    discrete = True
+
     def __init__(self, nvec: tuple[int, ...]):
         super().__init__(sum(nvec))
         self.distribution_kwargs = {"nvec": nvec}
+
+    def uncertainty(self, logits, kind):  # the mean over the action's dims
+        parts = logits.split(list(self.distribution_kwargs["nvec"]), -1)
+        return torch.stack([_uncertainty(part, kind) for part in parts], -1).mean(-1)
 
 
 class NormalParams(nn.Module):

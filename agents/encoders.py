@@ -16,12 +16,12 @@ that already arrives as float (``torch.as_tensor(obs, dtype=torch.float32)``) is
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import gymnasium as gym
 import numpy as np
 import torch
 from torch import nn
+
+from rlmem.env_factory import as_observation  # noqa: F401  (where it was: agents still import it from here)
 
 #: what :func:`build_encoder` accepts (the error for anything else names these)
 SUPPORTED_OBSERVATIONS = ("Box with 1 to 3 dims (rank 3 = image [H, W, C] or [C, H, W])", "Discrete",
@@ -141,20 +141,3 @@ def build_encoder(space: gym.Space | int, out_dim: int, where: str = "observatio
         return nn.Sequential(*layers), out_dim
     raise ValueError(f"{where}: unsupported observation space {space}; supported: "
                      + ", ".join(SUPPORTED_OBSERVATIONS))
-
-
-def as_observation(obs, batch: bool = False):
-    """A Gymnasium observation (array, or dict of arrays for a ``Dict`` space) as what the encoders take:
-    a tensor, or a ``TensorDict`` of tensors; ``batch=True`` adds a leading dim of 1 (a single env's obs).
-
-    Float arrays become float32; integer arrays keep their dtype (the encoders cast and scale them).
-    """
-    from tensordict import TensorDict
-
-    if isinstance(obs, Mapping):
-        items = {k: as_observation(v, batch) for k, v in obs.items()}
-        size = next(iter(items.values())).shape[:1] if items else ()
-        return TensorDict(items, batch_size=size)
-    arr = np.asarray(obs)
-    tensor = torch.as_tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else None)
-    return tensor.unsqueeze(0) if batch else tensor

@@ -22,7 +22,9 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode
+from tensordict import TensorDict
 from torchrl.envs import Compose, DoubleToFloat, InitTracker, RenameTransform, RewardSum, TransformedEnv
 from torchrl.envs.libs.gym import GymWrapper
 
@@ -118,9 +120,10 @@ def env_spaces(env_cfg: Mapping[str, Any]):
         probe.close()
 
 
-def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None) -> TransformedEnv:
-    """The collector's env: GymWrapper + InitTracker (``is_init``) + RewardSum + the memory primer; float64
-    observations as float32; a Dict observation's entries nested under ``"observation"``."""
+def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None, extra=()) -> TransformedEnv:
+    """The collector's env: GymWrapper + InitTracker (``is_init``) + RewardSum + the memory primer + the
+    ``extra`` transforms (after RewardSum: the episode return stays the env's); float64 observations as
+    float32; a Dict observation's entries nested under ``"observation"``."""
     vec = make_vector_env(env_cfg, num_envs)
     base = GymWrapper(vec, categorical_action_encoding=True, device="cpu")
     transforms = [InitTracker(), RewardSum()]
@@ -135,6 +138,7 @@ def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None) -> 
         transforms.insert(0, DoubleToFloat(in_keys=["observation"]))
     if primer is not None:
         transforms.append(primer)
+    transforms.extend(extra)
     if isinstance(base, TransformedEnv):  # GymWrapper adds VecGymEnvTransform for SAME_STEP autoreset
         base.append_transform(Compose(*transforms))
         return base
@@ -151,3 +155,18 @@ def success_threshold(env_cfg: Mapping[str, Any]) -> float | None:
         if isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv):
             return vec_cls.task_cls(num_envs=1, **kwargs).optimal_return() - 1e-6
     return spec.reward_threshold
+
+
+def as_observation(obs, batch: bool = False):
+    """A Gymnasium observation (array, or dict of arrays for a ``Dict`` space) as what the encoders take:
+    a tensor, or a ``TensorDict`` of tensors; ``batch=True`` adds a leading dim of 1 (a single env's obs).
+
+    Float arrays become float32; integer arrays keep their dtype (the encoders cast and scale them).
+    """
+    if isinstance(obs, Mapping):
+        items = {k: as_observation(v, batch) for k, v in obs.items()}
+        size = next(iter(items.values())).shape[:1] if items else ()
+        return TensorDict(items, batch_size=size)
+    arr = np.asarray(obs)
+    tensor = torch.as_tensor(arr, dtype=torch.float32 if arr.dtype.kind == "f" else None)
+    return tensor.unsqueeze(0) if batch else tensor

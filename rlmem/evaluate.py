@@ -15,9 +15,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from rlmem.agents.encoders import as_observation
-from rlmem.env_factory import MissingDependencyError, env_spaces, make_vector_env, split_env_config
-from rlmem.run_io import load_checkpoint
+from rlmem.env_factory import MissingDependencyError, as_observation, make_vector_env, split_env_config
 
 #: what a train_rl checkpoint must hold to rebuild its agent (see ``RecurrentPPO._state``)
 CHECKPOINT_KEYS = ("agent", "agent_cfg", "env_cfg", "frames")
@@ -28,8 +26,10 @@ def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
                     max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
     """Run one greedy episode in each of ``n_episodes`` parallel envs (env ``i`` seeded ``seed + i``).
 
-    Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64)``; an episode still running after
-    ``max_steps`` steps counts with what it has so far.
+    Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64, fired [n_episodes] int64)``:
+    ``fired`` counts the steps on which the memory's gated path ran (``agent.last_trigger``; every step
+    for an agent without a trigger policy). An episode still running after ``max_steps`` steps counts
+    with what it has so far.
     """
     vec = make_vector_env(env_cfg, n_episodes, for_torchrl=False)
     obs, _ = vec.reset(seed=seed)
@@ -38,17 +38,19 @@ def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
     done = np.zeros(n_episodes, dtype=bool)
     returns = np.zeros(n_episodes)
     lengths = np.zeros(n_episodes, dtype=np.int64)
+    fired = np.zeros(n_episodes, dtype=np.int64)
     for _ in range(max_steps):
         action, state = agent.act_greedy(as_observation(obs), state, is_init)
         is_init = torch.zeros_like(is_init)
         obs, reward, terminated, truncated, _ = vec.step(action.numpy())
         returns[~done] += reward[~done]
         lengths[~done] += 1
+        fired[~done] += getattr(agent, "last_trigger", torch.ones(n_episodes, dtype=torch.bool)).numpy()[~done]
         done |= terminated | truncated
         if done.all():
             break
     vec.close()
-    return returns, lengths
+    return returns, lengths, fired
 
 
 def summarize(returns: np.ndarray, lengths: np.ndarray, success_threshold: float | None) -> dict[str, float]:
@@ -65,9 +67,12 @@ def evaluate_greedy(
     """Run one greedy episode in each of ``n_episodes`` parallel envs.
 
     Returns ``eval_return`` (mean), ``eval_success`` (fraction of episodes with return >=
-    ``success_threshold``, NaN when the env defines none) and ``eval_length`` (mean steps).
+    ``success_threshold``, NaN when the env defines none), ``eval_length`` (mean steps) and
+    ``eval_trigger_rate`` (fraction of steps on which the memory's gated path ran).
     """
-    return summarize(*greedy_episodes(agent, env_cfg, n_episodes, seed, max_steps), success_threshold)
+    returns, lengths, fired = greedy_episodes(agent, env_cfg, n_episodes, seed, max_steps)
+    return {**summarize(returns, lengths, success_threshold),
+            "eval_trigger_rate": float(fired.sum() / max(lengths.sum(), 1))}
 
 
 # --- trained agents -----------------------------------------------------------------------------------
@@ -84,32 +89,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(f"checkpoint={path}: {given} holds no checkpoints/last.pt; is it a train_rl run dir? "
                             "(a run writes it every logger.checkpoint_interval frames and at its end)")
-
-
-def load_trained_agent(path: str | Path):
-    """The agent of a train_rl checkpoint, rebuilt from the configs it was trained with.
-
-    Returns ``(agent in eval mode, checkpoint dict)``; raises naming what is wrong with the file.
-    """
-    from rlmem.agents import ActorCritic  # here, not at the top: rlmem.ppo imports this module
-
-    path = resolve_checkpoint(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except Exception as err:  # torch.load's errors vary with what the file really is
-        raise ValueError(f"checkpoint={path}: not a checkpoint torch can load ({type(err).__name__}: {err})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")
-    # the agent's sizes come from the env it was trained on, as in RecurrentPPO
-    agent = ActorCritic(*env_spaces(ckpt["env_cfg"]), ckpt["agent_cfg"])
-    try:
-        agent.load_state_dict(ckpt["agent"])
-    except RuntimeError as err:  # the code building this memory changed since the run
-        raise ValueError(f"checkpoint={path}: its weights do not fit the agent its agent_cfg "
-                         f"{ckpt['agent_cfg']} builds now: {err}") from None
-    agent.eval()
-    return agent, ckpt
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -43,8 +43,8 @@ from torchrl.objectives.value import GAE
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from rlmem.agents import ActorCritic
-from rlmem.env_factory import effective_env_kwargs, env_spaces, make_torchrl_env, success_threshold
+from rlmem.compute import ComputeMeter, TriggerCost
+from rlmem.env_factory import effective_env_kwargs, make_torchrl_env, success_threshold
 from rlmem.envs.core import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
@@ -128,7 +128,7 @@ class RecurrentPPO:
 
     def __init__(
         self,
-        agent_cfg: Mapping[str, Any],
+        agent,
         env_cfg: Mapping[str, Any],
         ppo: PPOConfig,
         run_dir: str | Path,
@@ -151,7 +151,7 @@ class RecurrentPPO:
             raise ValueError(f"logger.progress_bar must be true or false, got {progress_bar!r}")
         if not isinstance(resume, (bool, str, Path)):
             raise ValueError(f"resume must be true, false or a checkpoint path, got {resume!r}")
-        self.ppo, self.env_cfg, self.agent_cfg = ppo, dict(env_cfg), dict(agent_cfg)
+        self.ppo, self.env_cfg = ppo, dict(env_cfg)
         self.run_dir, self.seed, self.total_frames = Path(run_dir), seed, total_frames
         self.log_interval, self.checkpoint_interval = log_interval, checkpoint_interval
         self.progress_bar, self.summary_interval = progress_bar, summary_interval
@@ -159,8 +159,9 @@ class RecurrentPPO:
         torch.manual_seed(seed)
         np.random.seed(seed)
 
-        # build the env first: bad env names/values fail here, before anything is written
-        self.agent = ActorCritic(*env_spaces(self.env_cfg), self.agent_cfg)
+        # the agent (rlmem.agents.build_agent) was built for this env: bad env names/values failed there
+        self.agent = agent
+        self.agent_cfg, self.trigger_cfg = dict(agent.config["agent"]), dict(agent.config["trigger"])
         self.success_threshold = success_threshold(self.env_cfg)
         self.env_kwargs = effective_env_kwargs(self.env_cfg)
 
@@ -176,6 +177,8 @@ class RecurrentPPO:
         self.gae = GAE(gamma=ppo.gamma, lmbda=ppo.gae_lambda, value_network=None)
         # values and advantages are learned on scaled rewards; returns are reported unscaled (RewardSum)
         self.reward_scaler = ReturnScaler(ppo.num_envs, ppo.gamma) if ppo.normalize_reward else None
+        # compute accounting of a memory's gated path (compute/* in TensorBoard and metrics.json)
+        self.compute_meter = ComputeMeter(ppo.num_envs, agent.path_cost) if agent.path_cost is not None else None
         self.optimizer = torch.optim.Adam(self.agent.parameters(), lr=ppo.lr, eps=1e-5)
 
         self.frames, self.iteration, self.wall_before = 0, 0, 0.0
@@ -203,6 +206,8 @@ class RecurrentPPO:
             "next_eval": self.next_eval,
             "metrics": self.metrics,
             "agent_cfg": self.agent_cfg,
+            "trigger_cfg": self.trigger_cfg,
+            "compute_meter": None if self.compute_meter is None else self.compute_meter.state_dict(),
             "env_cfg": self.env_cfg,
             "ppo": dataclasses.asdict(self.ppo),
             "torch_rng": torch.get_rng_state(),
@@ -213,10 +218,12 @@ class RecurrentPPO:
         if not path.exists():
             raise FileNotFoundError(f"resume: no checkpoint at {path}")
         ckpt = load_checkpoint(path)
-        if ckpt["agent_cfg"] != self.agent_cfg or ckpt["env_cfg"] != self.env_cfg:
+        trigger = ckpt.get("trigger_cfg", {"policy": "always"})  # runs from before triggers existed
+        if ckpt["agent_cfg"] != self.agent_cfg or ckpt["env_cfg"] != self.env_cfg or trigger != self.trigger_cfg:
             raise ValueError(
-                f"resume: checkpoint {path} was trained with agent={ckpt['agent_cfg']} env={ckpt['env_cfg']}, "
-                f"not agent={self.agent_cfg} env={self.env_cfg}; use another run dir (hydra.run.dir=...)"
+                f"resume: checkpoint {path} was trained with agent={ckpt['agent_cfg']} env={ckpt['env_cfg']} "
+                f"trigger={trigger}, not agent={self.agent_cfg} env={self.env_cfg} trigger={self.trigger_cfg}; use "
+                "another run dir (hydra.run.dir=...)"
             )
         self.agent.load_state_dict(ckpt["agent"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -227,6 +234,8 @@ class RecurrentPPO:
         torch.set_rng_state(ckpt["torch_rng"])
         if self.reward_scaler is not None and ckpt.get("reward_scaler") is not None:
             self.reward_scaler.load_state_dict(ckpt["reward_scaler"])
+        if self.compute_meter is not None and ckpt.get("compute_meter") is not None:
+            self.compute_meter.load_state_dict(ckpt["compute_meter"])
         log.info("resuming from %s at frames=%d", path, self.frames)
 
     def _save_checkpoint(self) -> None:
@@ -253,6 +262,9 @@ class RecurrentPPO:
             "env_id": self.env_cfg["id"],
             "env_kwargs": self.env_kwargs,
             "memory": self.agent_cfg.get("memory"),
+            "trigger": self.trigger_cfg,
+            **({} if self.agent.path_cost is None else
+               {"flops_base": self.agent.path_cost.base, "flops_path": self.agent.path_cost.path}),
             "parameters": sum(p.numel() for p in self.agent.parameters()),
             "seed": self.seed,
             "total_frames": self.total_frames,
@@ -316,7 +328,11 @@ class RecurrentPPO:
 
     def _loop(self, writer: SummaryWriter, bar: tqdm, stop: GracefulStop, end: int) -> None:
         ppo = self.ppo
-        env = make_torchrl_env(self.env_cfg, ppo.num_envs, self.agent.memory_module.make_tensordict_primer())
+        cost = []  # the trigger's compute cost, charged to the reward (the env itself is untouched)
+        if self.agent.triggered and self.agent.path_cost is not None and self.agent.cost_coef > 0:
+            cost = [TriggerCost(self.agent.cost_coef, self.agent.path_cost.path / 1e6)]
+            self._warm_up_cost(cost[0])
+        env = make_torchrl_env(self.env_cfg, ppo.num_envs, self.agent.memory_module.make_tensordict_primer(), cost)
         # a resumed run draws new episodes rather than replaying the first ones
         env.set_seed(self.seed + self.frames)
         collector = Collector(
@@ -348,8 +364,11 @@ class RecurrentPPO:
                 self.iteration += 1
                 episode_returns = data["next", "episode_reward"][data["next", "done"]].tolist()
                 recent_returns = (recent_returns + episode_returns)[-100:]
+                compute = self._account_compute(data)
                 losses = self._update(data)
                 collector.update_policy_weights_()
+                if cost:
+                    self._warm_up_cost(cost[0])
                 fps = (self.frames - frames_at_start) / (time.perf_counter() - self._t0)
                 if self.iteration % self.log_interval == 0:
                     if episode_returns:
@@ -358,6 +377,8 @@ class RecurrentPPO:
                     writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.frames)
                     if self.reward_scaler is not None:
                         writer.add_scalar("charts/reward_scale", 1.0 / self.reward_scaler.std, self.frames)
+                    for name, value in compute.items():
+                        writer.add_scalar(f"compute/{name}", value, self.frames)
                     for name, value in losses.items():
                         # "memory/<key>": the memory system's own diagnostics (MemorySystem.diagnostics)
                         writer.add_scalar(name if name.startswith("memory/") else f"losses/{name}", value,
@@ -366,6 +387,8 @@ class RecurrentPPO:
                     frames=self.frames, fps=fps, wall_seconds=self.wall_seconds(),
                     episodic_return=float(np.mean(recent_returns)) if recent_returns else float("nan"),
                 )
+                if compute:
+                    self.metrics["compute"] = {**self.metrics.get("compute", {}), **compute}
                 memory_diagnostics = {k[len("memory/"):]: v for k, v in losses.items() if k.startswith("memory/")}
                 if memory_diagnostics:  # the last update's, as in TensorBoard
                     self.metrics["memory"] = memory_diagnostics
@@ -391,6 +414,28 @@ class RecurrentPPO:
         finally:
             collector.shutdown()
 
+    def _warm_up_cost(self, cost: TriggerCost) -> None:
+        """The trigger's cost ramps up linearly over its first ``cost_warmup`` frames: a path switched off
+        before the agent has learned what it is for would never be found useful."""
+        warmup = self.agent.cost_warmup
+        cost.set_scale(1.0 if warmup == 0 else self.frames / warmup)
+
+    def _account_compute(self, data: TensorDict) -> dict[str, float]:
+        """``trigger_rate``, ``flops_per_step`` and ``episode_flops`` (mean over the episodes that ended in
+        this rollout) of a memory with a gated path; lets the trigger policy calibrate on the rollout."""
+        if self.compute_meter is None:
+            return {}
+        if "trigger" in data.keys():
+            fired = data["trigger"].reshape(data.batch_size)
+        else:  # trigger=always: the path runs on every step
+            fired = torch.ones(data.batch_size, dtype=torch.bool)
+        numbers = self.compute_meter.update(fired, data["next", "done"].reshape(data.batch_size))
+        ended = numbers.pop("episode_flops")
+        if ended:
+            numbers["episode_flops"] = float(np.mean(ended))
+        self.agent.after_rollout(data)
+        return numbers
+
     def _where_acting(self) -> tuple[str, str]:
         return (f"memory system {self.agent_cfg.get('memory')!r} while acting after frames={self.frames}",
                 self._kept_checkpoint())
@@ -407,6 +452,8 @@ class RecurrentPPO:
                                  success_threshold=self.success_threshold)
         self.agent.train()
         writer.add_scalar("charts/eval_return", result["eval_return"], self.frames)
+        if "eval_trigger_rate" in result and self.agent.path_cost is not None:
+            writer.add_scalar("compute/eval_trigger_rate", result["eval_trigger_rate"], self.frames)
         if not math.isnan(result["eval_success"]):
             writer.add_scalar("charts/eval_success", result["eval_success"], self.frames)
         self.metrics.update(result)

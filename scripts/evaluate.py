@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from rlmem.cli import CONFIG_ERRORS
 from rlmem.env_factory import effective_env_kwargs, success_threshold
 from rlmem.envs.core import check_float, check_int
-from rlmem.evaluate import (check_same_spaces, greedy_episodes, load_trained_agent, make_render_env,
-                            override_env_config, record_episodes, resolve_checkpoint, run_dir_of, summarize, write_gif)
+from rlmem.agents import load_trained_agent
+from rlmem.evaluate import (check_same_spaces, greedy_episodes, make_render_env, override_env_config, record_episodes,
+                            resolve_checkpoint, run_dir_of, summarize, write_gif)
 from rlmem.user_code import import_modules
 
 log = logging.getLogger("rlmem.evaluate")
@@ -91,7 +92,7 @@ def evaluate(config: dict[str, Any]) -> dict[str, Any]:
     if video is not None:
         make_render_env(env_cfg).close()  # an env that cannot render fails now, not after the evaluation
 
-    returns, lengths = greedy_episodes(agent, env_cfg, episodes, seed)
+    returns, lengths, fired = greedy_episodes(agent, env_cfg, episodes, seed)
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()),
         "memory": ckpt["agent_cfg"].get("memory"),
@@ -103,6 +104,8 @@ def evaluate(config: dict[str, Any]) -> dict[str, Any]:
         "seed": seed,
         **summarize(returns, lengths, threshold),
         "eval_return_std": float(returns.std()),
+        "trigger": ckpt.get("trigger_cfg", {"policy": "always"}),
+        "eval_trigger_rate": float(fired.sum() / max(lengths.sum(), 1)),
         "success_threshold": threshold,
         "returns": returns.tolist(),
         "lengths": lengths.tolist(),

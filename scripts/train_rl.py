@@ -1,7 +1,8 @@
 """Train an agent with recurrent PPO: ``python scripts/train_rl.py agent=gru env=delayed_cue``.
 
-Config groups (scripts/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``ppo``,
-``logger``; top-level ``seed``, ``total_frames``, ``device``, ``threads``, ``resume``, ``imports``. Outputs
+Config groups (scripts/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``trigger``
+(when a memory's gated path runs: always, never, learned, meco, ars), ``ppo``, ``logger``; top-level
+``seed``, ``total_frames``, ``device``, ``threads``, ``resume``, ``imports``. Outputs
 (TensorBoard events, ``metrics.json``, ``checkpoints/last.pt``, ``train_rl.log``) go to the Hydra run dir
 (``hydra.run.dir=...``).
 """
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlmem.cli import run_job
 from rlmem.envs.core import check_int
+from rlmem.agents import build_agent
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.user_code import import_modules
 
@@ -29,7 +31,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
     torch.set_num_threads(check_int("threads", config["threads"], low=1))
     logger = config["logger"]
     return RecurrentPPO(
-        config["agent"],
+        build_agent(config["agent"], config["env"], config["trigger"]),
         config["env"],
         PPOConfig.from_mapping(config["ppo"]),
         run_dir,

@@ -18,7 +18,7 @@ from torchrl.envs.utils import check_env_specs
 from torchrl.modules import set_recurrent_mode
 
 import any_envs  # noqa: F401  (registers AnyEnvTest/ ids)
-from rlmem.agents import ActorCritic
+from rlmem.agents import build_agent, ActorCritic
 from rlmem.agents.encoders import DictEncoder, ImageEncoder, build_encoder
 from rlmem.env_factory import env_spaces, make_torchrl_env, make_vector_env
 from rlmem.evaluate import evaluate_greedy
@@ -39,7 +39,7 @@ KINDS = {
 
 
 def trainer_for(env_cfg, tmp_path, **ppo):
-    return RecurrentPPO(AGENT, env_cfg, PPOConfig(**{**SMALL, **ppo}), tmp_path, total_frames=128,
+    return RecurrentPPO(build_agent(AGENT, env_cfg), env_cfg, PPOConfig(**{**SMALL, **ppo}), tmp_path, total_frames=128,
                         progress_bar=False)
 
 

@@ -343,12 +343,14 @@ TINY_AGENT = {"memory": "cmrn", "encoder_dim": 8, "d_model": 8, "n_timescales": 
 
 
 def test_ppo_adds_the_aux_loss_and_logs_the_diagnostics(tmp_path, monkeypatch):
+    from rlmem.agents import build_agent
     from rlmem.ppo import PPOConfig, RecurrentPPO
 
     seen = _spy_aux(monkeypatch)
     ppo = PPOConfig(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=2,
                     eval_interval=10_000)
-    trainer = RecurrentPPO(TINY_AGENT, {"id": "rlmem/DelayedCue-v0", "delay": 2}, ppo, tmp_path,
+    trainer = RecurrentPPO(build_agent(TINY_AGENT, {"id": "rlmem/DelayedCue-v0", "delay": 2}),
+                           {"id": "rlmem/DelayedCue-v0", "delay": 2}, ppo, tmp_path,
                            total_frames=128, progress_bar=False)
     metrics = trainer.train()
     # 2 iterations x 2 minibatches, each aux loss backpropagated with weight 1 in the total loss

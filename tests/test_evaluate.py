@@ -230,7 +230,7 @@ def test_recording_any_gymnasium_env_replays_the_evaluations_first_episodes(tmp_
     env_cfg = {"id": "rlmem_test/Toy-v0"}
     torch.manual_seed(0)
     agent = ActorCritic(2, 2, Categorical(2), {"memory": "gru", "encoder_dim": 8, "hidden_size": 8}).eval()
-    returns, lengths = greedy_episodes(agent, env_cfg, 5, seed=3)
+    returns, lengths, _ = greedy_episodes(agent, env_cfg, 5, seed=3)
     frames, recorded = record_episodes(agent, env_cfg, 3, seed=3)
     assert recorded.tolist() == returns[:3].tolist()
     assert [len(f) for f in frames] == (lengths[:3] + 1).tolist()  # reset frame + one per step

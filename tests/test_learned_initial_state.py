@@ -133,11 +133,12 @@ def test_acting_and_replay_through_torchrl_train_the_learned_initial_state():
 
 
 def test_ppo_trains_a_learned_initial_state(tmp_path):
+    from rlmem.agents import build_agent
     from rlmem.ppo import PPOConfig, RecurrentPPO
 
     ppo = PPOConfig(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
-    trainer = RecurrentPPO({"memory": "test_learned_initial_state:LearnedInitRNN", "encoder_dim": 6}, ENV_CFG, ppo,
-                           tmp_path, total_frames=ppo.frames_per_batch, progress_bar=False)
+    agent = build_agent({"memory": "test_learned_initial_state:LearnedInitRNN", "encoder_dim": 6}, ENV_CFG)
+    trainer = RecurrentPPO(agent, ENV_CFG, ppo, tmp_path, total_frames=ppo.frames_per_batch, progress_bar=False)
     h0 = trainer.agent.memory.h0.detach().clone()
     metrics = trainer.train()
     assert metrics["frames"] == ppo.frames_per_batch

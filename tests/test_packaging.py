@@ -20,10 +20,12 @@ def test_user_folders_named_envs_and_agents_do_not_shadow_rlmem(tmp_path):
         env = gym.make("rlmem/DelayedCue-v0", delay=2)
         obs, _ = env.reset(seed=0)
         assert obs.shape == (5,)
+        from rlmem.agents import build_agent
         from rlmem.ppo import PPOConfig, RecurrentPPO
         ppo = PPOConfig(num_envs=2, rollout_len=4, seq_len=4, minibatches=1, eval_episodes=2)
-        trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8},
-                               {"id": "rlmem/DelayedCue-v0", "delay": 2}, ppo, "run", progress_bar=False)
+        env_cfg = {"id": "rlmem/DelayedCue-v0", "delay": 2}
+        agent = build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg)
+        trainer = RecurrentPPO(agent, env_cfg, ppo, "run", progress_bar=False)
         from rlmem.lm_tasks import build_task
         assert build_task("copy_memory").vocab_size > 0
         print("ok", type(trainer.agent).__module__)

@@ -13,10 +13,15 @@ from torchrl.collectors import Collector
 
 from rlmem.env_factory import make_torchrl_env
 from rlmem.memory import MemorySystem
+from rlmem.agents import build_agent
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.run_io import NonFiniteError, load_checkpoint
 
 SMALL = dict(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
+
+
+def make_trainer(agent_cfg, env_cfg, ppo, run_dir, **kwargs) -> RecurrentPPO:
+    return RecurrentPPO(build_agent(agent_cfg, env_cfg), env_cfg, ppo, run_dir, **kwargs)
 
 
 def collect_one(trainer: RecurrentPPO):
@@ -54,7 +59,7 @@ def test_bootstrap_values_at_truncation_and_rollout_end(tmp_path):
     """V(next obs, next state) at every step, built independently: replay the episode's observations
     0 .. t+1 from a fresh state. At a truncation that is V(final obs 5, state after 0..4), not the value of
     the next episode's first observation, nor of a fresh state."""
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "StepIndex-v0"},
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "StepIndex-v0"},
                            PPOConfig(**SMALL), tmp_path, total_frames=64, progress_bar=False)
     data = collect_one(trainer)
     t = (data["observation"][..., 0] * 10).round().long()  # [N, T] step index of each recorded step
@@ -76,7 +81,7 @@ def test_bootstrap_values_at_truncation_and_rollout_end(tmp_path):
 
 
 def test_an_update_changes_the_memory_parameters(tmp_path):
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
                            "delay": 2}, PPOConfig(**SMALL), tmp_path, total_frames=64, progress_bar=False)
     data = collect_one(trainer)
     before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
@@ -89,7 +94,7 @@ def test_an_update_changes_the_memory_parameters(tmp_path):
 
 
 def test_nan_loss_raises_a_clear_error(tmp_path):
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
                            "delay": 2}, PPOConfig(**SMALL), tmp_path, total_frames=64, progress_bar=False)
     data = collect_one(trainer)
     with torch.no_grad():
@@ -99,7 +104,7 @@ def test_nan_loss_raises_a_clear_error(tmp_path):
 
 
 def train_delayed_cue(memory: str, tmp_path, frames: int):
-    trainer = RecurrentPPO(
+    trainer = make_trainer(
         {"memory": memory, "encoder_dim": 64, "hidden_size": 64},
         {"id": "rlmem/DelayedCue-v0", "delay": 4, "n_cues": 4},
         PPOConfig(eval_interval=frames),
@@ -132,7 +137,7 @@ def test_trainer_runs_on_every_env_config(tmp_path, env_name):
     with initialize_config_dir(str(conf), version_base="1.3"):
         env_cfg = OmegaConf.to_container(compose("train_rl", overrides=[f"env={env_name}"]).env)
     ppo = PPOConfig(num_envs=2, rollout_len=8, seq_len=4, minibatches=2, epochs=1, eval_episodes=2)
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, ppo, tmp_path,
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, ppo, tmp_path,
                            total_frames=16, progress_bar=False)
     metrics = trainer.train()
     assert metrics["frames"] == 16 and np.isfinite(metrics["eval_return"])
@@ -141,7 +146,7 @@ def test_trainer_runs_on_every_env_config(tmp_path, env_name):
 def test_a_one_batch_run_learns_at_the_full_learning_rate(tmp_path):
     """lr is annealed from the frames before each batch: the last (here the only) update is not at lr 0."""
     cfg = PPOConfig(**SMALL)
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
                            "delay": 2}, cfg, tmp_path, total_frames=cfg.frames_per_batch, progress_bar=False)
     before = {k: v.clone() for k, v in trainer.agent.state_dict().items()}
     trainer.train()
@@ -158,7 +163,7 @@ def test_minibatches_are_equal_and_must_divide_the_slices(tmp_path):
     with pytest.raises(ValueError, match=r"minibatches=4 must divide .* = 10 .*valid: \[1, 2, 5, 10\]"):
         PPOConfig(num_envs=10, rollout_len=8, seq_len=8, minibatches=4)
     cfg = PPOConfig(num_envs=6, rollout_len=8, seq_len=4, minibatches=3, epochs=2, eval_episodes=2)
-    trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "rlmem/DelayedCue-v0",
                            "delay": 2}, cfg, tmp_path, total_frames=48, progress_bar=False)
     sizes = []
     trainer.loss_module.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
@@ -184,7 +189,7 @@ class ScaledMemory(MemorySystem):
 
 def test_a_non_finite_memory_state_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = PPOConfig(**SMALL)
-    trainer = RecurrentPPO({"memory": "test_ppo:ScaledMemory", "encoder_dim": 8}, {"id": "rlmem/DelayedCue-v0",
+    trainer = make_trainer({"memory": "test_ppo:ScaledMemory", "encoder_dim": 8}, {"id": "rlmem/DelayedCue-v0",
                            "delay": 30}, cfg, tmp_path, total_frames=cfg.frames_per_batch, progress_bar=False)
     trainer.train()
     good = load_checkpoint(trainer.checkpoint_path)
@@ -211,7 +216,7 @@ class SequenceNaNMemory(ScaledMemory):
 
 def test_a_non_finite_replay_stops_training_with_a_clear_error(tmp_path):
     cfg = PPOConfig(**SMALL)
-    trainer = RecurrentPPO({"memory": "test_ppo:SequenceNaNMemory", "encoder_dim": 8}, {"id": "rlmem/DelayedCue-v0"},
+    trainer = make_trainer({"memory": "test_ppo:SequenceNaNMemory", "encoder_dim": 8}, {"id": "rlmem/DelayedCue-v0"},
                            cfg, tmp_path, total_frames=cfg.frames_per_batch, progress_bar=False)
     with pytest.raises(NonFiniteError, match=r"memory system 'test_ppo:SequenceNaNMemory' in the PPO replay "
                                              r"\(sequence mode\) at frames=64; no checkpoint was written yet"):
@@ -233,7 +238,7 @@ def test_large_returns_are_scaled_so_the_value_loss_stays_of_order_one(tmp_path)
     ppo = dict(num_envs=8, rollout_len=64, seq_len=64, minibatches=2, epochs=1, eval_episodes=2, eval_interval=10**6)
     runs = {}
     for normalize in (True, False):
-        trainer = RecurrentPPO({"memory": "gru", "encoder_dim": 16, "hidden_size": 16}, {"id": "CartPole-v1"},
+        trainer = make_trainer({"memory": "gru", "encoder_dim": 16, "hidden_size": 16}, {"id": "CartPole-v1"},
                                PPOConfig(**ppo, normalize_reward=normalize), tmp_path / str(normalize),
                                total_frames=3 * 8 * 64, progress_bar=False)
         trainer.train()

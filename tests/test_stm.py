@@ -85,11 +85,13 @@ def test_an_optimizer_step_changes_the_trainable_weights_but_not_the_generator()
 def test_the_trainers_optimizers_hold_no_generator_tensor(tmp_path):
     """Built exactly as train_rl.py and train_lm.py build them."""
     from rlmem.lm_tasks.training import LMTrainer
+    from rlmem.agents import build_agent
     from rlmem.ppo import PPOConfig, RecurrentPPO
 
     agent = {"memory": "stm", "encoder_dim": 8, **SMALL}
     ppo_cfg = PPOConfig.from_mapping({"num_envs": 2, "rollout_len": 8, "seq_len": 8, "minibatches": 1})
-    trainer = RecurrentPPO(agent, {"id": "rlmem/DelayedCue-v0"}, ppo_cfg, tmp_path / "rl", total_frames=16)
+    trainer = RecurrentPPO(build_agent(agent, {"id": "rlmem/DelayedCue-v0"}),
+                           {"id": "rlmem/DelayedCue-v0"}, ppo_cfg, tmp_path / "rl", total_frames=16)
     memory = trainer.agent.memory
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in trainer.agent.parameters()} == in_optimizer
