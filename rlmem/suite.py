@@ -10,6 +10,8 @@ A suite (``scripts/conf/suite/<name>.yaml``) is a set of named groups::
         sweep: {delay: [10, 100]} # env / task knobs, every combination of the listed values
         seeds: [0, 1]
         overrides: [total_frames=200000]   # any other command-line overrides of the script
+        variants: {learned: [trigger=learned], never: [trigger=never]}   # optional: named override sets,
+                                  # each a run of every agent (shown as agent[variant])
         long_episodes: {knob: delay, extra_steps: 2}   # optional, see long_episode_overrides
 
 An agent named ``sb3_recurrent_ppo`` in a train_rl group is the reference: its runs are
@@ -46,7 +48,7 @@ GROUPS = {"train_rl": ("agent", "env"), "train_lm": ("model", "task"), "sb3_refe
 #: takes only these of the group's overrides
 REFERENCE_AGENT, REFERENCE_OVERRIDES = "sb3_recurrent_ppo", ("total_frames=", "threads=")
 SETTINGS_FILE = "suite_run.json"
-GROUP_KEYS = {"script", "agents", "env", "sweep", "seeds", "overrides", "long_episodes"}
+GROUP_KEYS = {"script", "agents", "env", "sweep", "seeds", "overrides", "long_episodes", "variants"}
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,18 @@ class SuiteRun:
     knobs: tuple[tuple[str, Any], ...]
     seed: int
     overrides: tuple[str, ...]
+    variant: str = ""  # the name of the group's override set it runs ("" without variants)
+
+    @property
+    def label(self) -> str:
+        """The agent as the results show it: ``agent`` or ``agent[variant]``."""
+        return f"{self.agent}[{self.variant}]" if self.variant else self.agent
 
     @property
     def name(self) -> str:
         knobs = "".join(f"-{k}{v}" for k, v in self.knobs)
-        return f"{self.agent}-{self.env}{knobs}-seed{self.seed}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.agent}{variant}-{self.env}{knobs}-seed{self.seed}"
 
     def run_dir(self, suite_dir: Path) -> Path:
         return Path(suite_dir) / "runs" / self.group / self.name
@@ -131,6 +140,13 @@ def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:
                 raise ValueError(f"{where}: sweep.{knob} must be a non-empty list of values, got {values!r}")
         seeds = [int(s) for s in spec.get("seeds", [0])]
         overrides = tuple(str(o) for o in spec.get("overrides") or [])
+        variants = dict(spec.get("variants") or {})
+        for variant, extra_overrides in variants.items():
+            listed = isinstance(extra_overrides, Sequence) and not isinstance(extra_overrides, (str, bytes))
+            if not str(variant) or not listed:
+                raise ValueError(f"{where}: variants must map names to lists of overrides, got {variant!r}: "
+                                 f"{extra_overrides!r}")
+        variants = variants or {"": []}  # no variants: one run per agent, as the group says
         long_episodes = spec.get("long_episodes")
         if long_episodes is not None and (script != "train_rl" or long_episodes.get("knob") not in sweep):
             raise ValueError(f"{where}: long_episodes needs script=train_rl and its knob among the swept knobs "
@@ -142,12 +158,13 @@ def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:
                 if long_episodes is not None:
                     episode = int(dict(knobs)[long_episodes["knob"]]) + int(long_episodes.get("extra_steps", 0))
                     extra = long_episode_overrides(agent, episode)
-                for seed in seeds:
+                for seed, (variant, variant_overrides) in itertools.product(seeds, variants.items()):
                     if script == "train_rl" and agent == REFERENCE_AGENT:
                         kept = tuple(o for o in overrides if o.startswith(REFERENCE_OVERRIDES))
-                        runs.append(SuiteRun(group, "sb3_reference", agent, env, knobs, seed, kept))
+                        runs.append(SuiteRun(group, "sb3_reference", agent, env, knobs, seed, kept, str(variant)))
                     else:
-                        runs.append(SuiteRun(group, script, agent, env, knobs, seed, (*extra, *overrides)))
+                        runs.append(SuiteRun(group, script, agent, env, knobs, seed,
+                                             (*extra, *overrides, *map(str, variant_overrides)), str(variant)))
     names = [(r.group, r.name) for r in runs]
     if len(set(names)) != len(names):
         raise ValueError("the suite lists the same run twice (repeated agents, knob values or seeds)")

@@ -23,7 +23,8 @@ import numpy as np
 from rlmem.suite import SuiteRun
 
 COLUMNS = ["group", "script", "agent", "env", "knobs", "seed", "status", "frames", "wall_seconds", "fps",
-           "eval_return", "eval_success", "score_name", "score", "parameters", "run_dir"]
+           "eval_return", "eval_success", "score_name", "score", "parameters", "trigger_rate", "eval_trigger_rate",
+           "eval_episode_flops", "run_dir"]
 #: the TensorBoard tags of the learning curves, per script, in order of preference
 CURVE_TAGS = {"train_rl": ("charts/eval_success", "charts/eval_return"), "train_lm": ("lm/eval_accuracy",),
               "sb3_reference": ("charts/eval_success", "charts/eval_return")}
@@ -36,7 +37,7 @@ def knob_text(knobs: Sequence[tuple[str, Any]]) -> str:
 def result_row(run: SuiteRun, suite_dir: Path, failed: bool = False) -> dict[str, Any]:
     """One ``results.csv`` row (``status``: finished / failed / missing; numbers empty unless finished)."""
     run_dir = run.run_dir(suite_dir)
-    row: dict[str, Any] = {"group": run.group, "script": run.script, "agent": run.agent, "env": run.env,
+    row: dict[str, Any] = {"group": run.group, "script": run.script, "agent": run.label, "env": run.env,
                            "knobs": knob_text(run.knobs), "seed": run.seed, "run_dir": str(run_dir)}
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {}
@@ -57,6 +58,10 @@ def result_row(run: SuiteRun, suite_dir: Path, failed: bool = False) -> dict[str
                    wall_seconds=metrics["wall_seconds"], fps=metrics["tokens_per_s"],
                    eval_success=metrics["eval_accuracy"], score_name="eval_accuracy", score=metrics["eval_accuracy"])
     row["parameters"] = metrics.get("parameters")
+    if "flops_path" in metrics and "eval_trigger_rate" in metrics:  # a memory with a gated path: its compute
+        rate = metrics["eval_trigger_rate"]
+        row.update(trigger_rate=metrics.get("compute", {}).get("trigger_rate"), eval_trigger_rate=rate,
+                   eval_episode_flops=metrics["eval_length"] * (metrics["flops_base"] + rate * metrics["flops_path"]))
     return row
 
 
@@ -210,7 +215,7 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
         found = learning_curve(run, suite_dir)
         if found is not None and len(found[1]):
             tag = found[0]
-            curves[f"{run.env} {knob_text(run.knobs)}".strip(" -")][run.agent].append(found[1:])
+            curves[f"{run.env} {knob_text(run.knobs)}".strip(" -")][run.label].append(found[1:])
     if not curves:
         return False
     n = len(curves)
@@ -273,6 +278,59 @@ def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, thresho
     return True
 
 
+def plot_return_vs_compute(rows: Sequence[dict[str, Any]], group: str, path: Path) -> bool:
+    """Eval return vs memory FLOPs per eval episode, a point per agent (mean over seeds, std as error bars),
+    a panel per env; only for groups whose runs report compute."""
+    points: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row["group"] == group and row["status"] == "finished" and row.get("eval_episode_flops") not in (None, ""):
+            env = f"{row['env']} {row['knobs']}".strip(" -")
+            points[env][row["agent"]].append((float(row["eval_episode_flops"]), float(row["eval_return"])))
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.5), squeeze=False)
+    for ax, (env, by_agent) in zip(axes[0], points.items()):
+        for agent, values in by_agent.items():
+            flops, returns = np.array(values).T
+            ax.errorbar(flops.mean() / 1e6, returns.mean(), xerr=flops.std() / 1e6, yerr=returns.std(), fmt="o",
+                        capsize=3, label=agent)
+        ax.set(title=env, xlabel="memory MFLOPs per eval episode", ylabel="eval return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def compute_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per group, env and agent (mean over finished seeds) eval return, eval success, the trigger
+    rate in training and in greedy eval, and MFLOPs per eval episode; empty without compute numbers."""
+    cells: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "finished" and row.get("eval_episode_flops") not in (None, ""):
+            cells[(row["group"], f"{row['env']} {row['knobs']}".strip(" -"), row["agent"])].append(row)
+    if not cells:
+        return ""
+
+    def mean(found, key):
+        values = [float(r[key]) for r in found if r.get(key) not in (None, "")]
+        return f"{np.mean(values):.3f}" if values else "-"
+
+    lines = ["| group | env | agent | eval return | eval success | trigger rate (train) | trigger rate (eval) "
+             "| MFLOPs / eval episode |", "|---|---|---|---|---|---|---|---|"]
+    for (group, env, agent), found in cells.items():
+        mflops = np.mean([float(r["eval_episode_flops"]) for r in found]) / 1e6
+        lines.append(f"| {group} | {env} | {agent} | {mean(found, 'eval_return')} | {mean(found, 'eval_success')} | "
+                     f"{mean(found, 'trigger_rate')} | {mean(found, 'eval_trigger_rate')} | {mflops:.3f} |")
+    return "\n".join(lines)
+
+
 def write_report(suite: str, runs: Sequence[SuiteRun], failed: Sequence[SuiteRun], suite_dir: Path,
                  wall_seconds: float | None, jobs: int, threshold: float, command: str | None = None
                  ) -> list[dict[str, Any]]:
@@ -286,5 +344,11 @@ def write_report(suite: str, runs: Sequence[SuiteRun], failed: Sequence[SuiteRun
             images.append(f"learning_{group}.png")
         if plot_horizon(rows, group, suite_dir / f"horizon_{group}.png", threshold):
             images.append(f"horizon_{group}.png")
-    (suite_dir / "results.md").write_text(markdown(suite, rows, wall_seconds, jobs, threshold, images, command))
+        if plot_return_vs_compute(rows, group, suite_dir / f"compute_{group}.png"):
+            images.append(f"compute_{group}.png")
+    text = markdown(suite, rows, wall_seconds, jobs, threshold, images, command)
+    table = compute_table(rows)
+    if table:
+        text += "\n## Return vs compute\n\n" + table + "\n"
+    (suite_dir / "results.md").write_text(text)
     return rows

@@ -188,3 +188,28 @@ def test_publish_writes_a_section_per_suite_and_the_index(tmp_path, monkeypatch)
     assert "## Benchmark suite `horizon`" in index and "## Benchmark suite `smoke`" in index
     assert "### g: table" in index and "![h](results/smoke_horizon_g.png)" in index
     assert (tmp_path / "docs" / "results" / "horizon_horizon_g.png").read_bytes() == b"png"
+
+
+def test_variants_are_runs_of_every_agent_with_their_overrides_and_report_compute(tmp_path):
+    """A group's variants multiply its runs; results show agent[variant]; runs with a gated path get
+    eval FLOPs per episode (eval_length x (base + rate x path), computed here by hand) and a compute table."""
+    runs = plan({"g": {"script": "train_rl", "agents": ["infinity"], "env": "delayed_cue", "seeds": [0],
+                       "overrides": ["total_frames=9"],
+                       "variants": {"never": ["trigger=never"],
+                                    "learned": ["trigger=learned", "trigger.cost_coef=1"]}}})
+    assert [r.name for r in runs] == ["infinity-never-delayed_cue-seed0", "infinity-learned-delayed_cue-seed0"]
+    assert runs[1].arguments()[-3:] == ["total_frames=9", "trigger=learned", "trigger.cost_coef=1"]
+    for run, rate, ret in zip(runs, (0.0, 0.25), (0.5, 1.0)):
+        write_metrics(run, tmp_path, frames=9, total_frames=9, wall_seconds=1.0, fps=9.0, eval_return=ret,
+                      eval_success=ret, eval_length=10.0, eval_trigger_rate=rate, flops_base=1000.0,
+                      flops_path=400.0, compute={"trigger_rate": rate + 0.5})
+    rows = [result_row(r, tmp_path) for r in runs]
+    assert [r["agent"] for r in rows] == ["infinity[never]", "infinity[learned]"]
+    assert rows[1]["eval_episode_flops"] == 10.0 * (1000.0 + 0.25 * 400.0)
+    from rlmem.suite_report import compute_table, plot_return_vs_compute
+
+    table = compute_table(rows)
+    assert "| g | delayed_cue | infinity[learned] | 1.000 | 1.000 | 0.750 | 0.250 | 0.011 |" in table
+    assert plot_return_vs_compute(rows, "g", tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="variants must map names to lists"):
+        plan({"g": {"script": "train_rl", "agents": ["gru"], "env": "delayed_cue", "variants": {"a": "trigger=never"}}})
