@@ -358,20 +358,8 @@ class TriggeredMemoryModule(MemoryModule):
                 td.set(key, value)
         return td
 
-    def _forward_step(self, td: TensorDictBase) -> TensorDictBase:
-        shape = td.batch_size
-        flat = td.reshape(-1) if td.batch_dims != 1 else td
-        x = flat.get(self.in_key).unsqueeze(1)
-        is_init = flat.get("is_init", None)
-        if is_init is None:
-            is_init = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        state = self._state_from(flat, x.shape[0], x.device)
-        y, next_state, record = self.memory.run(x, state, is_init.reshape(-1, 1))
-        out = TensorDict({self.out_key: y.squeeze(1), **{k: v.squeeze(1) for k, v in record.items()}},
-                         batch_size=flat.batch_size)
-        out.set(("next", STATE_KEY), next_state)
-        td.update(out.reshape(shape))
-        return td
+    def _step(self, x, state, is_init):
+        return self.memory.run(x, state, is_init)  # decides, runs, and returns what it decided
 
 
 class WithTrigger(torch.distributions.Distribution):

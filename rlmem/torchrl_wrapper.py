@@ -95,9 +95,16 @@ class MemoryModule(TensorDictModuleBase):
         if is_init is None:
             is_init = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         state = self._state_from(flat, x.shape[0], x.device)
-        y, next_state = self.memory(x, state, is_init.reshape(-1, 1))
-        out = TensorDict({self.out_key: y.squeeze(1)}, batch_size=flat.batch_size)
+        y, next_state, extra = self._step(x, state, is_init.reshape(-1, 1))
+        out = TensorDict({self.out_key: y.squeeze(1), **{k: v.squeeze(1) for k, v in extra.items()}},
+                         batch_size=flat.batch_size)
         if self._state_names:
             out.set(("next", STATE_KEY), next_state)
         td.update(out.reshape(shape))
         return td
+
+    def _step(self, x: torch.Tensor, state: TensorDict, is_init: torch.Tensor):
+        """One acting step: ``x: [N, 1, d_in]`` -> ``(y [N, 1, d_out], next_state, {key: [N, 1]} written beside
+        the output)``."""
+        y, next_state = self.memory(x, state, is_init)
+        return y, next_state, {}
