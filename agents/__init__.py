@@ -36,7 +36,7 @@ from rlmem.agents.encoders import as_observation, build_encoder
 from rlmem.agents.triggers import (TriggeredMemory, TriggeredMemoryModule, WithTrigger, build_trigger_policy,
                                    trigger_cost_settings)
 from rlmem.compute import PathCost, measure_path_flops
-from rlmem.env_factory import env_spaces
+from rlmem.env_factory import SPACE_CHECKS, env_spaces
 from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
 from rlmem.run_io import load_checkpoint
 from rlmem.memory import build_memory
@@ -44,6 +44,16 @@ from rlmem.torchrl_wrapper import MemoryModule
 
 #: the trigger of an agent built without one: the gated path (if any) on every step, as without triggers
 DEFAULT_TRIGGER = {"policy": "always"}
+
+
+def check_agent_spaces(observation: gym.Space, action: gym.Space) -> None:
+    """Raise a ValueError naming the supported spaces unless an agent can observe and act in them."""
+    action_head(action)
+    build_encoder(observation, 1)
+
+
+if check_agent_spaces not in SPACE_CHECKS:
+    SPACE_CHECKS.append(check_agent_spaces)  # every env rlmem builds is checked against what agents support
 
 class Apply(TensorDictModuleBase):
     """``td[out_key] = module(td[in_key])`` (``out_key`` a tuple of keys: the module returns a tuple).

@@ -17,7 +17,7 @@ Dict's keys) and the primer, the PPO bootstrap and the encoders need no case of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -93,14 +93,17 @@ def effective_env_kwargs(env_cfg: Mapping[str, Any]) -> dict[str, Any]:
         vec.close()
 
 
-def check_spaces(env_id: str, vec: gym.vector.VectorEnv) -> None:
-    """Raise a ValueError naming the supported spaces unless rlmem's agents can act in and observe ``vec``."""
-    from rlmem.agents.actions import action_head
-    from rlmem.agents.encoders import build_encoder
+#: ``check(observation_space, action_space)`` functions raising ValueError for spaces their agents cannot use;
+#: ``rlmem.agents`` registers its own when imported (the env layer does not import the agents)
+SPACE_CHECKS: list[Callable[[gym.Space, gym.Space], None]] = []
 
+
+def check_spaces(env_id: str, vec: gym.vector.VectorEnv) -> None:
+    """Raise a ValueError naming the supported spaces unless the registered agents (:data:`SPACE_CHECKS`)
+    can act in and observe ``vec``, before TorchRL's ``GymWrapper`` meets a space it cannot wrap."""
     try:
-        action_head(vec.single_action_space)
-        build_encoder(vec.single_observation_space, 1)
+        for check in SPACE_CHECKS:
+            check(vec.single_observation_space, vec.single_action_space)
     except ValueError as err:
         raise ValueError(f"{env_id}: {err}") from None
     obs = vec.single_observation_space

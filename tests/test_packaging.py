@@ -34,3 +34,12 @@ def test_user_folders_named_envs_and_agents_do_not_shadow_rlmem(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["ok", "rlmem.agents"]
+
+
+def test_the_core_does_not_import_the_agents():
+    """Agents build on rlmem (memory, envs, trainer), never the reverse: the trainer takes an agent object."""
+    code = ("import sys, rlmem, rlmem.ppo, rlmem.evaluate, rlmem.env_factory, rlmem.suite, rlmem.suite_report; "
+            "print(sorted(m for m in sys.modules if m.startswith('rlmem.agents')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
