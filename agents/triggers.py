@@ -39,6 +39,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType, exploration_type
+from torchrl.modules.distributions.utils import has_analytic_entropy
 
 from rlmem.envs.core import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs, check_trigger
@@ -380,7 +381,12 @@ class WithTrigger(torch.distributions.Distribution):
         return self.base.log_prob(value) + self.trigger_dist.log_prob(self.trigger)
 
     def entropy(self):
-        return self.base.entropy() + self.trigger_dist.entropy()
+        if has_analytic_entropy(self.base):
+            base = self.base.entropy()
+        else:  # e.g. TanhNormal: a Monte Carlo estimate, reparameterized, as TorchRL's PPO loss makes it
+            x = self.base.rsample((4,)) if self.base.has_rsample else self.base.sample((4,))
+            base = -self.base.log_prob(x).mean(0)
+        return base + self.trigger_dist.entropy()
 
     def sample(self, sample_shape=torch.Size()):
         return self.base.sample(sample_shape)
@@ -394,7 +400,9 @@ class WithTrigger(torch.distributions.Distribution):
 
     @property
     def deterministic_sample(self):
-        return getattr(self.base, "deterministic_sample", self.base.mode)
+        if hasattr(type(self.base), "deterministic_sample"):  # TanhNormal has one but no analytical mode
+            return self.base.deterministic_sample
+        return self.base.mode
 
     @property
     def mean(self):

@@ -263,3 +263,20 @@ def test_cli_rejects_an_unknown_trigger_before_training(tmp_path):
     assert out.returncode != 0
     assert "trigger" in out.stderr and "learned" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_learned_trigger_with_a_continuous_action_head_trains(tmp_path):
+    """TanhNormal has no analytic entropy or mode: the joint distribution still replays its log-probs, and a
+    PPO update (Monte Carlo entropy) runs finite."""
+    torch.manual_seed(0)
+    env = {"id": "rlmem/PositionOnlyPendulum-v0"}
+    agent = build_agent(INFINITY, env, {"policy": "learned", "init_bias": 0.0})
+    data = collect(agent, env_cfg=env)
+    replay = data.clone().exclude("features", "trigger_logits")
+    with set_recurrent_mode(True):
+        agent.backbone(replay)
+        dist = agent.actor.get_dist(replay)
+        torch.testing.assert_close(dist.log_prob(replay["action"]), data["action_log_prob"], rtol=1e-5, atol=1e-4)
+        assert torch.isfinite(dist.entropy()).all()
+    trainer = RecurrentPPO(agent, env, PPOConfig(**SMALL), tmp_path, total_frames=64, progress_bar=False)
+    assert math.isfinite(trainer.train()["compute"]["trigger_rate"])
