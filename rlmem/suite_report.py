@@ -24,7 +24,7 @@ from rlmem.suite import SuiteRun
 
 COLUMNS = ["group", "script", "agent", "env", "knobs", "seed", "status", "frames", "wall_seconds", "fps",
            "eval_return", "eval_success", "score_name", "score", "parameters", "trigger_rate", "eval_trigger_rate",
-           "eval_episode_flops", "run_dir"]
+           "eval_episode_flops", "eval_path_flops", "run_dir"]
 #: the TensorBoard tags of the learning curves, per script, in order of preference
 CURVE_TAGS = {"train_rl": ("charts/eval_success", "charts/eval_return"), "train_lm": ("lm/eval_accuracy",),
               "sb3_reference": ("charts/eval_success", "charts/eval_return")}
@@ -61,7 +61,8 @@ def result_row(run: SuiteRun, suite_dir: Path, failed: bool = False) -> dict[str
     if "flops_path" in metrics and "eval_trigger_rate" in metrics:  # a memory with a gated path: its compute
         rate = metrics["eval_trigger_rate"]
         row.update(trigger_rate=metrics.get("compute", {}).get("trigger_rate"), eval_trigger_rate=rate,
-                   eval_episode_flops=metrics["eval_length"] * (metrics["flops_base"] + rate * metrics["flops_path"]))
+                   eval_episode_flops=metrics["eval_length"] * (metrics["flops_base"] + rate * metrics["flops_path"]),
+                   eval_path_flops=metrics["eval_length"] * rate * metrics["flops_path"])
     return row
 
 
@@ -294,11 +295,12 @@ def plot_return_vs_compute(rows: Sequence[dict[str, Any]], group: str, path: Pat
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.5), squeeze=False)
+    markers = "osD^vP*Xh<>"
     for ax, (env, by_agent) in zip(axes[0], points.items()):
-        for agent, values in by_agent.items():
+        for i, (agent, values) in enumerate(by_agent.items()):
             flops, returns = np.array(values).T
-            ax.errorbar(flops.mean() / 1e6, returns.mean(), xerr=flops.std() / 1e6, yerr=returns.std(), fmt="o",
-                        capsize=3, label=agent)
+            ax.errorbar(flops.mean() / 1e6, returns.mean(), xerr=flops.std() / 1e6, yerr=returns.std(),
+                        fmt=markers[i % len(markers)], markersize=9 - 0.5 * (i % 6), alpha=0.8, capsize=3, label=agent)
         ax.set(title=env, xlabel="memory MFLOPs per eval episode", ylabel="eval return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -323,11 +325,13 @@ def compute_table(rows: Sequence[dict[str, Any]]) -> str:
         return f"{np.mean(values):.3f}" if values else "-"
 
     lines = ["| group | env | agent | eval return | eval success | trigger rate (train) | trigger rate (eval) "
-             "| MFLOPs / eval episode |", "|---|---|---|---|---|---|---|---|"]
+             "| memory MFLOPs / eval episode | of which the gated path |", "|---|---|---|---|---|---|---|---|---|"]
     for (group, env, agent), found in cells.items():
         mflops = np.mean([float(r["eval_episode_flops"]) for r in found]) / 1e6
+        path = np.mean([float(r.get("eval_path_flops") or 0.0) for r in found]) / 1e6
+        rates = f"{mean(found, 'trigger_rate')} | {mean(found, 'eval_trigger_rate')}"
         lines.append(f"| {group} | {env} | {agent} | {mean(found, 'eval_return')} | {mean(found, 'eval_success')} | "
-                     f"{mean(found, 'trigger_rate')} | {mean(found, 'eval_trigger_rate')} | {mflops:.3f} |")
+                     f"{rates} | {mflops:.3f} | {path:.4f} |")
     return "\n".join(lines)
 
 

@@ -209,7 +209,8 @@ def test_variants_are_runs_of_every_agent_with_their_overrides_and_report_comput
     from rlmem.suite_report import compute_table, plot_return_vs_compute
 
     table = compute_table(rows)
-    assert "| g | delayed_cue | infinity[learned] | 1.000 | 1.000 | 0.750 | 0.250 | 0.011 |" in table
+    assert rows[1]["eval_path_flops"] == 10.0 * 0.25 * 400.0
+    assert "| g | delayed_cue | infinity[learned] | 1.000 | 1.000 | 0.750 | 0.250 | 0.011 | 0.0010 |" in table
     assert plot_return_vs_compute(rows, "g", tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
     with pytest.raises(ValueError, match="variants must map names to lists"):
         plan({"g": {"script": "train_rl", "agents": ["gru"], "env": "delayed_cue", "variants": {"a": "trigger=never"}}})
