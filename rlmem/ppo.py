@@ -35,16 +35,15 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModuleBase
 from torch.utils.tensorboard import SummaryWriter
-from torchrl.collectors import Collector
-from torchrl.envs import ExplorationType
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from rlmem.collectors import CollectorConfig, EnvFactory, WorkerWhere, build_collector, check_collector_supports
 from rlmem.compute import ComputeMeter, TriggerCost
-from rlmem.env_factory import effective_env_kwargs, make_torchrl_env, success_threshold
+from rlmem.env_factory import effective_env_kwargs, success_threshold
 from rlmem.envs.core import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
@@ -123,7 +122,8 @@ class RecurrentPPO:
     False starts fresh and refuses a ``run_dir`` that already holds a run; a path resumes from that
     checkpoint. ``progress_bar``: a bar on a terminal; elsewhere (a log file) a one-line summary is logged
     every ``summary_interval`` seconds and at each evaluation. ``config``: the resolved run config, recorded
-    in ``metrics.json`` and TensorBoard.
+    in ``metrics.json`` and TensorBoard. ``collector``: where the envs step (:mod:`rlmem.collectors`;
+    default ``{"type": "sync"}``, the trainer's own process).
     """
 
     def __init__(
@@ -141,6 +141,7 @@ class RecurrentPPO:
         progress_bar: bool = True,
         summary_interval: float = 30.0,
         config: Mapping[str, Any] | None = None,
+        collector: Mapping[str, Any] | None = None,
     ):
         check_int("seed", seed, low=0)
         check_int("total_frames", total_frames, low=1)
@@ -156,6 +157,7 @@ class RecurrentPPO:
         self.log_interval, self.checkpoint_interval = log_interval, checkpoint_interval
         self.progress_bar, self.summary_interval = progress_bar, summary_interval
         self.config = dict(config or {})
+        self.collector_cfg = CollectorConfig.from_mapping(collector, ppo.num_envs)
         torch.manual_seed(seed)
         np.random.seed(seed)
 
@@ -194,6 +196,7 @@ class RecurrentPPO:
         elif not resume and run_dir_holds_a_run(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds a run; resume=true continues it (or reports it if "
                                   "finished), or choose another run dir (hydra.run.dir=...)")
+        check_collector_supports(self.collector_cfg, agent, self.frames)
 
     # --- checkpoints ----------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -269,6 +272,7 @@ class RecurrentPPO:
             "seed": self.seed,
             "total_frames": self.total_frames,
             "frames_per_batch": self.ppo.frames_per_batch,
+            "collector": self.collector_cfg.records(),
             "config": self.config,
         }
 
@@ -332,17 +336,13 @@ class RecurrentPPO:
         if self.agent.triggered and self.agent.path_cost is not None and self.agent.cost_coef > 0:
             cost = [TriggerCost(self.agent.cost_coef, self.agent.path_cost.path / 1e6)]
             self._warm_up_cost(cost[0])
-        env = make_torchrl_env(self.env_cfg, ppo.num_envs, self.agent.memory_module.make_tensordict_primer(), cost)
         # a resumed run draws new episodes rather than replaying the first ones
-        env.set_seed(self.seed + self.frames)
-        collector = Collector(
-            env,
-            ActingGuard(self.agent.policy, self._where_acting),
-            frames_per_batch=ppo.frames_per_batch,
-            total_frames=-1,
-            device="cpu",  # env, policy and storage on one device: no per-step casts
-            exploration_type=ExplorationType.RANDOM,
-        )
+        make_env = EnvFactory(self.env_cfg, ppo.num_envs, self.agent.memory_module.make_tensordict_primer(), cost,
+                              seed=self.seed + self.frames)
+        # a worker's guard cannot call back into the trainer
+        where = self._where_acting if self.collector_cfg.type == "sync" else WorkerWhere(self.agent_cfg.get("memory"))
+        collector = build_collector(self.collector_cfg, make_env, ActingGuard(self.agent.policy, where),
+                                    ppo.frames_per_batch)
         self._t0 = time.perf_counter()
         frames_at_start = self.frames
         recent_returns: list[float] = []

@@ -1,7 +1,8 @@
 """Train an agent with recurrent PPO: ``python scripts/train_rl.py agent=gru env=delayed_cue``.
 
 Config groups (scripts/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``trigger``
-(when a memory's gated path runs: always, never, learned, meco, ars), ``ppo``, ``logger``; top-level
+(when a memory's gated path runs: always, never, learned, meco, ars), ``ppo``, ``logger``, ``collector``
+(where the envs step: sync, process, ray); top-level
 ``seed``, ``total_frames``, ``device``, ``threads``, ``resume``, ``imports``. Outputs
 (TensorBoard events, ``metrics.json``, ``checkpoints/last.pt``, ``train_rl.log``) go to the Hydra run dir
 (``hydra.run.dir=...``).
@@ -43,6 +44,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
         progress_bar=logger["progress_bar"],
         summary_interval=logger["summary_interval"],
         config=config,
+        collector=config["collector"],
     )
 
 
