@@ -26,20 +26,25 @@ from typing import Any
 
 import gymnasium as gym
 import torch
+from rlmem.agents.actions import action_head
+from rlmem.agents.encoders import as_observation, build_encoder
+from rlmem.agents.triggers import (
+    TriggeredMemory,
+    TriggeredMemoryModule,
+    WithTrigger,
+    build_trigger_policy,
+    trigger_cost_settings,
+)
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase, TensorDictSequential
 from torch import nn
 from torchrl.modules import ProbabilisticActor
 
-from rlmem.agents.actions import action_head
-from rlmem.agents.encoders import as_observation, build_encoder
-from rlmem.agents.triggers import (TriggeredMemory, TriggeredMemoryModule, WithTrigger, build_trigger_policy,
-                                   trigger_cost_settings)
 from rlmem.compute import PathCost, measure_path_flops
 from rlmem.env_factory import SPACE_CHECKS, env_spaces
 from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
-from rlmem.run_io import load_checkpoint
 from rlmem.memory import build_memory
+from rlmem.run_io import load_checkpoint
 from rlmem.torchrl_wrapper import MemoryModule
 
 #: the trigger of an agent built without one: the gated path (if any) on every step, as without triggers
@@ -54,6 +59,7 @@ def check_agent_spaces(observation: gym.Space, action: gym.Space) -> None:
 
 if check_agent_spaces not in SPACE_CHECKS:
     SPACE_CHECKS.append(check_agent_spaces)  # every env rlmem builds is checked against what agents support
+
 
 class Apply(TensorDictModuleBase):
     """``td[out_key] = module(td[in_key])`` (``out_key`` a tuple of keys: the module returns a tuple).
@@ -147,9 +153,10 @@ class ActorCritic(nn.Module):
     def after_rollout(self, data) -> None:
         """Called by the trainer with each collected rollout ``[N, T]``: a MeCo trigger calibrates its
         thresholds on the rollout's probe scores (held out from the decisions they will make)."""
-        calibrate = getattr(self.memory, "policy", None) and getattr(self.memory.policy, "calibrate", None)
-        if calibrate is not None and "trigger_score" in data.keys():
-            calibrate(data["trigger_score"])
+        if isinstance(self.memory, TriggeredMemory) and "trigger_score" in data.keys():
+            calibrate = getattr(self.memory.policy, "calibrate", None)
+            if calibrate is not None:
+                calibrate(data["trigger_score"])
 
     @property
     def config(self) -> dict[str, Any]:

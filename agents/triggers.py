@@ -36,12 +36,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from rlmem.envs.core import check_float, check_int
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules.distributions.utils import has_analytic_entropy
 
-from rlmem.envs.core import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs, check_trigger
 from rlmem.torchrl_wrapper import STATE_KEY, MemoryModule
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from rlmem.agents import build_agent
+from rlmem.agents.triggers import ARS, MeCo, TriggeredMemory, build_trigger_policy
 from torchrl.collectors import Collector
 from torchrl.envs import ExplorationType
 from torchrl.modules import set_recurrent_mode
 
-from rlmem.agents import build_agent
-from rlmem.agents.triggers import ARS, MeCo, TriggeredMemory, build_trigger_policy
 from rlmem.compute import ComputeMeter, PathCost, TriggerCost, measure_path_flops
 from rlmem.env_factory import make_torchrl_env
 from rlmem.memory import build_memory, check_memory
@@ -300,3 +300,17 @@ def test_every_gated_memory_replays_learned_triggers_exactly(memory):
         agent.backbone(replay)
         log_prob = agent.actor.get_dist(replay).log_prob(replay["action"])
     torch.testing.assert_close(log_prob, data["action_log_prob"], rtol=1e-5, atol=1e-5)
+
+
+def test_meco_calibrates_on_each_rollout_while_training(tmp_path):
+    """The trainer hands each rollout to the agent: MeCo's thresholds become the quantiles of its probe scores
+    (recomputed here from the rollout the trainer saw last)."""
+    torch.manual_seed(0)
+    agent = build_agent(INFINITY, ENV, {"policy": "meco", "probe": "hidden_var", "target_rate": 0.4})
+    seen = []
+    original = agent.after_rollout
+    agent.after_rollout = lambda data: (seen.append(data["trigger_score"].clone()), original(data))
+    RecurrentPPO(agent, ENV, PPOConfig(**SMALL), tmp_path, total_frames=128, progress_bar=False).train()
+    meco = agent.memory.policy
+    expected = torch.quantile(seen[-1].flatten(), torch.tensor([0.5, 0.7]))
+    torch.testing.assert_close(torch.stack([meco.lo, meco.hi]), expected)
