@@ -96,7 +96,7 @@ class ActorCritic(nn.Module):
     """
 
     def __init__(self, observation: gym.Space | int, action: gym.Space | int, action_spec, cfg: Mapping[str, Any],
-                 trigger: Mapping[str, Any] | None = None):
+                 trigger: Mapping[str, Any] | None = None, compile: bool = False):
         super().__init__()
         self.agent_cfg = dict(cfg)
         self.trigger_cfg = dict(DEFAULT_TRIGGER if trigger is None else trigger)
@@ -113,6 +113,10 @@ class ActorCritic(nn.Module):
         if getattr(memory, "trigger_path", None) is not None:
             measured = measure_path_flops(memory)
             self.path_cost = measured if configured_cost is None else PathCost(measured.base, configured_cost * 1e6)
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
+        if compile:  # torch.compile of the memory's forward (acting steps and the PPO replay), in place
+            memory.compile()
         self.triggered = policy.name != "always"  # "always" is the memory as it is: no decision, nothing to wrap
         if self.triggered:
             if policy.uses_probe and policy.probe != "hidden_var" and not head.discrete:
@@ -201,9 +205,10 @@ class ActorCritic(nn.Module):
 
 
 def build_agent(agent_cfg: Mapping[str, Any], env_cfg: Mapping[str, Any],
-                trigger: Mapping[str, Any] | None = None) -> ActorCritic:
-    """The agent ``agent_cfg`` (and ``trigger``) describe, sized for the env ``env_cfg`` builds."""
-    return ActorCritic(*env_spaces(env_cfg), agent_cfg, trigger)
+                trigger: Mapping[str, Any] | None = None, compile: bool = False) -> ActorCritic:
+    """The agent ``agent_cfg`` (and ``trigger``) describe, sized for the env ``env_cfg`` builds;
+    ``compile``: ``torch.compile`` its memory (``nn.Module.compile``: the first calls of each shape compile)."""
+    return ActorCritic(*env_spaces(env_cfg), agent_cfg, trigger, compile)
 
 
 def load_trained_agent(path: str | Path):

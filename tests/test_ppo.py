@@ -249,3 +249,16 @@ def test_large_returns_are_scaled_so_the_value_loss_stays_of_order_one(tmp_path)
     assert scaler.std > 2  # returns of tens: scaled down
     saved = load_checkpoint(tmp_path / "True" / "checkpoints" / "last.pt")["reward_scaler"]
     assert saved["count"] == scaler.count == 3 * 8 * 64 and saved["var"] == scaler.var
+
+
+def test_a_compiled_memory_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
+    """compile=true compiles the memory in place (nn.Module.compile): the run trains, and its weights keep
+    their names, so the checkpoint loads into an agent built without compile."""
+    env_cfg = {"id": "rlmem/DelayedCue-v0", "delay": 2}
+    agent = build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, compile=True)
+    metrics = RecurrentPPO(agent, env_cfg, PPOConfig(**SMALL), tmp_path, total_frames=128, progress_bar=False).train()
+    assert metrics["frames"] == 128
+    plain = build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg)
+    plain.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "last.pt")["agent"])
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, compile="yes")
