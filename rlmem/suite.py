@@ -21,7 +21,8 @@ An agent named ``sb3_recurrent_ppo`` in a train_rl group is the reference: its r
 :func:`plan` expands it into :class:`SuiteRun` s, :func:`execute` runs them as subprocesses (``jobs`` at a
 time) into ``<suite dir>/runs/<group>/<name>``. A run whose ``metrics.json`` says it finished is skipped, an
 interrupted one resumes from its checkpoint (train_rl and train_lm do that; a reference run starts over),
-so rerunning a killed suite continues it.
+so rerunning a killed suite continues it. With ``launcher="ray"`` each run is a Ray task (one CPU) that runs
+the same command, on this machine's Ray or a cluster's, so its files are those of a local run.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ GROUPS = {"train_rl": ("agent", "env"), "train_lm": ("model", "task"), "sb3_refe
 #: takes only these of the group's overrides
 REFERENCE_AGENT, REFERENCE_OVERRIDES = "sb3_recurrent_ppo", ("total_frames=", "threads=")
 SETTINGS_FILE = "suite_run.json"
+LAUNCHERS = ("local", "ray")
 GROUP_KEYS = {"script", "agents", "env", "sweep", "seeds", "overrides", "long_episodes", "variants"}
 
 
@@ -192,16 +194,26 @@ def check_settings(runs: Sequence[SuiteRun], suite_dir: Path) -> None:
                              "(hydra.run.dir=...) or delete that run")
 
 
-def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_seconds: float = 0.5) -> list[SuiteRun]:
+def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_seconds: float = 0.5,
+            launcher: str = "local", ray_init_config: Mapping[str, Any] | None = None) -> list[SuiteRun]:
     """Run what is not finished, ``jobs`` subprocesses at a time; returns the runs that failed.
 
     Each run's stdout/stderr go to ``<run dir>/output.log`` (the script's own log is ``<script>.log``).
     SIGINT/SIGTERM stop the suite: the running scripts get SIGTERM (they checkpoint and exit) and the
     signal is raised again as ``KeyboardInterrupt`` once they are gone.
+
+    ``launcher="ray"``: each run is a Ray task (``num_cpus=1``) running the same command, at most ``jobs`` in
+    flight; ``ray_init_config`` are the ``ray.init()`` kwargs (``address``: None starts a local Ray, "auto"
+    joins a running cluster, whose nodes need the repository and its Python at the same paths and the suite
+    dir on a shared filesystem). A stop cancels the tasks, whose scripts get SIGTERM and checkpoint.
     """
     suite_dir = Path(suite_dir)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher={launcher!r}; valid choices: {', '.join(LAUNCHERS)}")
+    if launcher == "ray":
+        _check_ray()
     check_settings(runs, suite_dir)
     todo = [r for r in runs if not finished(r, suite_dir)]
     log.info("%d runs, %d already finished, %d to run, %d at a time; outputs in %s", len(runs),
@@ -213,6 +225,8 @@ def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_sec
                 for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
     done = len(runs) - len(todo)
     try:
+        if launcher == "ray":
+            failed = _execute_on_ray(runs, todo, suite_dir, jobs, poll_seconds, dict(ray_init_config or {}), stop)
         while (todo or active) and not stop:
             while todo and len(active) < jobs:
                 run = todo.pop(0)
@@ -252,6 +266,82 @@ def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_sec
         raise KeyboardInterrupt(f"suite stopped by {signal.Signals(stop[0]).name}; rerun the same command to "
                                 "continue it")
     return failed
+
+
+def _check_ray() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError('launcher=ray needs Ray, which is not installed: pip install -e ".[ray]"')
+
+
+def _execute_on_ray(runs: Sequence[SuiteRun], todo: list[SuiteRun], suite_dir: Path, jobs: int, poll_seconds: float,
+                    ray_init_config: dict[str, Any], stop: list[int]) -> list[SuiteRun]:
+    """:func:`execute`'s loop with each run a Ray task of :func:`run_command`; empties ``todo``."""
+    if not todo:
+        return []
+    import ray
+
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        if ray_init_config.get("address") is not None:  # a cluster is already sized
+            ray_init_config = {k: v for k, v in ray_init_config.items() if k not in ("num_cpus", "num_gpus")}
+        ray.init(**{"include_dashboard": False, **ray_init_config})
+    task = ray.remote(num_cpus=1, max_retries=0)(run_command)
+    active: dict[Any, tuple[SuiteRun, float]] = {}
+    failed: list[SuiteRun] = []
+    done = len(runs) - len(todo)
+    try:
+        while (todo or active) and not stop:
+            while todo and len(active) < jobs:
+                run = todo.pop(0)
+                run_dir = run.run_dir(suite_dir)
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / SETTINGS_FILE).write_text(json.dumps(run.arguments()))
+                ref = task.remote(run.command(suite_dir), str(run_dir / "output.log"), os.getcwd())
+                active[ref] = (run, time.perf_counter())
+            ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_seconds)
+            for ref in ready:
+                run, start = active.pop(ref)
+                try:
+                    code = ray.get(ref)
+                except ray.exceptions.RayError as err:  # the task itself failed (e.g. its node was lost)
+                    log.error("%s: the Ray task failed: %s", run.name, err)
+                    code = None
+                done += 1
+                status = "done" if code == 0 else f"FAILED (exit {code})"
+                log.info("[%d/%d] %s/%s %s in %.0f s", done, len(runs), run.group, run.name, status,
+                         time.perf_counter() - start)
+                if code != 0:
+                    failed.append(run)
+                    log.error("%s: see %s", run.name, run.run_dir(suite_dir) / "output.log")
+    finally:
+        for ref in active:  # stopped (or crashed): a cancelled task sends its script SIGTERM (it checkpoints)
+            ray.cancel(ref)
+        if active:
+            ray.wait(list(active), num_returns=len(active), timeout=150)
+        if owns_ray:
+            ray.shutdown()
+    return failed
+
+
+def run_command(command: Sequence[str], log_path: str, cwd: str, poll_seconds: float = 0.5) -> int:
+    """Run ``command`` in ``cwd`` (one torch thread), appending its output to ``log_path``; its exit code.
+    Interrupted (a cancelled Ray task gets ``KeyboardInterrupt``), it sends the command SIGTERM and waits."""
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(poll_seconds)
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+        return proc.returncode
 
 
 def _main_thread() -> bool:

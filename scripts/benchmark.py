@@ -185,7 +185,8 @@ def run_suite(cfg) -> None:
     jobs = int(cfg.jobs or os.cpu_count() or 1)
     runs = plan(suite["groups"])
     start = time.perf_counter()
-    failed = execute(runs, suite_dir, jobs) if cfg.run else []
+    failed = execute(runs, suite_dir, jobs, launcher=cfg.launcher,
+                     ray_init_config=OmegaConf.to_container(cfg.ray, resolve=True)) if cfg.run else []
     # the command as typed, without where it wrote and what it did with the results
     shown = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "publish=", "run="))]
     rows = write_report(suite["name"], runs, failed, suite_dir, time.perf_counter() - start if cfg.run else None,
