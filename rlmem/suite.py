@@ -287,6 +287,9 @@ def _execute_on_ray(runs: Sequence[SuiteRun], todo: list[SuiteRun], suite_dir: P
         if ray_init_config.get("address") is not None:  # a cluster is already sized
             ray_init_config = {k: v for k, v in ray_init_config.items() if k not in ("num_cpus", "num_gpus")}
         ray.init(**{"include_dashboard": False, **ray_init_config})
+    if _main_thread():  # ray.init installs its own SIGTERM handler (which exits at once): the suite's again
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: stop.append(signum))
     task = ray.remote(num_cpus=1, max_retries=0)(run_command)
     active: dict[Any, tuple[SuiteRun, float]] = {}
     failed: list[SuiteRun] = []

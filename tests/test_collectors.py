@@ -7,8 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gymnasium as gym
@@ -267,3 +269,31 @@ def test_the_ray_launcher_runs_a_suite_like_the_local_one(tmp_path):
     stamps = {run: (run.run_dir(tmp_path) / "metrics.json").stat().st_mtime_ns for run in runs}
     assert execute(runs, tmp_path, 2, launcher="ray", ray_init_config=ray_init) == []
     assert all((run.run_dir(tmp_path) / "metrics.json").stat().st_mtime_ns == stamps[run] for run in runs)
+
+
+def test_a_stopped_ray_suite_stops_its_runs_with_a_checkpoint(tmp_path):
+    """SIGTERM to the suite: the Ray tasks are cancelled, their scripts get SIGTERM and checkpoint, and the
+    suite says how to continue, as with the local launcher."""
+    pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
+    code = f"""
+import logging, sys
+from rlmem.suite import execute, plan
+logging.basicConfig(level=logging.INFO)
+overrides = ["total_frames=5000000", "ppo.num_envs=8", "ppo.rollout_len=16", "ppo.seq_len=8", "ppo.minibatches=2",
+             "ppo.epochs=1", "ppo.eval_episodes=4", "agent.hidden_size=8", "agent.encoder_dim=8"]
+runs = plan({{"g": {{"script": "train_rl", "agents": ["gru"], "env": "delayed_cue", "seeds": [0],
+                   "overrides": overrides}}}})
+execute(runs, {str(tmp_path)!r}, 1, launcher="ray", ray_init_config={{"address": None, "num_cpus": 1}})
+"""
+    suite = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_dir = tmp_path / "runs" / "g" / "gru-delayed_cue-seed0"
+    deadline = time.time() + 180
+    while not (run_dir / "metrics.json").exists():  # written at the first batch
+        assert suite.poll() is None and time.time() < deadline, suite.communicate()[0][-3000:]
+        time.sleep(0.5)
+    suite.send_signal(signal.SIGTERM)
+    out = suite.communicate(timeout=240)[0]
+    assert "suite stopped by SIGTERM; rerun the same command to continue it" in out, out[-3000:]
+    assert "train_rl: stopped by SIGTERM" in (run_dir / "output.log").read_text()
+    assert (run_dir / "checkpoints" / "last.pt").exists()
