@@ -3,7 +3,7 @@
 Config groups (scripts/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``trigger``
 (when a memory's gated path runs: always, never, learned, meco, ars), ``ppo``, ``logger``, ``collector``
 (where the envs step: sync, process, ray); top-level
-``seed``, ``total_frames``, ``device``, ``threads``, ``resume``, ``imports``. Outputs
+``seed``, ``total_frames``, ``device``, ``threads``, ``compile``, ``resume``, ``imports``. Outputs
 (TensorBoard events, ``metrics.json``, ``checkpoints/last.pt``, ``train_rl.log``) go to the Hydra run dir
 (``hydra.run.dir=...``).
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rlmem.agents import build_agent
+from rlmem.envs.core import check_int
 
 from rlmem.cli import run_job
-from rlmem.envs.core import check_int
-from rlmem.agents import build_agent
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.user_code import import_modules
 
@@ -30,9 +30,12 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
     if config["device"] != "cpu":
         raise ValueError(f"device={config['device']!r}: the trainer runs on the CPU only for now; valid: 'cpu'")
     torch.set_num_threads(check_int("threads", config["threads"], low=1))
+    if config["compile"] is True and config["collector"].get("type") != "sync":
+        raise ValueError(f"compile=true needs collector=sync (a compiled memory is not sent to workers), got "
+                         f"collector={config['collector'].get('type')}")
     logger = config["logger"]
     return RecurrentPPO(
-        build_agent(config["agent"], config["env"], config["trigger"]),
+        build_agent(config["agent"], config["env"], config["trigger"], compile=config["compile"]),
         config["env"],
         PPOConfig.from_mapping(config["ppo"]),
         run_dir,

@@ -230,6 +230,10 @@ def test_invalid_value_fails_before_training(tmp_path):
         ("env=gym env.id=NoSuchEnv-v0", "unknown env id"),
         ("env=gym env.id=Blackjack-v1", "Blackjack-v1: observation: unsupported observation space Tuple.*supported: Box"),
         ("imports=[no_such_module_xyz]", "cannot import module 'no_such_module_xyz'"),
+        ("compile=maybe", "compile must be true or false"),
+        ("compile=true collector=process", "compile=true needs collector=sync"),
+        ("agent=infinity trigger=learned trigger.cost_coef=-1", r"trigger.cost_coef must be .*\[0.0, inf\], got -1"),
+        ("trigger=learned", "has no gated path"),
     ],
 )
 def test_invalid_values_raise_in_build_trainer(tmp_path, override, expected):
