@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -45,8 +46,15 @@ def worker_rlmem(a: dict) -> dict:
     ppo = PPOConfig(num_envs=a["num_envs"], rollout_len=a["rollout_len"], seq_len=a["rollout_len"],
                     epochs=a["epochs"], minibatches=a["minibatches"], eval_interval=10**9)
     env_cfg = {"id": "rlmem/DelayedCue-v0", "delay": a["delay"], "n_cues": 4}
-    agent = build_agent({"memory": a["memory"], "encoder_dim": a["hidden"], "hidden_size": a["hidden"]}, env_cfg)
-    trainer = RecurrentPPO(agent, env_cfg, ppo, Path(a["tmp"]) / "rlmem", total_frames=a["frames"], progress_bar=False)
+    if a["memory"] == "gru":  # sized like sb3-contrib's LSTM
+        agent_cfg = {"memory": "gru", "encoder_dim": a["hidden"], "hidden_size": a["hidden"]}
+    else:  # the agent as train_rl builds it by default
+        import yaml
+
+        agent_cfg = yaml.safe_load((ROOT / "scripts" / "conf" / "agent" / f"{a['memory']}.yaml").read_text())
+    agent = build_agent(agent_cfg, env_cfg)
+    trainer = RecurrentPPO(agent, env_cfg, ppo, Path(a["tmp"]), total_frames=a["frames"], progress_bar=False,
+                           collector=a.get("collector"))
     trainer.next_eval = 10**12  # throughput only: no evaluation episodes
     start = time.perf_counter()
     metrics = trainer.train()
@@ -134,14 +142,22 @@ def throughput(ns: argparse.Namespace) -> None:
           f"{ns.rollout_len}, {ns.epochs} epochs x {ns.minibatches} minibatches, hidden {ns.hidden}, "
           f"{ns.frames} frames, {ns.threads} torch thread(s)")
     rows = []
+    cores = os.cpu_count() or 1
+    every_core = {"type": "process", "num_workers": cores}
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(("rlmem RecurrentPPO (gru)", run_worker("rlmem", {**base, "tmp": tmp})))
+        rows.append(("rlmem RecurrentPPO (gru, 1 core)", run_worker("rlmem", {**base, "tmp": f"{tmp}/gru"})))
+        if ns.num_envs % cores == 0:
+            rows.append((f"rlmem RecurrentPPO (gru, collector=process, {cores} workers)",
+                         run_worker("rlmem", {**base, "tmp": f"{tmp}/gru_process", "collector": every_core})))
         rows.append(("sb3-contrib RecurrentPPO (MlpLstmPolicy)", run_worker("sb3", {**base, "shared_lstm": False})))
         rows.append(("sb3-contrib RecurrentPPO (shared LSTM)", run_worker("sb3", {**base, "shared_lstm": True})))
+        rows.append(("rlmem RecurrentPPO (infinity, agent defaults)",
+                     run_worker("rlmem", {**base, "tmp": f"{tmp}/infinity", "memory": "infinity"})))
     ours = rows[0][1]["fps"]
-    print(f"{'implementation':44s} {'frames/s':>10s} {'peak RSS MB':>12s} {'rlmem / this':>13s}")
+    # peak RSS of the trainer's process (collector workers not included)
+    print(f"{'implementation':56s} {'frames/s':>10s} {'peak RSS MB':>12s} {'gru 1 core / this':>18s}")
     for name, r in rows:
-        print(f"{name:44s} {r['fps']:10.0f} {r['peak_rss_mb']:12.0f} {ours / r['fps']:13.2f}x")
+        print(f"{name:56s} {r['fps']:10.0f} {r['peak_rss_mb']:12.0f} {ours / r['fps']:17.2f}x")
 
 
 def learning(ns: argparse.Namespace) -> None:
