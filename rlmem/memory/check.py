@@ -28,7 +28,9 @@ The checks (:data:`CHECKS`, run in this order):
 - ``state_dict_round_trip``: the module ``state_dict`` and a mid-episode state saved with ``torch.save``
   and loaded with ``weights_only=True`` into a differently initialised copy continue identically;
 - ``deterministic``: the same inputs give bitwise the same numbers twice (seeded *construction* is not
-  checked here: the checker gets an instance).
+  checked here: the checker gets an instance);
+- ``triggers``: for a system with a ``trigger_path``, step mode equals sequence mode given the same random
+  ``trigger: [B, T]``, and ``trigger=None`` equals all True.
 
 Inputs come from a seeded ``torch.Generator`` (``x: [B, T, memory.d_in]``, on the device and in the
 dtype of the memory's parameters); the global RNG is left as it was. Numeric checks run in ``eval()``
