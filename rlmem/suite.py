@@ -230,10 +230,7 @@ def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_sec
         while (todo or active) and not stop:
             while todo and len(active) < jobs:
                 run = todo.pop(0)
-                run_dir = run.run_dir(suite_dir)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / SETTINGS_FILE).write_text(json.dumps(run.arguments()))
-                out = open(run_dir / "output.log", "ab")
+                out = open(_start_run_dir(run, suite_dir) / "output.log", "ab")
                 env = {**os.environ, "OMP_NUM_THREADS": "1"}
                 active[run] = (subprocess.Popen(run.command(suite_dir), stdout=out, stderr=subprocess.STDOUT,
                                                 env=env, start_new_session=True), time.perf_counter(), out)
@@ -298,10 +295,8 @@ def _execute_on_ray(runs: Sequence[SuiteRun], todo: list[SuiteRun], suite_dir: P
         while (todo or active) and not stop:
             while todo and len(active) < jobs:
                 run = todo.pop(0)
-                run_dir = run.run_dir(suite_dir)
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / SETTINGS_FILE).write_text(json.dumps(run.arguments()))
-                ref = task.remote(run.command(suite_dir), str(run_dir / "output.log"), os.getcwd())
+                log_path = _start_run_dir(run, suite_dir) / "output.log"
+                ref = task.remote(run.command(suite_dir), str(log_path), os.getcwd())
                 active[ref] = (run, time.perf_counter())
             ready, _ = ray.wait(list(active), num_returns=1, timeout=poll_seconds)
             for ref in ready:
@@ -345,6 +340,14 @@ def run_command(command: Sequence[str], log_path: str, cwd: str, poll_seconds: f
                 proc.kill()
             raise
         return proc.returncode
+
+
+def _start_run_dir(run: SuiteRun, suite_dir: Path) -> Path:
+    """The run's dir, created, with the settings it is started with (see :func:`check_settings`)."""
+    run_dir = run.run_dir(suite_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SETTINGS_FILE).write_text(json.dumps(run.arguments()))
+    return run_dir
 
 
 def _main_thread() -> bool:
