@@ -103,13 +103,15 @@ class Learned(TriggerPolicy):
         """``context: [..., d] -> [...]``."""
         return self.head(context).squeeze(-1)
 
-    def decide(self, context, score, state, forced=None):
-        if forced is not None:
-            return forced, state
-        logits = self.logits(context)
+    @staticmethod
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        """Sample while exploring, else greedy: ``logits: [B] -> fire [B]``."""
         if exploration_type() == ExplorationType.RANDOM:
-            return torch.bernoulli(torch.sigmoid(logits)).bool(), state
-        return logits > 0, state
+            return torch.bernoulli(torch.sigmoid(logits)).bool()
+        return logits > 0
+
+    def decide(self, context, score, state, forced=None):
+        return (self.choose(self.logits(context)) if forced is None else forced), state
 
 
 class MeCo(TriggerPolicy):
@@ -269,6 +271,8 @@ class TriggeredMemory(MemorySystem):
         return self._replay(x, state, is_init, trigger)
 
     def _reset_extra(self, extra: dict, is_init_t: torch.Tensor, batch: int, device) -> dict:
+        if not bool(is_init_t.any()):
+            return extra
         init = {_PREV: torch.zeros_like(extra[_PREV]), **self.policy.initial_state(batch, device)}
         return {k: torch.where(is_init_t.view(-1, *([1] * (v.dim() - 1))), init[k], v) for k, v in extra.items()}
 
@@ -282,13 +286,15 @@ class TriggeredMemory(MemorySystem):
             context = torch.cat([x[:, t], extra[_PREV]], -1)
             score = self.score(extra[_PREV])
             policy_state = {k: v for k, v in extra.items() if k != _PREV}
-            fire, policy_state = self.policy.decide(context, score, policy_state)
+            if self.policy.learned:  # the logits once: they decide and are recorded for the joint log-prob
+                logits.append(self.policy.logits(context))
+                fire = self.policy.choose(logits[-1])
+            else:
+                fire, policy_state = self.policy.decide(context, score, policy_state)
             y, inner = self.memory(x[:, t : t + 1], inner, is_init[:, t : t + 1], trigger=fire.unsqueeze(1))
             extra = {_PREV: y[:, 0], **policy_state}
             ys.append(y)
             fires.append(fire)
-            if self.policy.learned:
-                logits.append(self.policy.logits(context))
             if score is not None:
                 scores.append(score)
         record = {"trigger": torch.stack(fires, 1)}
