@@ -314,3 +314,14 @@ def test_meco_calibrates_on_each_rollout_while_training(tmp_path):
     meco = agent.memory.policy
     expected = torch.quantile(seen[-1].flatten(), torch.tensor([0.5, 0.7]))
     torch.testing.assert_close(torch.stack([meco.lo, meco.hi]), expected)
+
+
+@pytest.mark.parametrize("memory, own", [("darmt", "coproc"), ("stm", "refine"), ("cmrn", "top_k")])
+def test_the_contract_trigger_and_a_systems_own_switch_are_not_both_taken(memory, own):
+    from rlmem.memory import memory_class
+
+    m = build_memory(memory, d_in=4, **memory_class(memory).test_kwargs)
+    x, is_init = torch.randn(2, 3, 4), torch.zeros(2, 3, dtype=torch.bool)
+    switch = torch.ones(2, 3, dtype=torch.long) if own == "top_k" else torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="not both"):
+        m(x, m.initial_state(2), is_init, trigger=torch.ones(2, 3, dtype=torch.bool), **{own: switch})
