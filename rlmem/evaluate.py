@@ -23,7 +23,7 @@ CHECKPOINT_KEYS = ("agent", "agent_cfg", "env_cfg", "frames")
 
 @torch.no_grad()
 def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int,
-                    max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+                    max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run one greedy episode in each of ``n_episodes`` parallel envs (env ``i`` seeded ``seed + i``).
 
     Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64, fired [n_episodes] int64)``:
@@ -53,11 +53,16 @@ def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
     return returns, lengths, fired
 
 
-def summarize(returns: np.ndarray, lengths: np.ndarray, success_threshold: float | None) -> dict[str, float]:
+def summarize(returns: np.ndarray, lengths: np.ndarray, success_threshold: float | None,
+              fired: np.ndarray | None = None) -> dict[str, float]:
     """``eval_return`` (mean), ``eval_success`` (fraction of returns >= ``success_threshold``, NaN when the env
-    defines none) and ``eval_length`` (mean steps) of ``returns: [n]``, ``lengths: [n]``."""
+    defines none) and ``eval_length`` (mean steps) of ``returns: [n]``, ``lengths: [n]``; with ``fired: [n]``
+    (steps on which the gated path ran) also ``eval_trigger_rate`` (fraction of all steps)."""
     success = float("nan") if success_threshold is None else float(np.mean(returns >= success_threshold))
-    return {"eval_return": float(returns.mean()), "eval_success": success, "eval_length": float(lengths.mean())}
+    out = {"eval_return": float(returns.mean()), "eval_success": success, "eval_length": float(lengths.mean())}
+    if fired is not None:
+        out["eval_trigger_rate"] = float(fired.sum() / max(lengths.sum(), 1))
+    return out
 
 
 def evaluate_greedy(
@@ -71,8 +76,7 @@ def evaluate_greedy(
     ``eval_trigger_rate`` (fraction of steps on which the memory's gated path ran).
     """
     returns, lengths, fired = greedy_episodes(agent, env_cfg, n_episodes, seed, max_steps)
-    return {**summarize(returns, lengths, success_threshold),
-            "eval_trigger_rate": float(fired.sum() / max(lengths.sum(), 1))}
+    return summarize(returns, lengths, success_threshold, fired)
 
 
 # --- trained agents -----------------------------------------------------------------------------------

@@ -183,21 +183,19 @@ def test_ars_suppresses_at_certain_checkpoints_and_tightens():
 # -- the cost -------------------------------------------------------------------------------------------------
 
 def test_cost_transform_charges_firing_steps_and_keeps_the_env_return():
-    agent = build_agent(INFINITY, ENV, {"policy": "learned"})
+    agent = build_agent(INFINITY, ENV, {"policy": "learned", "init_bias": 0.0})  # steps that fire and that don't
     penalty_coef, cost_mflops = 3.0, 0.01
     data = collect(agent, extra=[TriggerCost(penalty_coef, cost_mflops)])
-    plain = collect(build_agent(INFINITY, ENV, {"policy": "learned"}))  # same seeds: same env rewards
     env_reward = data["next", "reward"] + penalty_coef * cost_mflops * data["trigger"].float().unsqueeze(-1)
     # the env's own reward is 0 except at the end of an episode: recovering it exactly shows the charge
     assert set(env_reward.flatten().round(decimals=5).tolist()) <= {0.0, 1.0}
     fired = data["trigger"].unsqueeze(-1)
     charged = fired & (env_reward == 0)
     assert charged.any() and torch.allclose(data["next", "reward"][charged], torch.tensor(-0.03))
-    assert (data["next", "reward"][~fired] == env_reward[~fired]).all()
+    assert (~fired).any() and set(data["next", "reward"][~fired].tolist()) <= {0.0, 1.0}  # not charged
     # RewardSum sits before the charge: episode returns are the env's
     done = data["next", "done"]
     assert set(data["next", "episode_reward"][done].tolist()) <= {0.0, 1.0}
-    assert plain["next", "reward"].shape == data["next", "reward"].shape
 
 
 def test_compute_meter_sums_flops_over_episodes_across_rollouts():
