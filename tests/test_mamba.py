@@ -156,11 +156,39 @@ def test_within_a_chunk_the_scan_is_parallel():
     assert n_ops(256) - n_ops(64) <= 2 * 12
 
 
-@pytest.mark.parametrize("name", ["mamba", "ssm"])
+def test_mamba_scans_with_the_plain_step_loop(monkeypatch):
+    """Mamba's [B, T, d_inner, d_state] scan runs one addcmul per step (faster on CPU than parallel rounds)."""
+    from rlmem.memory import mamba as mamba_module
+
+    memory = mamba()
+    calls = []
+    original = mamba_module._sequential_scan
+    monkeypatch.setattr(mamba_module, "_sequential_scan", lambda a, *rest: calls.append(a.shape[1]) or original(a, *rest))
+    monkeypatch.setattr(mamba_module, "_parallel_scan", lambda *a: pytest.fail("parallel scan in Mamba"))
+    x = torch.randn(2, 50, D_IN)
+    is_init = torch.zeros(2, 50, dtype=torch.bool)
+    is_init[:, 0] = is_init[0, 17] = True
+    with torch.no_grad():
+        memory(x, memory.initial_state(2), is_init)
+    assert calls == [50, 50]  # 2 layers, the whole sequence each
+
+
+def test_mamba_sequence_mode_gradients_match_autograd_through_the_recurrence():
+    """The step-loop scan's backward (a reversed loop) against gradcheck, including zero decays."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(2, 9, 3, 2, dtype=torch.float64, generator=g)
+    a[0, 3] = 0
+    b = torch.randn(2, 9, 3, 2, dtype=torch.float64, generator=g)
+    h0 = torch.randn(2, 3, 2, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, 1),
+                                    (a.requires_grad_(), b.requires_grad_(), h0.requires_grad_()))
+
+
+@pytest.mark.parametrize("name", ["ssm"])
 def test_sequence_mode_loops_over_chunks_not_steps(name, monkeypatch):
     from rlmem.memory import mamba as mamba_module
 
-    memory = mamba() if name == "mamba" else build_memory("ssm", d_in=D_IN, d_model=16, n_layers=2)
+    memory = build_memory("ssm", d_in=D_IN, d_model=16, n_layers=2)
     calls = []
     original = mamba_module._parallel_scan
     monkeypatch.setattr(mamba_module, "_parallel_scan", lambda a, *rest: calls.append(a.shape[1]) or original(a, *rest))

@@ -92,6 +92,156 @@ def check_chunk_stable(chunk: int, lr_fast: float, lr_deep: float, momentum: flo
             "or use chunk=1, the exact step loop")
 
 
+class _StepLoop(torch.autograd.Function):
+    """The exact step loop of :meth:`DualTierMiras.scan_steps` with a hand-written backward.
+
+    Autograd through the loop records about 20 small ops per step and replays them one by one; here the
+    forward runs without a graph, keeps the (reset-masked) state before every step, and the backward runs
+    the same loop in reverse. Rows and heads are flattened (``N = B * H``) and the three matrices of a
+    row-head are stacked, ``Z: [N, 3, d_head, S]`` = (fast, deep, deep momentum), so every step is a few
+    whole-state ops. Per step, with ``g`` the deep gate (times ``gate_scale``)::
+
+        F' = (1 - decay) F + lr_fast e_f k^T
+        D' = (1 - g decay) D + g momentum S + g lr_deep e_d k^T
+        S' = (1 - g (1 - momentum)) S + g lr_deep e_d k^T
+
+    which is the lerp form of the module docstring multiplied out.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, fast, deep, mom, log_temperature, keep, scale, consts, reset_steps):
+        r, final, saved = _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts,
+                                             reset_steps, save=True)
+        ctx.save_for_backward(*saved)
+        ctx.consts, ctx.reset_steps, ctx.shape = consts, reset_steps, q.shape
+        gates = saved[-1]
+        ctx.mark_non_differentiable(gates)
+        return r, final, gates
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_r, grad_final, _grad_gates):
+        return _step_loop_backward(ctx, grad_r, grad_final)
+
+
+def _coefficients(consts, like):
+    """``(base, slope)`` of the per-step coefficients ``base + g * slope``, columns
+    ``(1 - decay, 1 - g decay, lr_fast, g lr_deep, g momentum, 1 - g (1 - momentum))``."""
+    lr_fast, lr_deep, decay, momentum, _ = consts
+    base = like.new_tensor([1 - decay, 1.0, lr_fast, 0.0, 0.0, 1.0])
+    slope = like.new_tensor([0.0, -decay, 0.0, lr_deep, momentum, -(1 - momentum)])
+    return base, slope
+
+
+def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts, reset_steps, save):
+    """``q, k: [B, T, H, S]``, ``v: [B, T, H, dh]``, states ``[B, H, dh, S]``, ``keep, scale: [T, N]`` or
+    None -> ``(reads [B, T, 2 H dh], final [3, B, H, dh, S], saved tensors)``."""
+    B, T, H, S = q.shape
+    dh, N = v.shape[-1], B * H
+    threshold = consts[4]
+    QK = torch.stack([q, k], 3).transpose(0, 1).reshape(T, N, 2, S)  # read and predict in one matmul
+    vt = v.transpose(0, 1).reshape(T, N, dh)
+    V2 = torch.cat([vt, vt], -1)  # [T, N, 2 dh]: the target of both tiers
+    v_energy = vt.pow(2).sum(-1) + _EPS  # [T, N]
+    tau = log_temperature.detach().exp()
+    ivt = 1.0 / (v_energy * tau)  # z = surprise / tau - threshold / tau = |e|^2 ivt - threshold / tau
+    neg_c = -threshold / tau
+    base, slope = _coefficients(consts, q)
+    Z = q.new_empty(T + 1 if save else 2, N, 3, dh, S)
+    torch.stack([fast, deep, mom], 2, out=Z[0].view(B, H, 3, dh, S))
+    O = q.new_empty(T, N, 2, 2 * dh)  # row 0: reads [F q; D q], row 1: predictions [F k; D k]
+    E = q.new_empty(T, N, 2 * dh)  # errors [e_f; e_d]
+    zs, gates, coefs = q.new_empty(T, N), q.new_empty(T, N), q.new_empty(T, N, 6)
+    sq = q.new_empty(T, N)
+    for t in range(T):
+        cur, nxt = (Z[t], Z[t + 1]) if save else (Z[t % 2], Z[(t + 1) % 2])
+        if t in reset_steps:
+            cur.mul_(keep[t, :, None, None, None])
+        torch.bmm(QK[t], cur[:, :2].reshape(N, 2 * dh, S).transpose(1, 2), out=O[t])
+        e = torch.sub(V2[t], O[t, :, 1], out=E[t])
+        e_d = e[:, dh:]
+        s = torch.linalg.vecdot(e_d, e_d, out=sq[t])
+        z = torch.addcmul(neg_c, s, ivt[t], out=zs[t])
+        g = torch.sigmoid(z, out=gates[t])
+        if scale is not None:
+            g.mul_(scale[t])
+        c = torch.addcmul(base, g[:, None], slope, out=coefs[t])  # [N, 6]
+        we = e.view(N, 2, dh) * c[:, 2:4, None]  # [lr_fast e_f; g lr_deep e_d]
+        kt = QK[t, :, 1]
+        fd = nxt[:, :2]
+        torch.addcmul(cur[:, :2] * c[:, :2, None, None], we[..., None], kt[:, None, None, :], out=fd)
+        fd[:, 1].addcmul_(cur[:, 2], c[:, 4, None, None])
+        torch.addcmul(cur[:, 2] * c[:, 5, None, None], we[:, 1, :, None], kt[:, None, :], out=nxt[:, 2])
+    reads = O[:, :, 0].view(T, B, H, 2, dh).permute(1, 0, 3, 2, 4).reshape(B, T, 2 * H * dh)
+    final = Z[T if save else T % 2].view(B, H, 3, dh, S).permute(2, 0, 1, 3, 4).contiguous()
+    saved = (QK, vt, ivt, Z, E, zs, sq, coefs, keep, scale, gates) if save else (gates,)
+    return reads, final, saved
+
+
+def _step_loop_backward(ctx, grad_r, grad_final):
+    QK, vt, ivt, Z, E, zs, sq, coefs, keep, scale, gates = ctx.saved_tensors
+    lr_fast, lr_deep, decay, momentum, threshold = ctx.consts
+    B, T, H, S = ctx.shape
+    N, dh = B * H, vt.shape[-1]
+    # d gate / d z = sigmoid'(z) * scale
+    sig = torch.sigmoid(zs)
+    dgate = sig * (1 - sig)
+    if scale is not None:
+        dgate = dgate * scale
+    gR = (grad_r.reshape(B, T, 2, H, dh).permute(1, 0, 3, 2, 4).reshape(T, N, 2 * dh)
+          if grad_r is not None else None)
+    if grad_final is None:
+        gnext = Z.new_zeros(N, 3, dh, S)
+    else:
+        gnext = grad_final.permute(1, 2, 0, 3, 4).reshape(N, 3, dh, S).clone(memory_format=torch.contiguous_format)
+    gcur = torch.empty_like(gnext, memory_format=torch.contiguous_format)
+    gQK = torch.empty_like(QK)  # [T, N, 2, S]
+    gV2 = Z.new_empty(T, N, 2, dh)
+    gz_all = Z.new_empty(T, N)
+    gO = Z.new_zeros(N, 2, 2 * dh)
+    inner_w = Z.new_tensor([-decay, momentum, 0.0, -(1 - momentum)])  # d/dg of (D', S') against <gD', .>, <gS', .>
+    for t in range(T - 1, -1, -1):
+        cur = Z[t]
+        c = coefs[t]
+        e = E[t].view(N, 2, dh)
+        kt = QK[t, :, 1]
+        # <gD', D>, <gD', S>, <gS', D>, <gS', S>: the gate's path through the forgetting and the momentum
+        inner = torch.bmm(gnext[:, 1:3].reshape(N, 2, dh * S), cur[:, 1:3].reshape(N, 2, dh * S).transpose(1, 2))
+        # the step's own grads into the pre-step state: F <- (1 - decay), D <- b, S <- a S' + c D'
+        torch.mul(gnext[:, :2], c[:, :2, None, None], out=gcur[:, :2])
+        torch.addcmul(gnext[:, 2] * c[:, 5, None, None], gnext[:, 1], c[:, 4, None, None], out=gcur[:, 2])
+        gnext[:, 1].add_(gnext[:, 2])  # gnext[:, :2] = grads of the written outer products (fast, deep)
+        gU = gnext[:, :2].reshape(N, 2 * dh, S)
+        Uk = torch.bmm(kt[:, None, :], gU.transpose(1, 2)).view(N, 2, dh)  # [gU_f k; gU_d k]
+        we = e * c[:, 2:4, None]
+        gk_write = torch.bmm(we.view(N, 1, 2 * dh), gU).view(N, S)
+        ge = Uk * c[:, 2:4, None]  # [N, 2, dh]
+        ggate = torch.linalg.vecdot(inner.view(N, 4), inner_w) + lr_deep * torch.linalg.vecdot(e[:, 1], Uk[:, 1])
+        gz = torch.mul(ggate, dgate[t], out=gz_all[t])
+        ge[:, 1].addcmul_(e[:, 1], (2 * gz * ivt[t])[:, None])
+        gV2[t] = ge
+        # e = v - [F k; D k] and reads [F q; D q]: O = QK @ [F; D]^T
+        if gR is not None:
+            gO[:, 0] = gR[t]
+        torch.neg(ge.view(N, 2 * dh), out=gO[:, 1])
+        gcur[:, :2] += torch.bmm(gO.transpose(1, 2), QK[t]).view(N, 2, dh, S)  # (in-place baddbmm_ on a strided view loops over rows)
+        torch.bmm(gO, cur[:, :2].reshape(N, 2 * dh, S), out=gQK[t])
+        gQK[t, :, 1].add_(gk_write)
+        if t in ctx.reset_steps:
+            gcur.mul_(keep[t, :, None, None, None])
+        gnext, gcur = gcur, gnext
+    gq = gQK[:, :, 0].reshape(T, B, H, S).transpose(0, 1)
+    gk = gQK[:, :, 1].reshape(T, B, H, S).transpose(0, 1)
+    # v: the target of both tiers, and the surprise's denominator |v|^2 + eps
+    gve = -gz_all * sq * ivt / (vt.pow(2).sum(-1) + _EPS)
+    gv = gV2.sum(2) + 2 * vt * gve.unsqueeze(-1)
+    gv = gv.reshape(T, B, H, dh).transpose(0, 1)
+    g_logt = -(gz_all * zs).sum()
+    gstate = gnext.view(B, H, 3, dh, S)
+    return (gq, gk, gv, gstate[:, :, 0], gstate[:, :, 1], gstate[:, :, 2], g_logt.reshape(()).to(Z.dtype),
+            None, None, None, None)
+
+
 @register_memory("miras")
 class DualTierMiras(MemorySystem):
     """Fast + surprise-gated deep associative memory. ``x: [B, T, d_in] -> y: [B, T, d_model]``.
@@ -195,41 +345,22 @@ class DualTierMiras(MemorySystem):
     def scan_steps(self, q, k, v, state, is_init, gate_scale=None):
         """The exact step loop: ``q, k: [B, T, H, S]``, ``v: [B, T, H, d_head]`` -> ``(reads, next_state)``.
 
-        Both tiers are updated by one stacked Titans step (tier 0 = fast: momentum 0, gate 1; tier 1 =
-        deep) to keep the number of small ops in this time loop low: it is the cost of the system.
+        Run by :class:`_StepLoop` (rows and heads flattened, the three matrices of a head stacked, a
+        hand-written backward): with small tensors the cost of this loop is the number of ops per step.
         """
-        B, T = q.shape[:2]
-        qk = torch.stack([q, k], -1).unsqueeze(2)  # [B, T, 1, H, S, 2]: read and predict in one matmul
-        k_row = k[:, :, None, :, None, :]  # [B, T, 1, H, 1, S]
-        v_tier = v.unsqueeze(2)  # [B, T, 1, H, d_head]
-        v_energy = v.pow(2).sum(-1) + _EPS  # [B, T, H]
-        lr = q.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
-        eta = q.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
-        is_fast = torch.tensor([True, False], device=q.device).view(2, 1)
-        keep = (~is_init).to(q.dtype)[:, :, None, None, None, None]
-        reset_steps = set(is_init.any(0).nonzero().flatten().tolist())  # one host sync per call
-        mem = torch.stack([state["fast"], state["deep"]], 1)  # [B, 2, H, d_head, S]
-        mom = torch.stack([torch.zeros_like(state["deep_momentum"]), state["deep_momentum"]], 1)
-        reads, gates = [], []
-        for t in range(T):  # the delta rule is sequential in t; everything inside is batched over rows and heads
-            if t in reset_steps:
-                mem, mom = mem * keep[:, t], mom * keep[:, t]
-            out = mem @ qk[:, t]  # [B, 2, H, d_head, 2]
-            reads.append(out[..., 0])
-            error = v_tier[:, t] - out[..., 1]  # the tier's prediction error on the new pair
-            gate = self._gate(error, v_energy[:, t, None])  # [B, 2, H]
-            if gate_scale is not None:
-                gate = gate * gate_scale[:, t, None, None]
-            gates.append(gate[:, 1])
-            g = torch.where(is_fast, 1.0, gate)[..., None, None]  # the fast tier always writes
-            full_mom = torch.addcmul(eta * mom, lr * error.unsqueeze(-1), k_row[:, t])
-            full_mem = torch.add(full_mom, mem, alpha=1 - self.decay)
-            mem, mom = torch.lerp(mem, full_mem, g), torch.lerp(mom, full_mom, g)
-        self.last_write_rate = torch.stack(gates).mean().detach()
-        r = torch.stack(reads, 1).flatten(2)  # [B, T, 2 * d_model]: fast heads, then deep heads
-        next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
-                                batch_size=state.batch_size)
-        return r, next_state
+        B, T, H, _ = q.shape
+        reset_steps = frozenset(is_init.any(0).nonzero().flatten().tolist())  # one host sync per call
+        keep = (~is_init).to(q.dtype).t().repeat_interleave(H, 1) if reset_steps else None  # [T, B * H]
+        scale = None if gate_scale is None else gate_scale.to(q.dtype).t().repeat_interleave(H, 1)
+        consts = (self.lr_fast, self.lr_deep, self.decay, self.momentum, self.surprise_threshold)
+        args = (q, k, v, state["fast"], state["deep"], state["deep_momentum"], self.log_temperature)
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            r, final, gates = _StepLoop.apply(*args, keep, scale, consts, reset_steps)
+        else:
+            r, final, (gates,) = _step_loop_forward(*args, keep, scale, consts, reset_steps, save=False)
+        self.last_write_rate = gates.mean().detach()
+        fast, deep, mom = final.unbind(0)
+        return r, TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
 
     def step_fast_only(self, q, k, v, state, is_init):
         """One step (``T = 1``) in which no row writes the deep tier: the same numbers as :meth:`scan_steps`

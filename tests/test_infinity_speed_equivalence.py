@@ -1,0 +1,174 @@
+"""The fast paths of Infinity's parts give the numbers of the plain implementations they replaced.
+
+DualTierMiras' step loop runs with a hand-written backward (``_StepLoop``) and Mamba's scan as a plain
+step loop; both are checked here in float64 against the straightforward autograd versions below
+(outputs, next state, gate rate, and the gradients of every input, parameter and incoming state),
+including episode starts mid-sequence and a deep-tier ``gate_scale``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from rlmem.memory import build_memory
+from rlmem.memory.miras import _EPS
+
+
+def reference_scan_steps(self, q, k, v, state, is_init, gate_scale=None):
+    """DualTierMiras.scan_steps as it was before the hand-written backward (autograd through the loop)."""
+    B, T = q.shape[:2]
+    qk = torch.stack([q, k], -1).unsqueeze(2)
+    k_row = k[:, :, None, :, None, :]
+    v_tier = v.unsqueeze(2)
+    v_energy = v.pow(2).sum(-1) + _EPS
+    lr = q.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
+    eta = q.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
+    is_fast = torch.tensor([True, False], device=q.device).view(2, 1)
+    keep = (~is_init).to(q.dtype)[:, :, None, None, None, None]
+    reset_steps = set(is_init.any(0).nonzero().flatten().tolist())
+    mem = torch.stack([state["fast"], state["deep"]], 1)
+    mom = torch.stack([torch.zeros_like(state["deep_momentum"]), state["deep_momentum"]], 1)
+    reads, gates = [], []
+    for t in range(T):
+        if t in reset_steps:
+            mem, mom = mem * keep[:, t], mom * keep[:, t]
+        out = mem @ qk[:, t]
+        reads.append(out[..., 0])
+        error = v_tier[:, t] - out[..., 1]
+        gate = self._gate(error, v_energy[:, t, None])
+        if gate_scale is not None:
+            gate = gate * gate_scale[:, t, None, None]
+        gates.append(gate[:, 1])
+        g = torch.where(is_fast, 1.0, gate)[..., None, None]
+        full_mom = torch.addcmul(eta * mom, lr * error.unsqueeze(-1), k_row[:, t])
+        full_mem = torch.add(full_mom, mem, alpha=1 - self.decay)
+        mem, mom = torch.lerp(mem, full_mem, g), torch.lerp(mom, full_mom, g)
+    r = torch.stack(reads, 1).flatten(2)
+    next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
+                            batch_size=state.batch_size)
+    return r, next_state, torch.stack(gates).mean()
+
+
+def _inputs(B=3, T=17, H=2, S=8, dh=4, seed=0, reset_rate=0.15):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, S, generator=g, dtype=torch.float64), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, S, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, dh, generator=g, dtype=torch.float64)
+    state = TensorDict({key: torch.randn(B, H, dh, S, generator=g, dtype=torch.float64) * 0.5
+                        for key in ("fast", "deep", "deep_momentum")}, batch_size=[B])
+    is_init = torch.rand(B, T, generator=g) < reset_rate
+    is_init[0, 0] = is_init[1, 5] = True
+    return q, k, v, state, is_init
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("resets", [False, True])
+def test_miras_step_loop_equals_the_autograd_loop(scaled, resets):
+    memory = build_memory("miras", d_in=8, d_model=8, mem_slots=8, n_heads=2, momentum=0.7, decay=0.05,
+                          surprise_threshold=0.3, temperature=0.2).double()
+    q, k, v, state, is_init = _inputs()
+    if not resets:
+        is_init[:] = False
+    gate_scale = (torch.rand(3, 17, generator=torch.Generator().manual_seed(1)) < 0.6).double() if scaled else None
+    w = torch.randn(3, 17, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for fused in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        st = state.apply(lambda s: s.clone().requires_grad_())
+        wrt = leaves + list(st.values()) + [memory.log_temperature]
+        if fused:
+            r, s = memory.scan_steps(*leaves, st, is_init, gate_scale)
+            rate = memory.last_write_rate
+        else:
+            r, s, rate = reference_scan_steps(memory, *leaves, st, is_init, gate_scale)
+        loss = (r * w).sum() + sum((s[key] * (0.3 + i)).sum() for i, key in enumerate(("fast", "deep", "deep_momentum")))
+        results.append((r, s, rate, torch.autograd.grad(loss, wrt)))
+    (r1, s1, rate1, g1), (r2, s2, rate2, g2) = results
+    torch.testing.assert_close(r1, r2, rtol=1e-10, atol=1e-12)
+    for key in s2.keys():
+        torch.testing.assert_close(s1[key], s2[key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rate1, rate2.detach(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_miras_step_loop_without_grad_equals_with_grad():
+    memory = build_memory("miras", d_in=8, d_model=8, mem_slots=8, n_heads=2).double()
+    q, k, v, state, is_init = _inputs(seed=3)
+    r1, s1 = memory.scan_steps(q.requires_grad_(), k, v, state, is_init)
+    with torch.no_grad():
+        r2, s2 = memory.scan_steps(q, k, v, state, is_init)
+    assert torch.equal(r1.detach(), r2)
+    for key in s1.keys():
+        assert torch.equal(s1[key].detach(), s2[key])
+
+
+def _infinity_run(memory, x, state, is_init, trigger):
+    leaves = x.clone().requires_grad_()
+    st = state.apply(lambda s: s.clone().requires_grad_())
+    y, s = memory(leaves, st, is_init, trigger=trigger)
+    w = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(9))
+    loss = (y * w).sum() + sum((s[key] * 0.1).sum() for key in s.keys())
+    wrt = [leaves, *st.values(), *memory.parameters()]
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    return y, s, grads
+
+
+@pytest.mark.parametrize("with_trigger", [False, True])
+def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
+    """Infinity (Mamba + DualTierMiras) against the same model with the old scans: Mamba's parallel chunks
+    of 8 and DualTierMiras' autograd step loop; forward, next state and all gradients, with resets."""
+    from rlmem.memory import mamba as mamba_module
+    from rlmem.memory.miras import DualTierMiras
+
+    torch.manual_seed(0)
+    memory = build_memory("infinity", d_in=6, d_model=16, d_state=4, mem_slots=8, n_heads=2).double()
+    B, T = 4, 23
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, 6, dtype=torch.float64, generator=g)
+    state = memory.initial_state(B).apply(lambda s: torch.randn(s.shape, dtype=torch.float64, generator=g) * 0.3)
+    is_init = torch.rand(B, T, generator=g) < 0.1
+    is_init[0, 0] = is_init[2, 7] = True
+    trigger = (torch.rand(B, T, generator=g) < 0.5) if with_trigger else None
+    fast = _infinity_run(memory, x, state, is_init, trigger)
+
+    def plain_scan_steps(self, q, k, v, state, is_init, gate_scale=None):
+        r, s, rate = reference_scan_steps(self, q, k, v, state, is_init, gate_scale)
+        self.last_write_rate = rate.detach()
+        return r, s
+
+    monkeypatch.setattr(mamba_module, "MAMBA_SCAN_CHUNK", mamba_module.SCAN_CHUNK)
+    monkeypatch.setattr(DualTierMiras, "scan_steps", plain_scan_steps)
+    plain = _infinity_run(memory, x, state, is_init, trigger)
+    torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)
+    for key in plain[1].keys():
+        torch.testing.assert_close(fast[1][key], plain[1][key], rtol=1e-10, atol=1e-12)
+    for a, b in zip(fast[2], plain[2]):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_infinity_steps_equal_its_sequence_mode():
+    """Acting one step at a time (T = 1 calls, incl. the trigger's fast-only step) gives the sequence's numbers."""
+    torch.manual_seed(1)
+    memory = build_memory("infinity", d_in=6, d_model=16, d_state=4, mem_slots=8, n_heads=2).double()
+    B, T = 3, 15
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, T, 6, dtype=torch.float64, generator=g)
+    is_init = torch.rand(B, T, generator=g) < 0.15
+    is_init[:, 0] = True
+    trigger = torch.rand(B, T, generator=g) < 0.5
+    trigger[:, 4] = False  # a step on which no row writes the deep tier
+    with torch.no_grad():
+        y_seq, s_seq = memory(x, memory.initial_state(B), is_init, trigger=trigger)
+        state, ys = memory.initial_state(B), []
+        for t in range(T):
+            y, state = memory(x[:, t : t + 1], state, is_init[:, t : t + 1], trigger=trigger[:, t : t + 1])
+            ys.append(y)
+    torch.testing.assert_close(torch.cat(ys, 1), y_seq, rtol=1e-10, atol=1e-12)
+    for key in s_seq.keys():
+        torch.testing.assert_close(state[key], s_seq[key], rtol=1e-10, atol=1e-12)
