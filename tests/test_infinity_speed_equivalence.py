@@ -1,7 +1,7 @@
 """The fast paths of Infinity's parts give the numbers of the plain implementations they replaced.
 
-DualTierMiras' step loop runs with a hand-written backward (``_StepLoop``) and Mamba's scan as a plain
-step loop; both are checked here in float64 against the straightforward autograd versions below
+DualTierMiras' step loop runs with a hand-written backward (``_StepLoop``) and so does Mamba's selective
+scan (``_SelectiveScan``); both are checked here in float64 against the straightforward autograd versions below
 (outputs, next state, gate rate, and the gradients of every input, parameter and incoming state),
 including episode starts mid-sequence and a deep-tier ``gate_scale``.
 """
@@ -49,6 +49,18 @@ def reference_scan_steps(self, q, k, v, state, is_init, gate_scale=None):
     next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
                             batch_size=state.batch_size)
     return r, next_state, torch.stack(gates).mean()
+
+
+def reference_selective_scan(u, delta, A, Bm, Cm, h0, keep):
+    """MambaMixer's recurrence as it was before _SelectiveScan: autograd ops around the parallel linear_scan."""
+    from rlmem.memory.mamba import linear_scan
+
+    decay = torch.exp(delta.unsqueeze(-1) * A)
+    if keep is not None:
+        decay = decay * keep[:, :, None, None]
+    drive = (delta * u).unsqueeze(-1) * Bm.unsqueeze(2)
+    h = linear_scan(decay, drive, h0)
+    return torch.einsum("btdn,btn->btd", h, Cm), h[:, -1]
 
 
 def _inputs(B=3, T=17, H=2, S=8, dh=4, seed=0, reset_rate=0.15):
@@ -118,8 +130,8 @@ def _infinity_run(memory, x, state, is_init, trigger):
 
 @pytest.mark.parametrize("with_trigger", [False, True])
 def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
-    """Infinity (Mamba + DualTierMiras) against the same model with the old scans: Mamba's parallel chunks
-    of 8 and DualTierMiras' autograd step loop; forward, next state and all gradients, with resets."""
+    """Infinity (Mamba + DualTierMiras) against the same model with the old scans: Mamba's autograd
+    ops around the chunked parallel ``linear_scan`` and DualTierMiras' autograd step loop; forward, next state and all gradients, with resets."""
     from rlmem.memory import mamba as mamba_module
     from rlmem.memory.miras import DualTierMiras
 
@@ -139,7 +151,7 @@ def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
         self.last_write_rate = rate.detach()
         return r, s
 
-    monkeypatch.setattr(mamba_module, "MAMBA_SCAN_CHUNK", mamba_module.SCAN_CHUNK)
+    monkeypatch.setattr(mamba_module._SelectiveScan, "apply", reference_selective_scan)
     monkeypatch.setattr(DualTierMiras, "scan_steps", plain_scan_steps)
     plain = _infinity_run(memory, x, state, is_init, trigger)
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)

@@ -156,14 +156,14 @@ def test_within_a_chunk_the_scan_is_parallel():
     assert n_ops(256) - n_ops(64) <= 2 * 12
 
 
-def test_mamba_scans_with_the_plain_step_loop(monkeypatch):
-    """Mamba's [B, T, d_inner, d_state] scan runs one addcmul per step (faster on CPU than parallel rounds)."""
+def test_mamba_scans_with_its_selective_scan_not_the_parallel_one(monkeypatch):
+    """Mamba's [B, T, d_inner, d_state] recurrence runs as _SelectiveScan (one in-place addcmul per step)."""
     from rlmem.memory import mamba as mamba_module
 
     memory = mamba()
     calls = []
-    original = mamba_module._sequential_scan
-    monkeypatch.setattr(mamba_module, "_sequential_scan", lambda a, *rest: calls.append(a.shape[1]) or original(a, *rest))
+    original = mamba_module._SelectiveScan.apply
+    monkeypatch.setattr(mamba_module._SelectiveScan, "apply", lambda *a: calls.append(a[0].shape[1]) or original(*a))
     monkeypatch.setattr(mamba_module, "_parallel_scan", lambda *a: pytest.fail("parallel scan in Mamba"))
     x = torch.randn(2, 50, D_IN)
     is_init = torch.zeros(2, 50, dtype=torch.bool)
@@ -173,15 +173,21 @@ def test_mamba_scans_with_the_plain_step_loop(monkeypatch):
     assert calls == [50, 50]  # 2 layers, the whole sequence each
 
 
-def test_mamba_sequence_mode_gradients_match_autograd_through_the_recurrence():
-    """The step-loop scan's backward (a reversed loop) against gradcheck, including zero decays."""
+def test_selective_scan_gradients_pass_gradcheck():
+    """The hand-written backward of Mamba's selective scan, including episode starts (keep = 0)."""
+    from rlmem.memory.mamba import _SelectiveScan
+
     g = torch.Generator().manual_seed(7)
-    a = torch.rand(2, 9, 3, 2, dtype=torch.float64, generator=g)
-    a[0, 3] = 0
-    b = torch.randn(2, 9, 3, 2, dtype=torch.float64, generator=g)
-    h0 = torch.randn(2, 3, 2, dtype=torch.float64, generator=g)
-    assert torch.autograd.gradcheck(lambda a, b, h0: linear_scan(a, b, h0, 1),
-                                    (a.requires_grad_(), b.requires_grad_(), h0.requires_grad_()))
+    B, T, D, N = 2, 7, 3, 2
+    u, delta = torch.randn(B, T, D, dtype=torch.float64, generator=g), torch.rand(B, T, D, dtype=torch.float64, generator=g)
+    A = -torch.rand(D, N, dtype=torch.float64, generator=g) - 0.1
+    Bm, Cm = torch.randn(B, T, N, dtype=torch.float64, generator=g), torch.randn(B, T, N, dtype=torch.float64, generator=g)
+    h0 = torch.randn(B, D, N, dtype=torch.float64, generator=g)
+    keep = torch.ones(B, T, dtype=torch.float64)
+    keep[0, 3] = keep[1, 0] = 0
+    for k in (None, keep):
+        inputs = [t.clone().requires_grad_() for t in (u, delta, A, Bm, Cm, h0)]
+        assert torch.autograd.gradcheck(lambda *a: _SelectiveScan.apply(*a, k), inputs)
 
 
 @pytest.mark.parametrize("name", ["ssm"])
