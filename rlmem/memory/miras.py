@@ -135,7 +135,9 @@ def _coefficients(consts, like):
 
 def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts, reset_steps, save):
     """``q, k: [B, T, H, S]``, ``v: [B, T, H, dh]``, states ``[B, H, dh, S]``, ``keep, scale: [T, N]`` or
-    None -> ``(reads [B, T, 2 H dh], final [3, B, H, dh, S], saved tensors)``."""
+    None -> ``(reads [B, T, 2 H dh], final [3, B, H, dh, S], saved tensors)``.
+
+    Every per-step view is made before the loop (``unbind``), so the loop body is the arithmetic only."""
     B, T, H, S = q.shape
     dh, N = v.shape[-1], B * H
     threshold = consts[4]
@@ -147,39 +149,49 @@ def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, c
     ivt = 1.0 / (v_energy * tau)  # z = surprise / tau - threshold / tau = |e|^2 ivt - threshold / tau
     neg_c = -threshold / tau
     base, slope = _coefficients(consts, q)
-    Z = q.new_empty(T + 1 if save else 2, N, 3, dh, S)
+    Z = q.new_empty(T + 1 if save else 2, N, 3, dh, S)  # states before each step (fast, deep, momentum)
     torch.stack([fast, deep, mom], 2, out=Z[0].view(B, H, 3, dh, S))
     O = q.new_empty(T, N, 2, 2 * dh)  # row 0: reads [F q; D q], row 1: predictions [F k; D k]
-    E = q.new_empty(T, N, 2 * dh)  # errors [e_f; e_d]
-    zs, gates, coefs = q.new_empty(T, N), q.new_empty(T, N), q.new_empty(T, N, 6)
-    sq = q.new_empty(T, N)
+    E = q.new_empty(T, N, 2, dh)  # errors [e_f; e_d]
+    WE = q.new_empty(T, N, 2, dh)  # written values [lr_fast e_f; g lr_deep e_d]
+    zs, gates, coefs, sq = q.new_empty(T, N), q.new_empty(T, N), q.new_empty(T, N, 6), q.new_empty(T, N)
+    # per-step views
+    z_all, fd, d_, s_ = Z.unbind(0), Z[:, :, :2].unbind(0), Z[:, :, 1].unbind(0), Z[:, :, 2].unbind(0)
+    fd_t = Z[:, :, :2].reshape(Z.shape[0], N, 2 * dh, S).transpose(2, 3).unbind(0)
+    qk, k4, k3 = QK.unbind(0), QK[:, :, 1, None, None, :].unbind(0), QK[:, :, 1, None, :].unbind(0)
+    o, pred, v2 = O.unbind(0), O[:, :, 1].unbind(0), V2.view(T, N, 2, dh).unbind(0)
+    e_, e_d = E.unbind(0), E[:, :, 1].unbind(0)
+    we, we4, we_d3 = WE.unbind(0), WE[..., None].unbind(0), WE[:, :, 1, :, None].unbind(0)
+    z_, sq_, g_, g2 = zs.unbind(0), sq.unbind(0), gates.unbind(0), gates[:, :, None].unbind(0)
+    c_, c_fd, c_lr = coefs.unbind(0), coefs[:, :, :2, None, None].unbind(0), coefs[:, :, 2:4, None].unbind(0)
+    c_mom, c_a = coefs[:, :, 4, None, None].unbind(0), coefs[:, :, 5, None, None].unbind(0)
+    ivt_ = ivt.unbind(0)
+    scale_ = None if scale is None else scale.unbind(0)
+    keep_ = None if keep is None else keep[:, :, None, None, None].unbind(0)
     for t in range(T):
-        cur, nxt = (Z[t], Z[t + 1]) if save else (Z[t % 2], Z[(t + 1) % 2])
+        i, j = (t, t + 1) if save else (t % 2, (t + 1) % 2)
         if t in reset_steps:
-            cur.mul_(keep[t, :, None, None, None])
-        torch.bmm(QK[t], cur[:, :2].reshape(N, 2 * dh, S).transpose(1, 2), out=O[t])
-        e = torch.sub(V2[t], O[t, :, 1], out=E[t])
-        e_d = e[:, dh:]
-        s = torch.linalg.vecdot(e_d, e_d, out=sq[t])
-        z = torch.addcmul(neg_c, s, ivt[t], out=zs[t])
-        g = torch.sigmoid(z, out=gates[t])
-        if scale is not None:
-            g.mul_(scale[t])
-        c = torch.addcmul(base, g[:, None], slope, out=coefs[t])  # [N, 6]
-        we = e.view(N, 2, dh) * c[:, 2:4, None]  # [lr_fast e_f; g lr_deep e_d]
-        kt = QK[t, :, 1]
-        fd = nxt[:, :2]
-        torch.addcmul(cur[:, :2] * c[:, :2, None, None], we[..., None], kt[:, None, None, :], out=fd)
-        fd[:, 1].addcmul_(cur[:, 2], c[:, 4, None, None])
-        torch.addcmul(cur[:, 2] * c[:, 5, None, None], we[:, 1, :, None], kt[:, None, :], out=nxt[:, 2])
+            z_all[i].mul_(keep_[t])
+        torch.bmm(qk[t], fd_t[i], out=o[t].view(N, 2, 2 * dh))
+        torch.sub(v2[t], pred[t].view(N, 2, dh), out=e_[t])
+        torch.linalg.vecdot(e_d[t], e_d[t], out=sq_[t])
+        torch.addcmul(neg_c, sq_[t], ivt_[t], out=z_[t])
+        torch.sigmoid(z_[t], out=g_[t])
+        if scale_ is not None:
+            g_[t].mul_(scale_[t])
+        torch.addcmul(base, g2[t], slope, out=c_[t])  # [N, 6]
+        torch.mul(e_[t], c_lr[t], out=we[t])
+        torch.addcmul(fd[i] * c_fd[t], we4[t], k4[t], out=fd[j])
+        d_[j].addcmul_(s_[i], c_mom[t])
+        torch.addcmul(s_[i] * c_a[t], we_d3[t], k3[t], out=s_[j])
     reads = O[:, :, 0].view(T, B, H, 2, dh).permute(1, 0, 3, 2, 4).reshape(B, T, 2 * H * dh)
     final = Z[T if save else T % 2].view(B, H, 3, dh, S).permute(2, 0, 1, 3, 4).contiguous()
-    saved = (QK, vt, ivt, Z, E, zs, sq, coefs, keep, scale, gates) if save else (gates,)
+    saved = (QK, vt, ivt, Z, E, WE, zs, sq, coefs, keep, scale, gates) if save else (gates,)
     return reads, final, saved
 
 
 def _step_loop_backward(ctx, grad_r, grad_final):
-    QK, vt, ivt, Z, E, zs, sq, coefs, keep, scale, gates = ctx.saved_tensors
+    QK, vt, ivt, Z, E, WE, zs, sq, coefs, keep, scale, gates = ctx.saved_tensors
     lr_fast, lr_deep, decay, momentum, threshold = ctx.consts
     B, T, H, S = ctx.shape
     N, dh = B * H, vt.shape[-1]
@@ -188,56 +200,69 @@ def _step_loop_backward(ctx, grad_r, grad_final):
     dgate = sig * (1 - sig)
     if scale is not None:
         dgate = dgate * scale
-    gR = (grad_r.reshape(B, T, 2, H, dh).permute(1, 0, 3, 2, 4).reshape(T, N, 2 * dh)
-          if grad_r is not None else None)
-    if grad_final is None:
-        gnext = Z.new_zeros(N, 3, dh, S)
-    else:
-        gnext = grad_final.permute(1, 2, 0, 3, 4).reshape(N, 3, dh, S).clone(memory_format=torch.contiguous_format)
-    gcur = torch.empty_like(gnext, memory_format=torch.contiguous_format)
-    gQK = torch.empty_like(QK)  # [T, N, 2, S]
-    gV2 = Z.new_empty(T, N, 2, dh)
+    neg_ivt2 = -2 * ivt
+    neg_lr = -coefs[:, :, 2:4, None]  # [T, N, 2, 1]
+    # GO[t]: grads of [reads; predictions] of step t; predictions enter as e = v - p, so row 1 is -de
+    GO = Z.new_zeros(T, N, 2, 2 * dh)
+    if grad_r is not None:
+        GO[:, :, 0] = grad_r.reshape(B, T, 2, H, dh).permute(1, 0, 3, 2, 4).reshape(T, N, 2 * dh)
+    GK = Z.new_empty(T, N, 1, S)  # grads of k through the writes
+    UK = Z.new_empty(T, N, 1, 2 * dh)  # [gU_f k; gU_d k]
+    INNER = Z.new_empty(T, N, 2, 2)
     gz_all = Z.new_empty(T, N)
-    gO = Z.new_zeros(N, 2, 2 * dh)
+    g_buf = Z.new_empty(2, N, 3, dh, S)
+    if grad_final is None:
+        g_buf[T % 2].zero_()
+    else:
+        g_buf[T % 2].view(B, H, 3, dh, S).copy_(grad_final.permute(1, 2, 0, 3, 4))
+    # per-step views (g_*: the two gradient buffers, indexed by parity)
+    g_all, g_fd, g_d, g_s = g_buf.unbind(0), g_buf[:, :, :2].unbind(0), g_buf[:, :, 1].unbind(0), g_buf[:, :, 2].unbind(0)
+    g_fdm = g_buf[:, :, :2].reshape(2, N, 2 * dh, S).unbind(0)
+    g_fdm_t = g_buf[:, :, :2].reshape(2, N, 2 * dh, S).transpose(2, 3).unbind(0)
+    g_pair = g_buf[:, :, 1:3].reshape(2, N, 2, dh * S).unbind(0)
+    z_pair_t = Z[:, :, 1:3].reshape(T + 1, N, 2, dh * S).transpose(2, 3).unbind(0)
+    qk, k3 = QK.unbind(0), QK[:, :, 1, None, :].unbind(0)
+    e_d, we_row = E[:, :, 1].unbind(0), WE.view(T, N, 1, 2 * dh).unbind(0)
+    c_fd, c_mom, c_a = (coefs[:, :, :2, None, None].unbind(0), coefs[:, :, 4, None, None].unbind(0),
+                        coefs[:, :, 5, None, None].unbind(0))
+    neg_lr_ = neg_lr.unbind(0)
+    go, go_t, go_pred = GO.unbind(0), GO.transpose(2, 3).unbind(0), GO[:, :, 1].view(T, N, 2, dh).unbind(0)
+    go_pred_d = GO[:, :, 1, dh:].unbind(0)
+    gk_, uk, uk2, uk_d = GK.unbind(0), UK.unbind(0), UK.view(T, N, 2, dh).unbind(0), UK[:, :, 0, dh:].unbind(0)
+    inner_, inner4 = INNER.unbind(0), INNER.view(T, N, 4).unbind(0)
+    gz_, dgate_, neg_ivt2_ = gz_all.unbind(0), dgate.unbind(0), neg_ivt2.unbind(0)
+    keep_ = None if keep is None else keep[:, :, None, None, None].unbind(0)
     inner_w = Z.new_tensor([-decay, momentum, 0.0, -(1 - momentum)])  # d/dg of (D', S') against <gD', .>, <gS', .>
     for t in range(T - 1, -1, -1):
-        cur = Z[t]
-        c = coefs[t]
-        e = E[t].view(N, 2, dh)
-        kt = QK[t, :, 1]
+        n, c = (t + 1) % 2, t % 2  # gradient buffers: after the step (given), before it (computed)
         # <gD', D>, <gD', S>, <gS', D>, <gS', S>: the gate's path through the forgetting and the momentum
-        inner = torch.bmm(gnext[:, 1:3].reshape(N, 2, dh * S), cur[:, 1:3].reshape(N, 2, dh * S).transpose(1, 2))
+        torch.bmm(g_pair[n], z_pair_t[t], out=inner_[t])
         # the step's own grads into the pre-step state: F <- (1 - decay), D <- b, S <- a S' + c D'
-        torch.mul(gnext[:, :2], c[:, :2, None, None], out=gcur[:, :2])
-        torch.addcmul(gnext[:, 2] * c[:, 5, None, None], gnext[:, 1], c[:, 4, None, None], out=gcur[:, 2])
-        gnext[:, 1].add_(gnext[:, 2])  # gnext[:, :2] = grads of the written outer products (fast, deep)
-        gU = gnext[:, :2].reshape(N, 2 * dh, S)
-        Uk = torch.bmm(kt[:, None, :], gU.transpose(1, 2)).view(N, 2, dh)  # [gU_f k; gU_d k]
-        we = e * c[:, 2:4, None]
-        gk_write = torch.bmm(we.view(N, 1, 2 * dh), gU).view(N, S)
-        ge = Uk * c[:, 2:4, None]  # [N, 2, dh]
-        ggate = torch.linalg.vecdot(inner.view(N, 4), inner_w) + lr_deep * torch.linalg.vecdot(e[:, 1], Uk[:, 1])
-        gz = torch.mul(ggate, dgate[t], out=gz_all[t])
-        ge[:, 1].addcmul_(e[:, 1], (2 * gz * ivt[t])[:, None])
-        gV2[t] = ge
-        # e = v - [F k; D k] and reads [F q; D q]: O = QK @ [F; D]^T
-        if gR is not None:
-            gO[:, 0] = gR[t]
-        torch.neg(ge.view(N, 2 * dh), out=gO[:, 1])
-        gcur[:, :2] += torch.bmm(gO.transpose(1, 2), QK[t]).view(N, 2, dh, S)  # (in-place baddbmm_ on a strided view loops over rows)
-        torch.bmm(gO, cur[:, :2].reshape(N, 2 * dh, S), out=gQK[t])
-        gQK[t, :, 1].add_(gk_write)
+        torch.mul(g_fd[n], c_fd[t], out=g_fd[c])
+        torch.mul(g_s[n], c_a[t], out=g_s[c])
+        g_s[c].addcmul_(g_d[n], c_mom[t])
+        g_d[n].add_(g_s[n])  # g_fd[n] = grads of the written outer products (fast, deep)
+        torch.bmm(k3[t], g_fdm_t[n], out=uk[t])
+        torch.bmm(we_row[t], g_fdm[n], out=gk_[t])
+        torch.mul(uk2[t], neg_lr_[t], out=go_pred[t])  # -de of both tiers through the writes
+        ggate = torch.linalg.vecdot(inner4[t], inner_w)
+        ggate.add_(torch.linalg.vecdot(e_d[t], uk_d[t]), alpha=lr_deep)
+        torch.mul(ggate, dgate_[t], out=gz_[t])
+        go_pred_d[t].addcmul_(e_d[t], (gz_[t] * neg_ivt2_[t])[:, None])  # through the surprise |e_d|^2
+        # reads and predictions O = QK @ [F; D]^T
+        g_fdm[c].add_(torch.bmm(go_t[t], qk[t]))
         if t in ctx.reset_steps:
-            gcur.mul_(keep[t, :, None, None, None])
-        gnext, gcur = gcur, gnext
+            g_all[c].mul_(keep_[t])
+    gQK = torch.bmm(GO.view(T * N, 2, 2 * dh), Z[:T, :, :2].reshape(T * N, 2 * dh, S)).view(T, N, 2, S)
+    gQK[:, :, 1] += GK.view(T, N, S)
     gq = gQK[:, :, 0].reshape(T, B, H, S).transpose(0, 1)
     gk = gQK[:, :, 1].reshape(T, B, H, S).transpose(0, 1)
     # v: the target of both tiers, and the surprise's denominator |v|^2 + eps
     gve = -gz_all * sq * ivt / (vt.pow(2).sum(-1) + _EPS)
-    gv = gV2.sum(2) + 2 * vt * gve.unsqueeze(-1)
+    gv = 2 * vt * gve.unsqueeze(-1) - GO[:, :, 1].view(T, N, 2, dh).sum(2)
     gv = gv.reshape(T, B, H, dh).transpose(0, 1)
     g_logt = -(gz_all * zs).sum()
-    gstate = gnext.view(B, H, 3, dh, S)
+    gstate = g_buf[0].view(B, H, 3, dh, S)
     return (gq, gk, gv, gstate[:, :, 0], gstate[:, :, 1], gstate[:, :, 2], g_logt.reshape(()).to(Z.dtype),
             None, None, None, None)
 
