@@ -175,9 +175,10 @@ def test_infinity_steps_equal_its_sequence_mode():
     is_init[:, 0] = True
     trigger = torch.rand(B, T, generator=g) < 0.5
     trigger[:, 4] = False  # a step on which no row writes the deep tier
+    start = memory.initial_state(B).apply(lambda s: s.double())
     with torch.no_grad():
-        y_seq, s_seq = memory(x, memory.initial_state(B), is_init, trigger=trigger)
-        state, ys = memory.initial_state(B), []
+        y_seq, s_seq = memory(x, start, is_init, trigger=trigger)
+        state, ys = start, []
         for t in range(T):
             y, state = memory(x[:, t : t + 1], state, is_init[:, t : t + 1], trigger=trigger[:, t : t + 1])
             ys.append(y)

@@ -190,6 +190,38 @@ def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, c
     return reads, final, saved
 
 
+def _one_step(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts):
+    """The acting step (``T = 1``, no gradient) of :func:`_step_loop_forward`, with the same arithmetic and
+    without its sequence buffers: ``q, k: [B, 1, H, S]``, ``v: [B, 1, H, dh]``, ``keep, scale: [B * H]`` or
+    None -> ``(reads [B, 1, 2 H dh], (fast, deep, momentum), gate [N])``."""
+    B, _, H, S = q.shape
+    dh, N = v.shape[-1], B * H
+    lr_fast, lr_deep, decay, momentum, threshold = consts
+    Z = torch.stack([fast, deep, mom], 2).view(N, 3, dh, S)
+    if keep is not None:
+        Z.mul_(keep[:, None, None, None])
+    QK = torch.stack([q, k], 3).view(N, 2, S)
+    v0 = v.view(N, 1, dh)
+    out = torch.bmm(QK, Z[:, :2].reshape(N, 2 * dh, S).transpose(1, 2))  # [N, 2, 2 dh]
+    e = v0 - out[:, 1].view(N, 2, dh)  # [N, 2, dh]
+    e_d = e[:, 1]
+    tau = log_temperature.exp()
+    ivt = 1.0 / ((v0.squeeze(1).pow(2).sum(-1) + _EPS) * tau)
+    g = torch.sigmoid(torch.addcmul(-threshold / tau, torch.linalg.vecdot(e_d, e_d), ivt))
+    if scale is not None:
+        g = g * scale
+    base, slope = _coefficients(consts, q)
+    c = torch.addcmul(base, g[:, None], slope)
+    we = e * c[:, 2:4, None]
+    k0 = QK[:, 1]
+    nxt = torch.empty_like(Z)
+    torch.addcmul(Z[:, :2] * c[:, :2, None, None], we[..., None], k0[:, None, None, :], out=nxt[:, :2])
+    nxt[:, 1].addcmul_(Z[:, 2], c[:, 4, None, None])
+    torch.addcmul(Z[:, 2] * c[:, 5, None, None], we[:, 1, :, None], k0[:, None, :], out=nxt[:, 2])
+    reads = out[:, 0].view(B, 1, H, 2, dh).transpose(2, 3).reshape(B, 1, 2 * H * dh)
+    return reads, nxt.view(B, H, 3, dh, S).unbind(2), g
+
+
 def _step_loop_backward(ctx, grad_r, grad_final):
     QK, vt, ivt, Z, E, WE, zs, sq, coefs, keep, scale, gates = ctx.saved_tensors
     lr_fast, lr_deep, decay, momentum, threshold = ctx.consts
@@ -374,12 +406,19 @@ class DualTierMiras(MemorySystem):
         hand-written backward): with small tensors the cost of this loop is the number of ops per step.
         """
         B, T, H, _ = q.shape
+        args = (q, k, v, state["fast"], state["deep"], state["deep_momentum"], self.log_temperature)
+        consts = (self.lr_fast, self.lr_deep, self.decay, self.momentum, self.surprise_threshold)
+        grad = torch.is_grad_enabled() and any(a.requires_grad for a in args)
+        if T == 1 and not grad:  # acting
+            keep = (~is_init[:, 0]).to(q.dtype).repeat_interleave(H) if bool(is_init.any()) else None
+            scale = None if gate_scale is None else gate_scale[:, 0].to(q.dtype).repeat_interleave(H)
+            r, (fast, deep, mom), gates = _one_step(*args, keep, scale, consts)
+            self.last_write_rate = gates.mean()
+            return r, TensorDict({"fast": fast, "deep": deep, "deep_momentum": mom}, batch_size=state.batch_size)
         reset_steps = frozenset(is_init.any(0).nonzero().flatten().tolist())  # one host sync per call
         keep = (~is_init).to(q.dtype).t().repeat_interleave(H, 1) if reset_steps else None  # [T, B * H]
         scale = None if gate_scale is None else gate_scale.to(q.dtype).t().repeat_interleave(H, 1)
-        consts = (self.lr_fast, self.lr_deep, self.decay, self.momentum, self.surprise_threshold)
-        args = (q, k, v, state["fast"], state["deep"], state["deep_momentum"], self.log_temperature)
-        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        if grad:
             r, final, gates = _StepLoop.apply(*args, keep, scale, consts, reset_steps)
         else:
             r, final, (gates,) = _step_loop_forward(*args, keep, scale, consts, reset_steps, save=False)
