@@ -165,6 +165,11 @@ def causal_depthwise_conv(
     zeros at the episode start does when stepping.
     """
     k = weight.shape[1]
+    if x.shape[1] == 1:  # one step (acting): the window is the buffer and the input
+        if seg is not None:  # an episode start empties the buffer
+            buffer = buffer * (seg[:, -1] == seg[:, -2]).to(x.dtype)[:, None, None]
+        full = torch.cat([buffer, x.transpose(1, 2)], 2)  # [B, C, k]
+        return ((full * weight).sum(-1) + bias).unsqueeze(1), full[:, :, 1:]
     full = torch.cat([buffer.transpose(1, 2), x], 1)  # [B, k-1+T, C]
     windows = full.unfold(1, k, 1)  # [B, T, C, k]; windows[:, t, :, j] = full[:, t + j]
     tail = full[:, full.shape[1] - (k - 1) :]

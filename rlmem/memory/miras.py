@@ -201,7 +201,7 @@ def _one_step(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts):
     if keep is not None:
         Z.mul_(keep[:, None, None, None])
     QK = torch.stack([q, k], 3).view(N, 2, S)
-    v0 = v.view(N, 1, dh)
+    v0 = v.reshape(N, 1, dh)
     out = torch.bmm(QK, Z[:, :2].reshape(N, 2 * dh, S).transpose(1, 2))  # [N, 2, 2 dh]
     e = v0 - out[:, 1].view(N, 2, dh)  # [N, 2, dh]
     e_d = e[:, 1]
@@ -241,7 +241,7 @@ def _step_loop_backward(ctx, grad_r, grad_final):
     GK = Z.new_empty(T, N, 1, S)  # grads of k through the writes
     UK = Z.new_empty(T, N, 1, 2 * dh)  # [gU_f k; gU_d k]
     INNER = Z.new_empty(T, N, 2, 2)
-    gz_all = Z.new_empty(T, N)
+    GG = Z.new_empty(T, N)  # grads of the deep gates
     g_buf = Z.new_empty(2, N, 3, dh, S)
     if grad_final is None:
         g_buf[T % 2].zero_()
@@ -262,7 +262,7 @@ def _step_loop_backward(ctx, grad_r, grad_final):
     go_pred_d = GO[:, :, 1, dh:].unbind(0)
     gk_, uk, uk2, uk_d = GK.unbind(0), UK.unbind(0), UK.view(T, N, 2, dh).unbind(0), UK[:, :, 0, dh:].unbind(0)
     inner_, inner4 = INNER.unbind(0), INNER.view(T, N, 4).unbind(0)
-    gz_, dgate_, neg_ivt2_ = gz_all.unbind(0), dgate.unbind(0), neg_ivt2.unbind(0)
+    gg_, dz_ivt2_ = GG.unbind(0), (dgate * neg_ivt2).unbind(0)
     keep_ = None if keep is None else keep[:, :, None, None, None].unbind(0)
     inner_w = Z.new_tensor([-decay, momentum, 0.0, -(1 - momentum)])  # d/dg of (D', S') against <gD', .>, <gS', .>
     for t in range(T - 1, -1, -1):
@@ -277,14 +277,14 @@ def _step_loop_backward(ctx, grad_r, grad_final):
         torch.bmm(k3[t], g_fdm_t[n], out=uk[t])
         torch.bmm(we_row[t], g_fdm[n], out=gk_[t])
         torch.mul(uk2[t], neg_lr_[t], out=go_pred[t])  # -de of both tiers through the writes
-        ggate = torch.linalg.vecdot(inner4[t], inner_w)
+        ggate = torch.linalg.vecdot(inner4[t], inner_w, out=gg_[t])
         ggate.add_(torch.linalg.vecdot(e_d[t], uk_d[t]), alpha=lr_deep)
-        torch.mul(ggate, dgate_[t], out=gz_[t])
-        go_pred_d[t].addcmul_(e_d[t], (gz_[t] * neg_ivt2_[t])[:, None])  # through the surprise |e_d|^2
+        go_pred_d[t].addcmul_(e_d[t], (ggate * dz_ivt2_[t])[:, None])  # through the surprise |e_d|^2
         # reads and predictions O = QK @ [F; D]^T
         g_fdm[c].add_(torch.bmm(go_t[t], qk[t]))
         if t in ctx.reset_steps:
             g_all[c].mul_(keep_[t])
+    gz_all = GG * dgate  # grads of the gates' logits z
     gQK = torch.bmm(GO.view(T * N, 2, 2 * dh), Z[:T, :, :2].reshape(T * N, 2 * dh, S)).view(T, N, 2, S)
     gQK[:, :, 1] += GK.view(T, N, S)
     gq = gQK[:, :, 0].reshape(T, B, H, S).transpose(0, 1)
@@ -361,9 +361,12 @@ class DualTierMiras(MemorySystem):
         """``h: [B, T, d_model]`` -> ``q, k: [B, T, n_heads, mem_slots]`` (unit length),
         ``v: [B, T, n_heads, d_head]``."""
         B, T, _ = h.shape
-        q = F.normalize(self.q_proj(h).view(B, T, self.n_heads, self.mem_slots), dim=-1)
-        k = F.normalize(self.k_proj(h).view(B, T, self.n_heads, self.mem_slots), dim=-1)
-        return q, k, self.v_proj(h).view(B, T, self.n_heads, self.d_head)
+        H, S = self.n_heads, self.mem_slots
+        # one matmul for the three projections, one normalisation for q and k
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qk, v = F.linear(h, weight).split([2 * H * S, self.d_model], -1)
+        q, k = F.normalize(qk.view(B, T, 2 * H, S), dim=-1).view(B, T, 2, H, S).unbind(2)
+        return q, k, v.view(B, T, H, self.d_head)
 
     @staticmethod
     def read(memory: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
