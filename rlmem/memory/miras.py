@@ -158,10 +158,12 @@ def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, c
     # per-step views
     z_all, fd, d_, s_ = Z.unbind(0), Z[:, :, :2].unbind(0), Z[:, :, 1].unbind(0), Z[:, :, 2].unbind(0)
     fd_t = Z[:, :, :2].reshape(Z.shape[0], N, 2 * dh, S).transpose(2, 3).unbind(0)
-    qk, k4, k3 = QK.unbind(0), QK[:, :, 1, None, None, :].unbind(0), QK[:, :, 1, None, :].unbind(0)
+    qk, k3 = QK.unbind(0), QK[:, :, 1, None, :].unbind(0)
     o, pred, v2 = O.unbind(0), O[:, :, 1].unbind(0), V2.view(T, N, 2, dh).unbind(0)
     e_, e_d = E.unbind(0), E[:, :, 1].unbind(0)
-    we, we4, we_d3 = WE.unbind(0), WE[..., None].unbind(0), WE[:, :, 1, :, None].unbind(0)
+    we, we_col = WE.unbind(0), WE.view(T, N, 2 * dh, 1).unbind(0)
+    outer = q.new_empty(N, 2 * dh, S)  # the step's two written outer products (scratch)
+    outer4 = outer.view(N, 2, dh, S)
     z_, sq_, g_, g2 = zs.unbind(0), sq.unbind(0), gates.unbind(0), gates[:, :, None].unbind(0)
     c_, c_fd, c_lr = coefs.unbind(0), coefs[:, :, :2, None, None].unbind(0), coefs[:, :, 2:4, None].unbind(0)
     c_mom, c_a = coefs[:, :, 4, None, None].unbind(0), coefs[:, :, 5, None, None].unbind(0)
@@ -181,9 +183,10 @@ def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, c
             g_[t].mul_(scale_[t])
         torch.addcmul(base, g2[t], slope, out=c_[t])  # [N, 6]
         torch.mul(e_[t], c_lr[t], out=we[t])
-        torch.addcmul(fd[i] * c_fd[t], we4[t], k4[t], out=fd[j])
+        torch.mul(we_col[t], k3[t], out=outer)  # [lr_fast e_f k^T; g lr_deep e_d k^T]
+        torch.addcmul(outer4, fd[i], c_fd[t], out=fd[j])
         d_[j].addcmul_(s_[i], c_mom[t])
-        torch.addcmul(s_[i] * c_a[t], we_d3[t], k3[t], out=s_[j])
+        torch.addcmul(outer4[:, 1], s_[i], c_a[t], out=s_[j])
     reads = O[:, :, 0].view(T, B, H, 2, dh).permute(1, 0, 3, 2, 4).reshape(B, T, 2 * H * dh)
     final = Z[T if save else T % 2].view(B, H, 3, dh, S).permute(2, 0, 1, 3, 4).contiguous()
     saved = (QK, vt, ivt, Z, E, WE, zs, sq, coefs, keep, scale, gates) if save else (gates,)
@@ -213,11 +216,11 @@ def _one_step(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts):
     base, slope = _coefficients(consts, q)
     c = torch.addcmul(base, g[:, None], slope)
     we = e * c[:, 2:4, None]
-    k0 = QK[:, 1]
+    outer = (we.view(N, 2 * dh, 1) * QK[:, 1:]).view(N, 2, dh, S)  # [lr_fast e_f k^T; g lr_deep e_d k^T]
     nxt = torch.empty_like(Z)
-    torch.addcmul(Z[:, :2] * c[:, :2, None, None], we[..., None], k0[:, None, None, :], out=nxt[:, :2])
+    torch.addcmul(outer, Z[:, :2], c[:, :2, None, None], out=nxt[:, :2])
     nxt[:, 1].addcmul_(Z[:, 2], c[:, 4, None, None])
-    torch.addcmul(Z[:, 2] * c[:, 5, None, None], we[:, 1, :, None], k0[:, None, :], out=nxt[:, 2])
+    torch.addcmul(outer[:, 1], Z[:, 2], c[:, 5, None, None], out=nxt[:, 2])
     reads = out[:, 0].view(B, 1, H, 2, dh).transpose(2, 3).reshape(B, 1, 2 * H * dh)
     return reads, nxt.view(B, H, 3, dh, S).unbind(2), g
 
@@ -277,7 +280,7 @@ def _step_loop_backward(ctx, grad_r, grad_final):
         torch.bmm(k3[t], g_fdm_t[n], out=uk[t])
         torch.bmm(we_row[t], g_fdm[n], out=gk_[t])
         torch.mul(uk2[t], neg_lr_[t], out=go_pred[t])  # -de of both tiers through the writes
-        ggate = torch.linalg.vecdot(inner4[t], inner_w, out=gg_[t])
+        ggate = torch.mv(inner4[t], inner_w, out=gg_[t])
         ggate.add_(torch.linalg.vecdot(e_d[t], uk_d[t]), alpha=lr_deep)
         go_pred_d[t].addcmul_(e_d[t], (ggate * dz_ivt2_[t])[:, None])  # through the surprise |e_d|^2
         # reads and predictions O = QK @ [F; D]^T
