@@ -163,6 +163,75 @@ def test_reads_stay_bounded_without_the_normalizer_correction():
     assert reads[True] > 10 * writes * v_max  # the failure the default avoids is real
 
 
+def test_delta_rule_on_a_hand_checkable_case():
+    """rule=delta: unit keys ``k = phi(W_k m) / |phi(W_k m)|``, ``A += beta k (W_v m - k A)^T``, read ``unit(phi(W_q h)) A``;
+    ``z`` is not used. Expected values from the formulas written out here, not from the module."""
+    memory = AssociativeMemory(4, 2, 1e-5, rule="delta").double()
+    torch.nn.init.normal_(memory.w_v.weight)
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(2, memory.d_key, 4, generator=g, dtype=torch.float64)
+    z = torch.rand(2, memory.d_key, generator=g, dtype=torch.float64)
+    m = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        A_new, z_new = memory.write(m, A, z)
+        A_ref = A.clone()
+        for b in range(2):
+            for j in range(3):  # every token against the memory as it was before the write
+                f = dpfp(m[b, j] @ memory.w_k.weight.T)
+                k = f / f.norm()
+                beta = torch.sigmoid(m[b, j] @ memory.w_b.weight[0] + memory.w_b.bias[0])
+                A_ref[b] += beta * torch.outer(k, m[b, j] @ memory.w_v.weight.T - k @ A[b])
+        torch.testing.assert_close(A_new, A_ref, rtol=1e-12, atol=1e-12)
+        assert torch.equal(z_new, z)
+        h = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+        f = dpfp(h @ memory.w_q.weight.T)
+        torch.testing.assert_close(memory.read(h, A_new, z_new), (f / f.norm(dim=-1, keepdim=True)) @ A_new,
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_delta_rule_reads_the_last_write_under_a_key_and_in_proportion_to_the_match():
+    """What the delta rule is for: with a write strength near 1, a read with the key just written returns its
+    value even when an overlapping key was written before (the armt rule returns a blend); a query whose
+    features share nothing with the written key reads zero, and one that overlaps it a little reads a little
+    of its value (the armt rule reads all of it: a normalized read is a weighted mean of what was written,
+    however weak the match)."""
+    reads = {}
+    for rule in ("delta", "armt"):
+        torch.manual_seed(0)
+        memory = AssociativeMemory(8, 4, 1e-5, rule=rule).double()
+        torch.nn.init.normal_(memory.w_v.weight)
+        torch.nn.init.zeros_(memory.w_b.weight)
+        torch.nn.init.constant_(memory.w_b.bias, 30.0)  # beta = 1 - 1e-13
+        with torch.no_grad():
+            memory.w_q.weight.copy_(memory.w_k.weight)  # a query built like a key reads that key
+        m1 = torch.randn(1, 1, 8, dtype=torch.float64)
+        m2 = m1 + 0.5 * torch.randn(1, 1, 8, dtype=torch.float64)  # a second key overlapping the first
+        empty = torch.zeros(1, memory.d_key, 8, dtype=torch.float64), torch.zeros(1, memory.d_key, dtype=torch.float64)
+        with torch.no_grad():
+            overlap = (dpfp(memory.w_k(m1)) * dpfp(memory.w_k(m2))).sum()
+            A, z = memory.write(m2, *memory.write(m1, *empty))
+            last = memory.read(m2, A, z)
+            # phi(-x) and phi(x) have disjoint supports ([relu(x), relu(-x)] swaps halves): -m1 shares nothing with m1
+            A1, z1 = memory.write(m1, *empty)
+            k1 = dpfp(memory.w_k(m1)).flatten()
+            g = torch.Generator().manual_seed(1)
+            while True:  # a query that overlaps the written key a little (cosine of its features 0.01 .. 0.3)
+                q = torch.randn(1, 1, 8, generator=g, dtype=torch.float64)
+                f = dpfp(memory.w_q(q)).flatten()
+                cos = (f @ k1 / (f.norm() * k1.norm())).item()
+                if 0.01 < cos < 0.3:
+                    break
+            reads[rule] = last, memory.read(-m1, A1, z1), memory.read(q, A1, z1), cos, memory.w_v(m1), memory.w_v(m2)
+    assert overlap > 0
+    last, disjoint, weak, cos, v1, v2 = reads["delta"]
+    torch.testing.assert_close(last, v2, rtol=1e-9, atol=1e-9)
+    assert torch.equal(disjoint, torch.zeros_like(disjoint))
+    torch.testing.assert_close(weak, cos * v1, rtol=1e-9, atol=1e-9)  # reads scale with the match
+    last, disjoint, weak, cos, v1, v2 = reads["armt"]
+    assert (last - v2).abs().max() > 0.1  # a blend, not the last value
+    torch.testing.assert_close(weak, v1, rtol=1e-3, atol=1e-3)  # any overlap reads the whole value
+
+
 def test_read_is_zero_for_a_fresh_memory_and_normalized():
     memory = armt()
     state = memory.initial_state(2)
@@ -267,11 +336,13 @@ def used_state(memory, B):
     return state
 
 
-@pytest.mark.parametrize("segment_len, residual", [(4, "gated"), (1, "gated"), (3, "gated"), (4, "plain")])
-def test_step_equals_sequence_across_segment_boundaries_and_resets(segment_len, residual):
+@pytest.mark.parametrize("segment_len, residual, rule", [(4, "gated", "armt"), (1, "gated", "armt"),
+                                                         (3, "gated", "armt"), (4, "plain", "armt"),
+                                                         (4, "gated", "delta"), (2, "plain", "delta")])
+def test_step_equals_sequence_across_segment_boundaries_and_resets(segment_len, residual, rule):
     """50 steps from a mid-segment state: T=1 calls == one call == three calls split at odd places,
     outputs and final states (float64, so any difference is a logic error, not rounding)."""
-    memory = armt(segment_len=segment_len, residual=residual).eval()
+    memory = armt(segment_len=segment_len, residual=residual, rule=rule).eval()
     x, is_init = long_batch()
     start = used_state(memory, 4) if segment_len == 4 else memory.initial_state(4)
     with torch.no_grad():
@@ -361,7 +432,8 @@ def test_segment_len_1_works():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"segment_len": 2, "num_mem_tokens": 1, "n_layers": 1}, {"segment_len": 5},
-                                    {"residual": "plain"}])
+                                    {"residual": "plain"}, {"rule": "delta"},
+                                    {"rule": "delta", "segment_len": 2, "num_mem_tokens": 1}])
 def test_check_memory_with_a_live_memory(kwargs):
     """The contract checker on ARMT with a non-zero W_v (the registry's test_kwargs build a fresh, silent one)."""
     check_memory(armt(dtype=torch.float32, **kwargs))
@@ -385,6 +457,8 @@ def test_check_memory_with_a_live_memory(kwargs):
         ({"gate_bias": float("inf")}, "armt: gate_bias must be a finite number"),
         ({"residual": "pre"}, "armt: residual must be one of ['gated', 'plain']"),
         ({"correction": "yes"}, "armt: correction must be true or false"),
+        ({"rule": "deltanet"}, "armt: rule must be one of ['armt', 'delta'], got 'deltanet'"),
+        ({"rule": "delta", "correction": True}, "armt: correction=true is the armt rule's normalizer update"),
     ],
 )
 def test_bad_knobs_raise_naming_the_valid_range(kwargs, message):

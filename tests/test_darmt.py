@@ -285,7 +285,7 @@ def test_reset_mid_segment_gives_the_learned_tokens_and_a_fresh_start():
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"use_learned_fusion": False}, {"segment_len": 2},
-                                    {"freeze_armt": True, "segment_len": 1}])
+                                    {"freeze_armt": True, "segment_len": 1}, {"rule": "delta", "segment_len": 2}])
 def test_check_memory_with_a_live_memory(kwargs):
     """The checker's gradient check reads y[:, 2]: frozen, only the coprocessor can have gradients there, so
     the segments must close before step 2 (segment_len 1) for its tokens to be written and read by then."""

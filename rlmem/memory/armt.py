@@ -33,6 +33,15 @@ episode start), with the DPFP feature map ``phi`` (nu = 3, ``d_key = 2 nu d_mem`
   plain segment transformer; the first gradient reaches ``W_v`` and, once it is non-zero, ``W_q``,
   ``W_k``, ``W_b``.
 
+``rule="delta"`` (``rule="armt"`` is all of the above) keeps the DPFP keys, ``beta`` and the memory tokens but
+drops the normalizer: keys and queries are scaled to unit length, ``read = unit(phi(W_q h)) A`` and
+``A <- A + sum_m beta_m k_m (W_v m_m - k_m A)^T`` (the plain delta rule; ``z`` stays zero). A normalized read
+is a weighted mean of what was written, so a query that barely overlaps one written key reads all of that
+key's value, and ``v_bar`` subtracts it in full from a new, barely overlapping key's value. With unit keys a
+read scales with how well the query matches, and a write under a key replaces what that key held. On
+assoc_recall with one pair per segment the delta rule learns the task and the armt rule stays at
+``1 / n_pairs`` (docs/memory.md).
+
 An episode start (``is_init`` True at step t) resets the state *before* step t: a new segment starts
 there with ``A = 0``, ``z = 0`` and an empty cache; an unfinished segment is dropped without a write.
 
@@ -77,6 +86,8 @@ from rlmem.memory.transformer import RESIDUALS, WindowLayer
 NU = 3
 #: accepted range of ``eps`` (the read/write normalizer's stabilizer)
 MIN_EPS, MAX_EPS = 1e-10, 1.0
+#: the associative memory's read/write rule (module docstring)
+RULES = ("armt", "delta")
 
 
 def dpfp(x: torch.Tensor, nu: int = NU) -> torch.Tensor:
@@ -96,9 +107,9 @@ class AssociativeMemory(nn.Module):
     queries, :meth:`write` with its own memory-token outputs.
     """
 
-    def __init__(self, d_model: int, d_mem: int, eps: float, correction: bool = False):
+    def __init__(self, d_model: int, d_mem: int, eps: float, correction: bool = False, rule: str = "armt"):
         super().__init__()
-        self.eps, self.correction = eps, correction
+        self.eps, self.correction, self.rule = eps, correction, rule
         self.d_key = 2 * NU * d_mem
         self.w_q = nn.Linear(d_model, d_mem, bias=False)
         self.w_k = nn.Linear(d_model, d_mem, bias=False)
@@ -108,17 +119,23 @@ class AssociativeMemory(nn.Module):
 
     def read(self, h: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """``h: [B, Q, d_model]``, ``A: [B, K, d_model]``, ``z: [B, K]`` -> ``[B, Q, d_model]``:
-        ``phi(W_q h) A / (z . phi(W_q h) + eps)`` (zero for a never-written memory)."""
+        ``phi(W_q h) A / (z . phi(W_q h) + eps)`` (rule ``armt``) or ``unit(phi(W_q h)) A`` (rule ``delta``);
+        zero for a never-written memory."""
         q = dpfp(self.w_q(h))  # [B, Q, K]
+        if self.rule == "delta":
+            return F.normalize(q, dim=-1, eps=self.eps) @ A
         return (q @ A) / (q @ z.unsqueeze(-1) + self.eps)
 
     def write(self, m: torch.Tensor, A: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the memory-token outputs ``m: [B, M, d_model]`` into ``A: [B, K, d_model]``, ``z: [B, K]``;
-        returns the new ``(A, z)`` (the inputs are not modified)."""
+        returns the new ``(A, z)`` (the inputs are not modified; rule ``delta`` leaves ``z`` at zero)."""
         k = dpfp(self.w_k(m))  # [B, M, K]
+        beta = torch.sigmoid(self.w_b(m))  # [B, M, 1] per-token write strength
+        if self.rule == "delta":  # unit keys: k A is what a read with k returns now, so only the difference is written
+            k = F.normalize(k, dim=-1, eps=self.eps)
+            return A + (beta * k).transpose(1, 2) @ (self.w_v(m) - k @ A), z
         zk = k @ z.unsqueeze(-1)  # [B, M, 1]
         v_bar = (k @ A) / (zk + self.eps)  # what the memory returns for k now: only the difference is written
-        beta = torch.sigmoid(self.w_b(m))  # [B, M, 1] per-token write strength
         A = A + (beta * k).transpose(1, 2) @ (self.w_v(m) - v_bar)
         if not self.correction:  # z = the sum of all keys: a read is a weighted mean of the written differences
             return A, z + k.sum(1)
@@ -147,7 +164,9 @@ class ARMT(MemorySystem):
         residual: ``"gated"`` (GTrXL gated residuals, stable for RL) or ``"plain"`` (pre-norm residual
             layers, which learn to compose attention heads as recall tasks need; see ``WindowLayer``).
         correction: the paper's clipped normalizer update (True) or ``z += k`` (False: reads stay bounded;
-            module docstring).
+            module docstring). Rule ``armt`` only.
+        rule: ``"armt"`` (the paper's normalized read and write) or ``"delta"`` (unit-norm keys, plain
+            delta rule: module docstring).
 
     Cost of an acting step, per layer: one token through the layer (attending to at most ``segment_len``
     keys) and an ``O(d_key d_model)`` read; the step that closes a segment also runs the memory tokens and
@@ -158,7 +177,7 @@ class ARMT(MemorySystem):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, d_mem: int = 16,
                  segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
-                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False):
+                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False, rule: str = "armt"):
         super().__init__()
         name = self.registry_name  # "armt", or a subclass's name: errors name the system that was built
         d_in = check_int(f"{name}: d_in", d_in, low=1)
@@ -179,10 +198,16 @@ class ARMT(MemorySystem):
             raise ValueError(f"{name}: residual must be one of {list(RESIDUALS)}, got {residual!r}")
         if not isinstance(correction, bool):
             raise ValueError(f"{name}: correction must be true or false, got {correction!r}")
+        if not isinstance(rule, str) or rule not in RULES:
+            raise ValueError(f"{name}: rule must be one of {list(RULES)}, got {rule!r}")
+        if correction and rule != "armt":
+            raise ValueError(f"{name}: correction=true is the armt rule's normalizer update; rule={rule!r} has no "
+                             "normalizer (set correction=false or rule=armt)")
         self.d_in, self.d_out, self.d_model, self.n_layers = d_in, d_model, d_model, n_layers
         self.d_mem, self.d_key, self.eps = d_mem, 2 * NU * d_mem, eps
         self.segment_len, self.num_mem_tokens, self.d_ff = segment_len, num_mem_tokens, d_ff
         self.n_heads, self.gate_bias, self.residual = n_heads, gate_bias, residual
+        self.rule = rule
         self.embed = nn.Linear(d_in, d_model)
         self.mem_tokens = nn.Parameter(torch.randn(num_mem_tokens, d_model) / d_model**0.5)
         # relative-position attention over [segment; memory tokens]: distances 0 .. S + M - 1
@@ -190,12 +215,13 @@ class ARMT(MemorySystem):
         self.layers = nn.ModuleList(
             WindowLayer(d_model, n_heads, self.window, d_ff, gate_bias, residual) for _ in range(n_layers)
         )
-        self.memories = nn.ModuleList(AssociativeMemory(d_model, d_mem, eps, correction) for _ in range(n_layers))
+        self.memories = nn.ModuleList(AssociativeMemory(d_model, d_mem, eps, correction, rule)
+                                      for _ in range(n_layers))
         self.norm_f = nn.LayerNorm(d_model)
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_model={self.d_model}, d_key={self.d_key}, segment_len={self.segment_len}, "
-                f"num_mem_tokens={self.num_mem_tokens}")
+                f"num_mem_tokens={self.num_mem_tokens}, rule={self.rule}")
 
     def initial_state(self, batch_size, device=None):
         L, K, d = self.n_layers, self.d_key, self.d_model

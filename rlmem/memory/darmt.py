@@ -138,7 +138,7 @@ class DARMT(ARMT):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, d_mem: int = 16,
                  segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
-                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False,
+                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False, rule: str = "armt",
                  n_coproc_layers: int = 1, num_latents: int = 4, use_learned_fusion: bool = True,
                  freeze_armt: bool = False):
         name = self.registry_name
@@ -150,7 +150,7 @@ class DARMT(ARMT):
                 raise ValueError(f"{name}: {knob} must be true or false, got {value!r}")
         n_tokens = num_mem_tokens + (0 if use_learned_fusion else num_latents)  # tokens per segment
         super().__init__(d_in, d_model, n_layers, n_heads, d_mem, segment_len, n_tokens, d_ff, eps, gate_bias,
-                         residual, correction)
+                         residual, correction, rule)
         if freeze_armt:
             self.requires_grad_(False)  # only ARMT's parameters exist so far
         self.n_coproc_layers, self.num_latents = n_coproc_layers, num_latents
@@ -216,7 +216,7 @@ class ARMTUnified(ARMT):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, d_mem: int = 16,
                  segment_len: int = 8, num_mem_tokens: int = 4, d_ff: int | None = None, eps: float = 1e-5,
-                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False,
+                 gate_bias: float = 2.0, residual: str = "gated", correction: bool = False, rule: str = "armt",
                  n_coproc_layers: int = 1, num_latents: int = 4, use_learned_fusion: bool = True,
                  freeze_armt: bool = False):
         name = self.registry_name
@@ -225,7 +225,8 @@ class ARMTUnified(ARMT):
                              f"every parameter), got {freeze_armt!r}")
         armt = {"d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "d_mem": d_mem,
                 "segment_len": segment_len, "num_mem_tokens": num_mem_tokens, "d_ff": d_ff, "eps": eps,
-                "gate_bias": gate_bias, "residual": residual, "correction": correction}
+                "gate_bias": gate_bias, "residual": residual, "correction": correction,
+                "rule": rule}
         try:  # DARMT checks every knob; its messages are re-labelled with this system's name
             target = parameter_count(DARMT, d_in, **armt, n_coproc_layers=n_coproc_layers, num_latents=num_latents,
                                      use_learned_fusion=use_learned_fusion)
