@@ -1,7 +1,7 @@
 """The fast paths of Infinity's parts give the numbers of the plain implementations they replaced.
 
-DualTierMiras' step loop runs with a hand-written backward (``_StepLoop``) and so does Mamba's selective
-scan (``_SelectiveScan``); both are checked here in float64 against the straightforward autograd versions below
+DualTierMiras' step loop runs with a hand-written backward (``_StepLoop``) and so do Mamba's selective
+scan (``_SelectiveScan``) and causal conv (``_DepthwiseConv``); both are checked here in float64 against the straightforward autograd versions below
 (outputs, next state, gate rate, and the gradients of every input, parameter and incoming state),
 including episode starts mid-sequence and a deep-tier ``gate_scale``.
 """
@@ -61,6 +61,19 @@ def reference_selective_scan(u, delta, A, Bm, Cm, h0, keep):
     drive = (delta * u).unsqueeze(-1) * Bm.unsqueeze(2)
     h = linear_scan(decay, drive, h0)
     return torch.einsum("btdn,btn->btd", h, Cm), h[:, -1]
+
+
+def reference_causal_conv(x, buffer, weight, bias, seg):
+    """Mamba's causal depthwise conv as it was before _DepthwiseConv: an unfolded window tensor and einsum."""
+    k = weight.shape[1]
+    full = torch.cat([buffer.transpose(1, 2), x], 1)
+    windows = full.unfold(1, k, 1)
+    tail = full[:, full.shape[1] - (k - 1) :]
+    if seg is not None:
+        same = seg.unfold(1, k, 1) == seg[:, k - 1 :, None]
+        windows = windows * same.unsqueeze(2).to(x.dtype)
+        tail = tail * (seg[:, seg.shape[1] - (k - 1) :] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
+    return torch.einsum("btck,ck->btc", windows, weight) + bias, tail.transpose(1, 2)
 
 
 def _inputs(B=3, T=17, H=2, S=8, dh=4, seed=0, reset_rate=0.15):
@@ -130,8 +143,8 @@ def _infinity_run(memory, x, state, is_init, trigger):
 
 @pytest.mark.parametrize("with_trigger", [False, True])
 def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
-    """Infinity (Mamba + DualTierMiras) against the same model with the old scans: Mamba's autograd
-    ops around the chunked parallel ``linear_scan`` and DualTierMiras' autograd step loop; forward, next state and all gradients, with resets."""
+    """Infinity (Mamba + DualTierMiras) against the same model with the old code: Mamba's unfolded conv
+    and autograd ops around the chunked parallel ``linear_scan``, DualTierMiras' autograd step loop; forward, next state and all gradients, with resets."""
     from rlmem.memory import mamba as mamba_module
     from rlmem.memory.miras import DualTierMiras
 
@@ -152,6 +165,7 @@ def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
         return r, s
 
     monkeypatch.setattr(mamba_module._SelectiveScan, "apply", reference_selective_scan)
+    monkeypatch.setattr(mamba_module, "causal_depthwise_conv", reference_causal_conv)
     monkeypatch.setattr(DualTierMiras, "scan_steps", plain_scan_steps)
     plain = _infinity_run(memory, x, state, is_init, trigger)
     torch.testing.assert_close(fast[0], plain[0], rtol=1e-10, atol=1e-12)

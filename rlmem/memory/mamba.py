@@ -171,14 +171,47 @@ def causal_depthwise_conv(
         full = torch.cat([buffer, x.transpose(1, 2)], 2)  # [B, C, k]
         return ((full * weight).sum(-1) + bias).unsqueeze(1), full[:, :, 1:]
     full = torch.cat([buffer.transpose(1, 2), x], 1)  # [B, k-1+T, C]
-    windows = full.unfold(1, k, 1)  # [B, T, C, k]; windows[:, t, :, j] = full[:, t + j]
     tail = full[:, full.shape[1] - (k - 1) :]
+    same = None
     if seg is not None:
-        same = seg.unfold(1, k, 1) == seg[:, k - 1 :, None]  # [B, T, k]
-        windows = windows * same.unsqueeze(2).to(x.dtype)
+        same = (seg.unfold(1, k, 1) == seg[:, k - 1 :, None]).to(x.dtype)  # [B, T, k]: tap j is in t's episode
         tail = tail * (seg[:, seg.shape[1] - (k - 1) :] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
-    y = torch.einsum("btck,ck->btc", windows, weight) + bias
+    y = _DepthwiseConv.apply(full, weight, bias, same)
     return y, tail.transpose(1, 2)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """``y[:, t] = bias + sum_j weight[:, j] * full[:, t + j] * same[:, t, j]`` as ``k`` shifted multiply-adds
+    (forward and a hand-written backward) instead of an unfolded ``[B, T, C, k]`` window tensor:
+    ``full: [B, k-1+T, C]``, ``weight: [C, k]``, ``bias: [C]``, ``same: [B, T, k]`` or None."""
+
+    @staticmethod
+    def forward(ctx, full, weight, bias, same):
+        k = weight.shape[1]
+        T = full.shape[1] - (k - 1)
+        y = bias.expand(full.shape[0], T, -1).clone()
+        taps = []
+        for j in range(k):
+            tap = full[:, j : j + T] if same is None else full[:, j : j + T] * same[:, :, j, None]
+            y.addcmul_(tap, weight[:, j])
+            taps.append(tap)
+        ctx.save_for_backward(weight, same, *taps)
+        ctx.full_shape = full.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        weight, same, *taps = ctx.saved_tensors
+        k = weight.shape[1]
+        T = grad_y.shape[1]
+        grad_full = grad_y.new_zeros(ctx.full_shape)
+        grad_w = torch.empty_like(weight)
+        for j in range(k):
+            g = grad_y if same is None else grad_y * same[:, :, j, None]
+            grad_full[:, j : j + T].addcmul_(g, weight[:, j])
+            grad_w[:, j] = (grad_y * taps[j]).sum((0, 1))
+        return grad_full, grad_w, grad_y.sum((0, 1)), None
 
 
 @functools.cache
