@@ -97,6 +97,17 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk: int =
     return _LinearScan.apply(a, b, h0, chunk)
 
 
+def _selective_step(u, delta, A, Bm, Cm, h0, keep):
+    """One step (``T = 1``, no gradient) of :class:`_SelectiveScan`, the same arithmetic without the
+    autograd Function around it: same arguments, ``-> (y: [B, 1, D], h: [B, D, N])``."""
+    decay = torch.mul(delta.unsqueeze(2), A.t().contiguous()).exp_()  # [B, 1, N, D]
+    if keep is not None:
+        decay.mul_(keep[:, :, None, None])
+    h = torch.mul((delta * u).unsqueeze(2), Bm.unsqueeze(-1))[:, 0]  # [B, N, D]
+    h.addcmul_(decay[:, 0], h0.transpose(1, 2))
+    return torch.bmm(Cm, h), h.transpose(1, 2)
+
+
 class _SelectiveScan(torch.autograd.Function):
     """Mamba's selective scan with a hand-written backward, for the CPU (and any device without the
     fused kernel): ``u, delta: [B, T, D]``, ``A: [D, N]``, ``Bm, Cm: [B, T, N]``, ``h0: [B, D, N]``,
@@ -268,7 +279,8 @@ class MambaMixer(nn.Module):
             y, ssm_state = _cuda_selective_scan()(u_, delta_, A, B_, C_, self.D, return_last_state=True)
             y = y.transpose(1, 2)
         else:
-            y, ssm_state = _SelectiveScan.apply(u, delta, A, Bm, Cm, ssm_state, keep)
+            step = x.shape[1] == 1 and not torch.is_grad_enabled()  # acting
+            y, ssm_state = (_selective_step if step else _SelectiveScan.apply)(u, delta, A, Bm, Cm, ssm_state, keep)
             y = y + self.D * u
         return self.out_proj(y * F.silu(z)), conv_state, ssm_state
 

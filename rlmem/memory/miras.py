@@ -124,13 +124,20 @@ class _StepLoop(torch.autograd.Function):
         return _step_loop_backward(ctx, grad_r, grad_final)
 
 
+_COEFFICIENTS: dict = {}
+
+
 def _coefficients(consts, like):
     """``(base, slope)`` of the per-step coefficients ``base + g * slope``, columns
-    ``(1 - decay, 1 - g decay, lr_fast, g lr_deep, g momentum, 1 - g (1 - momentum))``."""
-    lr_fast, lr_deep, decay, momentum, _ = consts
-    base = like.new_tensor([1 - decay, 1.0, lr_fast, 0.0, 0.0, 1.0])
-    slope = like.new_tensor([0.0, -decay, 0.0, lr_deep, momentum, -(1 - momentum)])
-    return base, slope
+    ``(1 - decay, 1 - g decay, lr_fast, g lr_deep, g momentum, 1 - g (1 - momentum))`` (cached: constants)."""
+    key = (consts, like.dtype, like.device)
+    if key not in _COEFFICIENTS:
+        lr_fast, lr_deep, decay, momentum, _ = consts
+        base = torch.tensor([1 - decay, 1.0, lr_fast, 0.0, 0.0, 1.0], dtype=like.dtype, device=like.device)
+        slope = torch.tensor([0.0, -decay, 0.0, lr_deep, momentum, -(1 - momentum)], dtype=like.dtype,
+                             device=like.device)
+        _COEFFICIENTS[key] = (base, slope)
+    return _COEFFICIENTS[key]
 
 
 def _step_loop_forward(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts, reset_steps, save):
@@ -209,8 +216,8 @@ def _one_step(q, k, v, fast, deep, mom, log_temperature, keep, scale, consts):
     e = v0 - out[:, 1].view(N, 2, dh)  # [N, 2, dh]
     e_d = e[:, 1]
     tau = log_temperature.exp()
-    ivt = 1.0 / ((v0.squeeze(1).pow(2).sum(-1) + _EPS) * tau)
-    g = torch.sigmoid(torch.addcmul(-threshold / tau, torch.linalg.vecdot(e_d, e_d), ivt))
+    v_energy_tau = torch.linalg.vecdot(v0, v0).squeeze(1).add_(_EPS).mul_(tau)  # (|v|^2 + eps) tau
+    g = torch.sigmoid(torch.addcdiv(-threshold / tau, torch.linalg.vecdot(e_d, e_d), v_energy_tau))
     if scale is not None:
         g = g * scale
     base, slope = _coefficients(consts, q)
