@@ -3,6 +3,7 @@
     python scripts/bench_memory.py                       # mamba ssm infinity transformer gru stm, B = 1 and 16
     python scripts/bench_memory.py --systems mamba transformer:window=256 --steps 2000 --batch-sizes 1
     python scripts/bench_memory.py --systems stm stm:n_refine=0 --batch-sizes 1 16
+    python scripts/bench_memory.py --train-only                 # training-pass cost of every agent's memory
 
 Each system is built from its agent config (``scripts/conf/agent/<name>.yaml``: ``encoder_dim`` is
 ``d_in``, the other keys are memory kwargs) and stepped like an acting policy: ``forward`` with T=1 under
@@ -14,6 +15,11 @@ Memory: the process's resident set size (RSS, from ``/proc/self/statm``) after `
 it flat (the peak over the whole process, ``ru_maxrss``, is printed at the end).
 Also reported: one training pass (sequence mode, forward + backward) on a ``[16, 64]`` batch (16 replayed
 slices of 64 steps).
+
+``--train-only``: just the training pass, for every agent config unless ``--systems`` is given, on what PPO
+replays at its defaults on DelayedCue: a ``[32, 64]`` batch whose rows hold 12-step episodes starting at a
+random phase; the systems are timed in turns (``--rounds`` of them) so that a change in the machine's load
+hits them all alike. Prints ms per pass and µs per frame (per step of one row).
 """
 
 from __future__ import annotations
@@ -101,16 +107,60 @@ def train_pass_ms(memory, d_in: int, batch: int = 16, T: int = 64, reps: int = 5
     return 1e3 * statistics.median(times[1:])  # the first pass warms up
 
 
+def replay_batch(batch: int = 32, T: int = 64, episode: int = 12, seed: int = 0) -> torch.Tensor:
+    """``is_init: [batch, T]``: episodes of ``episode`` steps, each row at a random phase (as PPO replays them)."""
+    phase = torch.randint(episode, (batch, 1), generator=torch.Generator().manual_seed(seed))
+    return (torch.arange(T) + phase) % episode == 0
+
+
+def train_costs(systems: list[str], rounds: int, batch: int = 32, T: int = 64) -> None:
+    """The ``--train-only`` table: median ms per training pass (forward + backward of a random readout)."""
+    is_init = replay_batch(batch, T)
+    built = {}
+    for name in systems:
+        memory, d_in = build(name)
+        memory.train()
+        readout = torch.randn(memory.d_out)  # a random readout: its gradient is not LayerNorm's rounding noise
+        x = torch.randn(batch, T, d_in)
+        built[name] = memory, x, readout, []
+    for _ in range(rounds + 1):  # the first round warms up
+        for memory, x, readout, times in built.values():
+            t0 = time.perf_counter()
+            y, _ = memory(x, memory.initial_state(batch), is_init)
+            (y * readout).sum().backward()
+            times.append(time.perf_counter() - t0)
+            memory.zero_grad(set_to_none=True)
+    print(f"| system | parameters | ms per pass [{batch}x{T}] | µs per frame |")
+    print("|---|---:|---:|---:|")
+    for name, (memory, _, _, times) in built.items():
+        ms = 1e3 * statistics.median(times[1:])
+        n_params = sum(p.numel() for p in memory.parameters() if p.requires_grad)
+        print(f"| {name} | {n_params:,} | {ms:.1f} | {1e3 * ms / (batch * T):.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=["mamba", "ssm", "infinity", "transformer", "gru", "stm"],
-                        help="agent names (scripts/conf/agent/<name>.yaml), optionally name:key=value,...")
+    parser.add_argument("--systems", nargs="+", default=None,
+                        help="agent names (scripts/conf/agent/<name>.yaml), optionally name:key=value,... "
+                             "(default: mamba ssm infinity transformer gru stm; every agent with --train-only)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--steps", type=int, default=5000, help="episode length; the late point")
     parser.add_argument("--early", type=int, default=10, help="the early point")
     parser.add_argument("--samples", type=int, default=200, help="timed steps per point")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--train-only", action="store_true",
+                        help="only the training pass, of every agent config unless --systems is given")
+    parser.add_argument("--rounds", type=int, default=8, help="--train-only: timed passes per system")
     args = parser.parse_args()
+    if args.train_only:
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        systems = args.systems or sorted(p.stem for p in AGENT_DIR.glob("*.yaml"))
+        print(f"torch {torch.__version__}, {args.threads} thread(s); median of {args.rounds} passes\n")
+        train_costs(systems, args.rounds)
+        return
+    if args.systems is None:
+        args.systems = ["mamba", "ssm", "infinity", "transformer", "gru", "stm"]
     if not (0 < args.early < args.steps and args.samples > 0):
         parser.error("need 0 < early < steps and samples > 0")
     torch.set_num_threads(args.threads)
