@@ -480,12 +480,18 @@ class RecurrentPPO:
         with torch.no_grad():
             self.gae(data)
         slices = data.reshape(ppo.num_envs, ppo.rollout_len // ppo.seq_len, ppo.seq_len).reshape(-1, ppo.seq_len)
+        # the replay reads only each slice's start state: minibatches are indexed without the per-step states
+        # (thousands of numbers per step for the larger memories), and the start state is put back as a view
+        start_states = slices.get(STATE_KEY)[:, 0] if STATE_KEY in slices.keys() else None
+        slices = slices.exclude(STATE_KEY, ("next", STATE_KEY))
         sums: dict[str, float] = {}
         n = 0
         for _ in range(ppo.epochs):
             # equal minibatches (PPOConfig checks that minibatches divides the number of slices)
             for idx in torch.randperm(slices.shape[0]).view(ppo.minibatches, -1):
                 batch = slices[idx]
+                if start_states is not None:
+                    batch.set(STATE_KEY, start_states[idx].unsqueeze(1).expand(*batch.batch_size))
                 with set_recurrent_mode(True):
                     self.agent.backbone(batch)
                     # a sequence mode can fail where acting did not (the policy's NaN logits would otherwise

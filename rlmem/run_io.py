@@ -90,6 +90,8 @@ def check_finite(tensors: Mapping[str, torch.Tensor] | TensorDictBase, where: st
     items = tensors.items(include_nested=True, leaves_only=True) if isinstance(tensors, TensorDictBase) \
         else tensors.items()
     for key, value in items:
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        # a finite sum means every entry is finite (one reduction, no bool tensor); a non-finite one may also
+        # be an overflow of finite entries, so only then is each entry checked
+        if value.is_floating_point() and not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
             name = ".".join(key) if isinstance(key, tuple) else key
             raise NonFiniteError(f"non-finite values in {where} (entry {name!r}); training stopped, {kept}")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.collectors import Collector
+from torchrl.modules import set_recurrent_mode
 
 from rlmem.env_factory import make_torchrl_env
 from rlmem.memory import MemorySystem
@@ -262,3 +263,60 @@ def test_a_compiled_memory_trains_and_its_checkpoint_loads_uncompiled(tmp_path):
     plain.load_state_dict(load_checkpoint(tmp_path / "checkpoints" / "last.pt")["agent"])
     with pytest.raises(ValueError, match="compile must be true or false"):
         build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env_cfg, compile="yes")
+
+
+def test_the_update_replays_every_slice_from_its_stored_start_state(tmp_path, monkeypatch):
+    """The update cuts the rollout into slices of seq_len steps and replays each from the memory state stored
+    at its first step. Before the first optimizer step the replayed log-probs must be the acting ones, also
+    for slices that start mid-episode (5-step episodes, 4-step slices); replaying those from a fresh state
+    would give other log-probs (checked, so the test can tell)."""
+    torch.manual_seed(0)  # the weights below: over seeds 0-7 a fresh-state replay is off by 0.03-0.7
+    trainer = make_trainer({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, {"id": "StepIndex-v0"},
+                           PPOConfig(**{**SMALL, "seq_len": 4}), tmp_path, total_frames=64, progress_bar=False)
+    agent = trainer.agent
+    with torch.no_grad():  # a policy that depends clearly on the memory, not saturated
+        for p in agent.policy_params.parameters():
+            torch.nn.init.normal_(p, 0.0, 1.0)
+    data = collect_one(trainer)
+
+    def log_probs(td):
+        logits = agent.policy_params(td["features"])
+        return torch.log_softmax(logits, -1).gather(-1, td["action"].long().unsqueeze(-1)).squeeze(-1)
+
+    replayed = []  # of each minibatch, before its optimizer step: (batch, log-probs of the replayed features)
+    loss_module = trainer.loss_module
+
+    def spy(td):
+        with torch.no_grad():
+            replayed.append((td.clone(), log_probs(td)))
+        return loss_module(td)
+
+    monkeypatch.setattr(trainer, "loss_module", spy)
+    trainer._update(data)
+    first, replay_log_probs = replayed[0]  # the first minibatch: no optimizer step before it
+    torch.testing.assert_close(replay_log_probs, first["action_log_prob"], rtol=1e-5, atol=1e-5)
+    mid_episode = ~first["is_init"].squeeze(-1)[:, 0]
+    assert mid_episode.sum() >= 2
+    # the weights have changed since: compare a fresh-state replay with the stored one under today's weights
+    with torch.no_grad():
+        stored = first.exclude("features").clone()
+        fresh = stored.clone()
+        fresh["memory_state"] = fresh["memory_state"].apply(torch.zeros_like)
+        fresh["is_init"][:, 0] = True
+        with set_recurrent_mode(True):
+            agent.backbone(stored)
+            agent.backbone(fresh)
+        wrong = (log_probs(fresh) - log_probs(stored)).abs()[mid_episode]
+    assert wrong.max() > 1e-2
+
+
+def test_check_finite_names_the_bad_entry_and_accepts_finite_values_whose_sum_overflows():
+    from rlmem.run_io import check_finite
+
+    big = torch.full((4, 3), 3e38)  # finite float32 entries; their sum is inf
+    check_finite({"a": big, "steps": torch.arange(3)}, "here", "kept")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        state = TensorDict({"ok": torch.zeros(2, 3), "inner": {"h": torch.zeros(2, 3)}}, batch_size=[2])
+        state["inner", "h"][1, 2] = bad
+        with pytest.raises(NonFiniteError, match=r"non-finite values in here \(entry 'inner.h'\)"):
+            check_finite(state, "here", "kept")
