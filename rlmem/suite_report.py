@@ -207,6 +207,7 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     curves: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
     tag = None
@@ -221,7 +222,9 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
         return False
     n = len(curves)
     cols = min(n, 4)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4 * cols, 3 * math.ceil(n / cols)), squeeze=False)
+    # at least 6 inches wide: the title fits above a single panel
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(max(4 * cols, 6), 3 * math.ceil(n / cols)),
+                             squeeze=False)
     for ax, (panel, by_agent) in zip(axes.flat, curves.items()):
         for agent, seeds in by_agent.items():
             length = min(len(x) for x, _ in seeds)  # seeds of one setting evaluate at the same frames
@@ -232,6 +235,7 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
                 ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("frames" if tag.startswith("charts") else "steps")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, 1M: frame counts fit under a small panel
         ax.set_ylabel(tag.split("/")[-1])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
