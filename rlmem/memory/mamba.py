@@ -12,8 +12,9 @@ Per layer (pre-norm residual block ``h <- h + Mixer(RMSNorm(h))``, final RMSNorm
 The recurrence runs as :class:`_SelectiveScan`: one in-place ``addcmul`` per step over ``[B, N, D]``
 (measured on a CPU, one thread, a ``[16, 64]`` batch at ``d_inner 64, d_state 8``: faster forward and
 backward than parallel Hillis-Steele rounds, whose every round is a pass over the whole
-``[B, T, d_inner, d_state]`` sequence) with a hand-written backward; T=1 is the same code (constant time
-per step). :func:`linear_scan`, the chunked parallel scan, is StreamingSSM's.
+``[B, T, d_inner, d_state]`` sequence) with a hand-written backward; acting (T=1 without gradients) runs
+the same arithmetic as one step without the autograd Function (:func:`_selective_step`; constant time per
+step). :func:`linear_scan`, the chunked parallel scan, is StreamingSSM's.
 Episode starts inside a sequence zero the decay at that step (so ``h`` restarts from the zero initial
 state) and mask conv inputs from before the start. On CUDA with ``mamba_ssm`` installed, sequences that
 start fresh in every row and contain no other reset use its fused selective-scan kernel.
