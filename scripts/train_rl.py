@@ -27,13 +27,12 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
     """Everything is validated here, before any training starts."""
     config = OmegaConf.to_container(cfg, resolve=True)
     import_modules(config["imports"])  # the user's own memories and envs register themselves
-    if config["device"] != "cpu":
-        raise ValueError(f"device={config['device']!r}: the trainer runs on the CPU only for now; valid: 'cpu'")
     torch.set_num_threads(check_int("threads", config["threads"], low=1))
     if config["compile"] is True and config["collector"].get("type") != "sync":
         raise ValueError(f"compile=true needs collector=sync (a compiled memory is not sent to workers), got "
                          f"collector={config['collector'].get('type')}")
     logger = config["logger"]
+    torch.manual_seed(check_int("seed", config["seed"], low=0))  # the agent's initial weights follow the seed
     return RecurrentPPO(
         build_agent(config["agent"], config["env"], config["trigger"], compile=config["compile"]),
         config["env"],
@@ -48,6 +47,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
         summary_interval=logger["summary_interval"],
         config=config,
         collector=config["collector"],
+        device=config["device"],
     )
 
 

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.fixture
@@ -15,3 +16,10 @@ def user_project(tmp_path) -> Path:
     project = tmp_path / "project"
     shutil.copytree(Path(__file__).parent / "user_project", project)
     return project
+
+
+@pytest.fixture(autouse=True)
+def _same_torch_rng_in_every_test():
+    """A fresh process starts torch's RNG from a random seed: a test that builds a model before anything
+    seeds it would get other weights on every run (and could pass or fail by luck)."""
+    torch.manual_seed(0)

@@ -231,6 +231,7 @@ def test_invalid_value_fails_before_training(tmp_path):
         ("env=gym env.id=Blackjack-v1", "Blackjack-v1: observation: unsupported observation space Tuple.*supported: Box"),
         ("imports=[no_such_module_xyz]", "cannot import module 'no_such_module_xyz'"),
         ("compile=maybe", "compile must be true or false"),
+        ("device=tpu", r"device='tpu' is not a device of this machine.*valid: \['cpu'"),
         ("compile=true collector=process", "compile=true needs collector=sync"),
         ("agent=infinity trigger=learned trigger.cost_coef=-1", r"trigger.cost_coef must be .*\[0.0, inf\], got -1"),
         ("trigger=learned", "has no gated path"),
@@ -256,3 +257,23 @@ def test_unknown_names_list_the_valid_choices(tmp_path, group, valid):
     out = run(f"{group}=no_such_thing", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0
     assert f"Available options in '{group}'" in out.stderr and f"\t{valid}\n" in out.stderr
+
+
+def test_the_seed_sets_the_agents_initial_weights(tmp_path):
+    """Whatever the process's RNG held before (a fresh process starts from a random torch seed), seed=s
+    gives the same initial weights, and another seed other ones."""
+    from hydra import compose, initialize_config_dir
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from train_rl import build_trainer
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    weights = []
+    for i, seed in enumerate((0, 0, 1)):
+        with initialize_config_dir(str(SCRIPT.parent / "conf"), version_base="1.3"):
+            cfg = compose("train_rl", overrides=[*TINY, f"seed={seed}"])
+        torch.manual_seed(1000 + i)  # a different RNG state before every build
+        weights.append(torch.cat([p.detach().flatten() for p in build_trainer(cfg, tmp_path / str(i)).agent.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
