@@ -142,7 +142,8 @@ class MeCo(TriggerPolicy):
         flat = scores.detach().flatten().float()
         if flat.numel() == 0:
             return
-        q = torch.tensor([1 - self.target_rate - self.margin / 2, 1 - self.target_rate + self.margin / 2])
+        q = torch.tensor([1 - self.target_rate - self.margin / 2, 1 - self.target_rate + self.margin / 2],
+                         device=flat.device)
         lo, hi = torch.quantile(flat, q.clamp(0.0, 1.0)).tolist()
         self.lo.fill_(lo)
         self.hi.fill_(hi)

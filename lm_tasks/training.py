@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from rlmem.devices import check_device
 from rlmem.envs.core import check_float, check_int
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
 from rlmem.lm_tasks.tasks import LMBatch, LMTask, build_task
@@ -138,8 +139,7 @@ class TrainConfig:
         for name in ("resume", "progress_bar"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.device != "cpu" and not (self.device.startswith("cuda") and torch.cuda.is_available()):
-            raise ValueError(f"device must be 'cpu' or, when CUDA is available, 'cuda[:i]'; got {self.device!r}")
+        check_device(self.device)
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of training step ``step`` (1-based): a linear warm-up over ``warmup_steps``, then

@@ -13,13 +13,16 @@ One iteration (CleanRL's loop, TorchRL's pieces):
    ``is_init``; TorchRL's ``ClipPPOLoss`` (advantage normalization, entropy bonus) on the replayed
    features, gradient-norm clipping.
 
-Greedy evaluation episodes run every ``eval_interval`` frames. Checkpoints are atomic; a run resumes from
+Greedy evaluation episodes run every ``eval_interval`` frames. On a GPU (``device="cuda"``) the agent learns
+there while a CPU copy of it acts beside the envs (collection, evaluation), its weights refreshed after
+every update. Checkpoints are atomic; a run resumes from
 its last one (TensorBoard events after it are purged, so curves stay one clean line), a finished run is
 reported rather than retrained, and Ctrl-C / SIGTERM checkpoint before stopping.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -43,6 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rlmem.collectors import CollectorConfig, EnvFactory, WorkerWhere, build_collector, check_collector_supports
 from rlmem.compute import ComputeMeter, TriggerCost
+from rlmem.devices import check_device
 from rlmem.env_factory import effective_env_kwargs, success_threshold
 from rlmem.envs.core import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
@@ -123,7 +127,8 @@ class RecurrentPPO:
     checkpoint. ``progress_bar``: a bar on a terminal; elsewhere (a log file) a one-line summary is logged
     every ``summary_interval`` seconds and at each evaluation. ``config``: the resolved run config, recorded
     in ``metrics.json`` and TensorBoard. ``collector``: where the envs step (:mod:`rlmem.collectors`;
-    default ``{"type": "sync"}``, the trainer's own process).
+    default ``{"type": "sync"}``, the trainer's own process). ``device``: where the agent learns (``"cpu"`` or
+    ``"cuda[:i]"``); elsewhere than the CPU, ``acting_agent`` is a CPU copy that collects and evaluates.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class RecurrentPPO:
         summary_interval: float = 30.0,
         config: Mapping[str, Any] | None = None,
         collector: Mapping[str, Any] | None = None,
+        device: str | torch.device = "cpu",
     ):
         check_int("seed", seed, low=0)
         check_int("total_frames", total_frames, low=1)
@@ -158,11 +164,13 @@ class RecurrentPPO:
         self.progress_bar, self.summary_interval = progress_bar, summary_interval
         self.config = dict(config or {})
         self.collector_cfg = CollectorConfig.from_mapping(collector, ppo.num_envs)
+        self.device = check_device(device)
         torch.manual_seed(seed)
         np.random.seed(seed)
 
         # the agent (rlmem.agents.build_agent) was built for this env: bad env names/values failed there
-        self.agent = agent
+        self.acting_agent = self._make_acting_agent(agent)  # collects and evaluates, on the CPU
+        self.agent = agent.to(self.device)  # learns
         self.agent_cfg, self.trigger_cfg = dict(agent.config["agent"]), dict(agent.config["trigger"])
         self.success_threshold = success_threshold(self.env_cfg)
         self.env_kwargs = effective_env_kwargs(self.env_cfg)
@@ -229,6 +237,7 @@ class RecurrentPPO:
                 "another run dir (hydra.run.dir=...)"
             )
         self.agent.load_state_dict(ckpt["agent"])
+        self._sync_acting_agent()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.frames, self.iteration = ckpt["frames"], ckpt["iteration"]
         self.wall_before, self.next_eval = ckpt["wall_seconds"], ckpt["next_eval"]
@@ -240,6 +249,16 @@ class RecurrentPPO:
         if self.compute_meter is not None and ckpt.get("compute_meter") is not None:
             self.compute_meter.load_state_dict(ckpt["compute_meter"])
         log.info("resuming from %s at frames=%d", path, self.frames)
+
+    def _make_acting_agent(self, agent):
+        """Acting steps the envs one step at a time, where a GPU launch per step costs more than it computes:
+        off the CPU a CPU copy acts, refreshed by :meth:`_sync_acting_agent` after every update."""
+        return agent if self.device.type == "cpu" else copy.deepcopy(agent).cpu()
+
+    def _sync_acting_agent(self) -> None:
+        """The acting copy takes the learner's weights and buffers (a trigger's calibrated thresholds too)."""
+        if self.acting_agent is not self.agent:
+            self.acting_agent.load_state_dict(self.agent.state_dict())
 
     def _save_checkpoint(self) -> None:
         # a model that went non-finite must not replace the last good checkpoint
@@ -337,11 +356,12 @@ class RecurrentPPO:
             cost = [TriggerCost(self.agent.cost_coef, self.agent.path_cost.path / 1e6)]
             self._warm_up_cost(cost[0])
         # a resumed run draws new episodes rather than replaying the first ones
-        make_env = EnvFactory(self.env_cfg, ppo.num_envs, self.agent.memory_module.make_tensordict_primer(), cost,
+        make_env = EnvFactory(self.env_cfg, ppo.num_envs, self.acting_agent.memory_module.make_tensordict_primer(),
+                              cost,
                               seed=self.seed + self.frames)
         # a worker's guard cannot call back into the trainer
         where = self._where_acting if self.collector_cfg.type == "sync" else WorkerWhere(self.agent_cfg.get("memory"))
-        collector = build_collector(self.collector_cfg, make_env, ActingGuard(self.agent.policy, where),
+        collector = build_collector(self.collector_cfg, make_env, ActingGuard(self.acting_agent.policy, where),
                                     ppo.frames_per_batch)
         self._t0 = time.perf_counter()
         frames_at_start = self.frames
@@ -366,7 +386,8 @@ class RecurrentPPO:
                 recent_returns = (recent_returns + episode_returns)[-100:]
                 compute = self._account_compute(data)
                 losses = self._update(data)
-                collector.update_policy_weights_()
+                self._sync_acting_agent()
+                collector.update_policy_weights_()  # from the acting agent, to worker collectors
                 if cost:
                     self._warm_up_cost(cost[0])
                 fps = (self.frames - frames_at_start) / (time.perf_counter() - self._t0)
@@ -447,10 +468,10 @@ class RecurrentPPO:
             check_finite(data["next", STATE_KEY], where, self._kept_checkpoint())
 
     def _evaluate(self, writer: SummaryWriter) -> None:
-        self.agent.eval()
-        result = evaluate_greedy(self.agent, self.env_cfg, self.ppo.eval_episodes, seed=10_000 + self.seed,
+        self.acting_agent.eval()
+        result = evaluate_greedy(self.acting_agent, self.env_cfg, self.ppo.eval_episodes, seed=10_000 + self.seed,
                                  success_threshold=self.success_threshold)
-        self.agent.train()
+        self.acting_agent.train()
         writer.add_scalar("charts/eval_return", result["eval_return"], self.frames)
         if "eval_trigger_rate" in result and self.agent.path_cost is not None:
             writer.add_scalar("compute/eval_trigger_rate", result["eval_trigger_rate"], self.frames)
@@ -468,10 +489,10 @@ class RecurrentPPO:
         next_value = torch.cat([value[:, 1:], torch.zeros_like(value[:, :1])], 1)
         need = data["next", "truncated"].squeeze(-1).clone()
         need[:, -1] = True
-        nxt = data["next"][need].select("observation", *_state_keys(data))
-        nxt.set("is_init", torch.zeros(nxt.shape[0], 1, dtype=torch.bool))
+        nxt = data["next"][need].select("observation", *_state_keys(data)).to(self.device)
+        nxt.set("is_init", torch.zeros(nxt.shape[0], 1, dtype=torch.bool, device=self.device))
         self.agent.critic(self.agent.backbone(nxt))
-        next_value[need] = nxt["state_value"]
+        next_value[need] = nxt["state_value"].to(next_value.device)
         data.set(("next", "state_value"), next_value)
 
     def _update(self, data: TensorDict) -> dict[str, float]:
@@ -482,13 +503,13 @@ class RecurrentPPO:
         slices = data.reshape(ppo.num_envs, ppo.rollout_len // ppo.seq_len, ppo.seq_len).reshape(-1, ppo.seq_len)
         # the replay reads only each slice's start state: minibatches are indexed without the per-step states
         # (thousands of numbers per step for the larger memories), and the start state is put back as a view
-        start_states = slices.get(STATE_KEY)[:, 0] if STATE_KEY in slices.keys() else None
-        slices = slices.exclude(STATE_KEY, ("next", STATE_KEY))
+        start_states = slices.get(STATE_KEY)[:, 0].to(self.device) if STATE_KEY in slices.keys() else None
+        slices = slices.exclude(STATE_KEY, ("next", STATE_KEY)).to(self.device)  # one copy to the GPU, if any
         sums: dict[str, float] = {}
         n = 0
         for _ in range(ppo.epochs):
             # equal minibatches (PPOConfig checks that minibatches divides the number of slices)
-            for idx in torch.randperm(slices.shape[0]).view(ppo.minibatches, -1):
+            for idx in torch.randperm(slices.shape[0], device=self.device).view(ppo.minibatches, -1):
                 batch = slices[idx]
                 if start_states is not None:
                     batch.set(STATE_KEY, start_states[idx].unsqueeze(1).expand(*batch.batch_size))

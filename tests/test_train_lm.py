@@ -78,7 +78,8 @@ def cfg(**overrides):
         ({"warmup_steps": -1}, "warmup_steps must be"),
         ({"eval_seed": 0}, "eval_seed"),
         ({"stepz": 3}, "valid: .*steps"),
-        ({"device": "tpu"}, "device"),
+        ({"device": "tpu"}, r"device='tpu' is not a device of this machine.*valid: \['cpu'"),
+        ({"device": "cuda:99"}, r"device='cuda:99' is not a device of this machine"),
     ],
 )
 def test_bad_config_values_name_the_valid_choices(overrides, match):
