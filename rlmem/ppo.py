@@ -15,9 +15,9 @@ One iteration (CleanRL's loop, TorchRL's pieces):
 
 Greedy evaluation episodes run every ``eval_interval`` frames. On a GPU (``device="cuda"``) the agent learns
 there while a CPU copy of it acts beside the envs (collection, evaluation), its weights refreshed after
-every update. Checkpoints are atomic; a run resumes from
-its last one (TensorBoard events after it are purged, so curves stay one clean line), a finished run is
-reported rather than retrained, and Ctrl-C / SIGTERM checkpoint before stopping.
+every update. Checkpoints are atomic; a run resumes from its last one (TensorBoard events after it are
+purged, so curves stay one clean line), a finished run is reported rather than retrained, and Ctrl-C /
+SIGTERM checkpoint before stopping.
 """
 
 from __future__ import annotations
@@ -356,9 +356,8 @@ class RecurrentPPO:
             cost = [TriggerCost(self.agent.cost_coef, self.agent.path_cost.path / 1e6)]
             self._warm_up_cost(cost[0])
         # a resumed run draws new episodes rather than replaying the first ones
-        make_env = EnvFactory(self.env_cfg, ppo.num_envs, self.acting_agent.memory_module.make_tensordict_primer(),
-                              cost,
-                              seed=self.seed + self.frames)
+        primer = self.acting_agent.memory_module.make_tensordict_primer()
+        make_env = EnvFactory(self.env_cfg, ppo.num_envs, primer, cost, seed=self.seed + self.frames)
         # a worker's guard cannot call back into the trainer
         where = self._where_acting if self.collector_cfg.type == "sync" else WorkerWhere(self.agent_cfg.get("memory"))
         collector = build_collector(self.collector_cfg, make_env, ActingGuard(self.acting_agent.policy, where),
