@@ -42,6 +42,7 @@ from torchrl.modules import ProbabilisticActor
 
 from rlmem.compute import PathCost, measure_path_flops
 from rlmem.env_factory import SPACE_CHECKS, env_spaces
+from rlmem.envs.core import check_int
 from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
 from rlmem.memory import build_memory
 from rlmem.run_io import load_checkpoint
@@ -205,10 +206,16 @@ class ActorCritic(nn.Module):
 
 
 def build_agent(agent_cfg: Mapping[str, Any], env_cfg: Mapping[str, Any],
-                trigger: Mapping[str, Any] | None = None, compile: bool = False) -> ActorCritic:
+                trigger: Mapping[str, Any] | None = None, compile: bool = False,
+                seed: int | None = None) -> ActorCritic:
     """The agent ``agent_cfg`` (and ``trigger``) describe, sized for the env ``env_cfg`` builds;
-    ``compile``: ``torch.compile`` its memory (``nn.Module.compile``: the first calls of each shape compile)."""
-    return ActorCritic(*env_spaces(env_cfg), agent_cfg, trigger, compile)
+    ``compile``: ``torch.compile`` its memory (``nn.Module.compile``: the first calls of each shape compile);
+    ``seed``: seeds torch first, so the initial weights follow it (a fresh process starts torch's RNG from a
+    random seed; None leaves the RNG as it is)."""
+    spaces = env_spaces(env_cfg)  # bad env names/values fail here, before any seeding
+    if seed is not None:
+        torch.manual_seed(check_int("seed", seed, low=0))
+    return ActorCritic(*spaces, agent_cfg, trigger, compile)
 
 
 def load_trained_agent(path: str | Path):

@@ -52,7 +52,7 @@ def worker_rlmem(a: dict) -> dict:
         import yaml
 
         agent_cfg = yaml.safe_load((ROOT / "scripts" / "conf" / "agent" / f"{a['memory']}.yaml").read_text())
-    agent = build_agent(agent_cfg, env_cfg)
+    agent = build_agent(agent_cfg, env_cfg, seed=0)
     trainer = RecurrentPPO(agent, env_cfg, ppo, Path(a["tmp"]), total_frames=a["frames"], progress_bar=False,
                            collector=a.get("collector"))
     trainer.next_eval = 10**12  # throughput only: no evaluation episodes
@@ -97,7 +97,8 @@ def worker_learning(a: dict) -> dict:
         cfg = compose("train_rl", overrides=[f"agent={a['agent']}", f"env.delay={a['delay']}",
                                              f"ppo.eval_interval={a['eval_interval']}", *long_delay_overrides(a)])
     c = OmegaConf.to_container(cfg, resolve=True)
-    trainer = RecurrentPPO(build_agent(c["agent"], c["env"], c["trigger"]), c["env"], PPOConfig.from_mapping(c["ppo"]),
+    agent = build_agent(c["agent"], c["env"], c["trigger"], seed=a["seed"])
+    trainer = RecurrentPPO(agent, c["env"], PPOConfig.from_mapping(c["ppo"]),
                            Path(a["tmp"]) / "learn", seed=a["seed"], total_frames=a["frames"], progress_bar=False)
     history = []
     evaluate = trainer._evaluate

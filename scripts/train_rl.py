@@ -32,9 +32,8 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
         raise ValueError(f"compile=true needs collector=sync (a compiled memory is not sent to workers), got "
                          f"collector={config['collector'].get('type')}")
     logger = config["logger"]
-    torch.manual_seed(check_int("seed", config["seed"], low=0))  # the agent's initial weights follow the seed
     return RecurrentPPO(
-        build_agent(config["agent"], config["env"], config["trigger"], compile=config["compile"]),
+        build_agent(config["agent"], config["env"], config["trigger"], compile=config["compile"], seed=config["seed"]),
         config["env"],
         PPOConfig.from_mapping(config["ppo"]),
         run_dir,
