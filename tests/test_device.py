@@ -45,7 +45,6 @@ def test_the_meta_device_check_can_fail():
 
 @pytest.mark.parametrize("name", available_memories())
 def test_every_memory_computes_on_the_device_of_its_inputs(name):
-    torch.manual_seed(0)
     memory = build_memory(name, d_in=6, **getattr(memory_class(name), "test_kwargs", {}))
     x = torch.randn(3, 12, 6)
     is_init = torch.zeros(3, 12, dtype=torch.bool)
@@ -92,8 +91,7 @@ INFINITY = {"memory": "infinity", "encoder_dim": 16, "d_model": 16, "mem_slots":
 
 
 def _train(run_dir, agent_cfg=GRU, trigger=None, **kwargs):
-    torch.manual_seed(0)
-    agent = build_agent(agent_cfg, ENV, {"policy": trigger} if trigger else None)
+    agent = build_agent(agent_cfg, ENV, {"policy": trigger} if trigger else None, seed=0)
     ppo = PPOConfig(**{**SMALL, "eval_interval": 128})
     trainer = RecurrentPPO(agent, ENV, ppo, run_dir, total_frames=4 * 64, progress_bar=False, **kwargs)
     return trainer, trainer.train()
