@@ -292,6 +292,7 @@ class RecurrentPPO:
             "total_frames": self.total_frames,
             "frames_per_batch": self.ppo.frames_per_batch,
             "collector": self.collector_cfg.records(),
+            "torch_threads": torch.get_num_threads(),  # the trainer's (threads=auto resolved)
             "config": self.config,
         }
 

@@ -88,7 +88,10 @@ class SuiteRun:
                 f"seed={self.seed}", *self.overrides]
 
     def command(self, suite_dir: Path) -> list[str]:
-        return [sys.executable, str(SCRIPTS / f"{self.script}.py"), *self.arguments(),
+        """The run's command line: a suite runs several runs side by side (or one per Ray CPU), so each uses
+        one torch thread unless its overrides say ``threads=``."""
+        threads = [] if any(o.startswith("threads=") for o in self.overrides) else ["threads=1"]
+        return [sys.executable, str(SCRIPTS / f"{self.script}.py"), *self.arguments(), *threads,
                 f"hydra.run.dir={self.run_dir(suite_dir)}"]
 
 

@@ -12,7 +12,10 @@ eval return vs memory FLOPs per episode, table and PNG); ``publish=true`` also u
 ``python scripts/benchmark.py throughput``: frames/s and peak memory of rlmem's recurrent PPO
 (collect + update, ``agent=gru env=delayed_cue``) against sb3-contrib ``RecurrentPPO``
 (``MlpLstmPolicy``) on the same env with the same number of envs, hidden size, rollout length, epochs
-and minibatch count. Each measurement runs in a fresh subprocess (clean peak-RSS, no shared warm-up).
+and minibatch count, and ``agent=infinity``; rlmem with one torch thread, with ``threads=auto`` and with
+``collector=process`` on every core. Each measurement runs in a fresh subprocess (clean peak-RSS, no shared
+warm-up); ``--repeats N`` runs every row N times, interleaved, and reports medians (on a shared machine
+one run's frames/s can move by a third).
 
 ``python scripts/benchmark.py learning --agents gru mamba --delays 50 200 --frames 1000000``: eval
 success on DelayedCue per agent and delay, and the frames at which it first reached 0.9.
@@ -133,32 +136,65 @@ def run_worker(kind: str, args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def throughput(ns: argparse.Namespace) -> None:
-    import tempfile
-
+def throughput_rows(ns: argparse.Namespace, cores: int, auto_threads: int) -> list[tuple[str, str, dict]]:
+    """``(name, worker kind, worker args)`` of every measurement: rlmem gru and infinity with one thread, with
+    train_rl's default ``threads=auto`` and with ``collector=process`` on every core, and sb3-contrib."""
     base = {"num_envs": ns.num_envs, "rollout_len": ns.rollout_len, "epochs": ns.epochs,
             "minibatches": ns.minibatches, "hidden": ns.hidden, "delay": ns.delay, "frames": ns.frames,
-            "threads": ns.threads, "memory": "gru"}
+            "threads": ns.threads}
+    rows = []
+    for memory, label in (("gru", "gru"), ("infinity", "infinity")):
+        rows.append((f"rlmem RecurrentPPO ({label}, threads={ns.threads})", "rlmem", {**base, "memory": memory}))
+        if auto_threads != ns.threads:
+            rows.append((f"rlmem RecurrentPPO ({label}, threads=auto: {auto_threads})", "rlmem",
+                         {**base, "memory": memory, "threads": auto_threads}))
+        if cores > 1 and ns.num_envs % cores == 0:
+            rows.append((f"rlmem RecurrentPPO ({label}, collector=process, {cores} workers)", "rlmem",
+                         {**base, "memory": memory, "threads": auto_threads,
+                          "collector": {"type": "process", "num_workers": cores}}))
+        if memory == "gru":
+            rows.append(("sb3-contrib RecurrentPPO (MlpLstmPolicy)", "sb3", {**base, "shared_lstm": False}))
+            rows.append(("sb3-contrib RecurrentPPO (shared LSTM)", "sb3", {**base, "shared_lstm": True}))
+    return rows
+
+
+def throughput(ns: argparse.Namespace) -> None:
+    import statistics
+    import tempfile
+
+    from rlmem.devices import resolve_threads, usable_cores
+
+    cores, auto_threads = usable_cores(), resolve_threads("auto")
+    rows = throughput_rows(ns, cores, auto_threads)
     print(f"PPO throughput on rlmem/DelayedCue-v0 (delay {ns.delay}, 4 cues): {ns.num_envs} envs, rollout "
           f"{ns.rollout_len}, {ns.epochs} epochs x {ns.minibatches} minibatches, hidden {ns.hidden}, "
-          f"{ns.frames} frames, {ns.threads} torch thread(s)")
-    rows = []
-    cores = os.cpu_count() or 1
-    every_core = {"type": "process", "num_workers": cores}
+          f"{ns.frames} frames, {cores} usable core(s); gru sized as sb3's LSTM, infinity with its agent config; "
+          f"every row {ns.repeats} time(s), the rows interleaved")
+    fps: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    rss: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rows.append(("rlmem RecurrentPPO (gru, 1 core)", run_worker("rlmem", {**base, "tmp": f"{tmp}/gru"})))
-        if ns.num_envs % cores == 0:
-            rows.append((f"rlmem RecurrentPPO (gru, collector=process, {cores} workers)",
-                         run_worker("rlmem", {**base, "tmp": f"{tmp}/gru_process", "collector": every_core})))
-        rows.append(("sb3-contrib RecurrentPPO (MlpLstmPolicy)", run_worker("sb3", {**base, "shared_lstm": False})))
-        rows.append(("sb3-contrib RecurrentPPO (shared LSTM)", run_worker("sb3", {**base, "shared_lstm": True})))
-        rows.append(("rlmem RecurrentPPO (infinity, agent defaults)",
-                     run_worker("rlmem", {**base, "tmp": f"{tmp}/infinity", "memory": "infinity"})))
-    ours = rows[0][1]["fps"]
+        for repeat in range(ns.repeats):
+            for i, (name, kind, args) in enumerate(rows):
+                result = run_worker(kind, {**args, "tmp": f"{tmp}/{repeat}_{i}"})
+                fps[name].append(result["fps"])
+                rss[name] = max(rss.get(name, 0.0), result["peak_rss_mb"])
+    reference = rows[0][0]
+
+    def ratio(name: str, to: str) -> float:  # the median of the per-repeat ratios: each pair ran close in time
+        return statistics.median(a / b for a, b in zip(fps[name], fps[to]))
+
     # peak RSS of the trainer's process (collector workers not included)
-    print(f"{'implementation':56s} {'frames/s':>10s} {'peak RSS MB':>12s} {'gru 1 core / this':>18s}")
-    for name, r in rows:
-        print(f"{name:56s} {r['fps']:10.0f} {r['peak_rss_mb']:12.0f} {ours / r['fps']:17.2f}x")
+    print(f"{'implementation':64s} {'frames/s (median)':>17s} {'peak RSS MB':>12s} {'this / first row':>18s}")
+    for name, _, _ in rows:
+        runs = " / ".join(f"{v:.0f}" for v in fps[name]) if ns.repeats > 1 else ""
+        print(f"{name:64s} {statistics.median(fps[name]):17.0f} {rss[name]:12.0f} {ratio(name, reference):17.2f}x"
+              f"  {runs}")
+    print("infinity / gru at the same settings (median over repeats):")
+    for name, _, _ in rows:
+        if "infinity" in name:
+            twin = name.replace("infinity", "gru")
+            print(f"  {name[len('rlmem RecurrentPPO (infinity, '):-1]:36s} {ratio(name, twin):.2f}  "
+                  f"({' / '.join(f'{a / b:.2f}' for a, b in zip(fps[name], fps[twin]))})")
 
 
 def learning(ns: argparse.Namespace) -> None:
@@ -275,7 +311,8 @@ def main() -> None:
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--delay", type=int, default=10)
     t.add_argument("--frames", type=int, default=131072)
-    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--threads", type=int, default=1, help="torch threads of the single-thread rows")
+    t.add_argument("--repeats", type=int, default=1, help="run every row this many times, interleaved; medians")
     t.set_defaults(func=throughput)
     s = sub.add_parser("learning", help="eval success on DelayedCue per agent and delay")
     s.add_argument("--agents", nargs="+", default=["gru"])

@@ -16,9 +16,9 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rlmem.agents import build_agent
-from rlmem.envs.core import check_int
 
 from rlmem.cli import run_job
+from rlmem.devices import resolve_threads
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.user_code import import_modules
 
@@ -27,7 +27,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
     """Everything is validated here, before any training starts."""
     config = OmegaConf.to_container(cfg, resolve=True)
     import_modules(config["imports"])  # the user's own memories and envs register themselves
-    torch.set_num_threads(check_int("threads", config["threads"], low=1))
+    torch.set_num_threads(resolve_threads(config["threads"]))
     if config["compile"] is True and config["collector"].get("type") != "sync":
         raise ValueError(f"compile=true needs collector=sync (a compiled memory is not sent to workers), got "
                          f"collector={config['collector'].get('type')}")

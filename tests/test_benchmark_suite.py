@@ -40,6 +40,14 @@ def test_plan_is_every_agent_knob_value_and_seed():
     assert lm.arguments() == ["model=gru", "task=copy_memory", "task.delay=3", "seed=0"]
 
 
+def test_suite_runs_use_one_torch_thread_unless_their_overrides_say_otherwise():
+    """Runs go side by side (jobs of them, or one per Ray CPU): train_rl's threads=auto would oversubscribe."""
+    default, chosen = plan(group(seeds=[0])), plan(group(seeds=[0], overrides=["threads=2"]))
+    assert default[0].command(Path("/s"))[-2:] == ["threads=1", f"hydra.run.dir={Path('/s/runs/g/gru-delayed_cue-seed0')}"]
+    assert [a for a in chosen[0].command(Path("/s")) if a.startswith("threads=")] == ["threads=2"]
+    assert "threads=1" not in default[0].arguments()  # the settings a run dir records are unchanged
+
+
 def test_long_episodes_get_a_rollout_that_holds_two_episodes():
     runs = plan(group(agents=["gru", "transformer"], sweep={"delay": [10, 100]},
                       long_episodes={"knob": "delay", "extra_steps": 2}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torchrl.modules import set_recurrent_mode
 
 from rlmem.agents import build_agent
+from rlmem import devices
 from rlmem.devices import check_device
 from rlmem.memory import available_memories, build_memory, memory_class
 from rlmem.ppo import PPOConfig, RecurrentPPO
@@ -134,3 +136,14 @@ def test_training_runs_on_cuda(tmp_path, script, args):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["device"] == "cuda"
     assert metrics.get("frames", metrics.get("steps")) == (256 if script == "train_rl.py" else 4)
+
+
+def test_threads_auto_is_the_usable_cores_up_to_a_cap(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert devices.resolve_threads("auto") == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert devices.resolve_threads("auto") == devices.MAX_AUTO_THREADS
+    assert devices.resolve_threads(7) == 7
+    for bad in (0, -1, 1.5, True, "all"):
+        with pytest.raises(ValueError, match="valid: auto or an integer >= 1"):
+            devices.resolve_threads(bad)
