@@ -3,7 +3,8 @@
 ``collector`` config (``scripts/conf/collector/``)::
 
     type: sync | process | ray
-    num_workers: 2             # process: worker processes; ray: remote collectors (Ray actors)
+    num_workers: auto          # process: worker processes; ray: remote collectors (Ray actors); auto: one
+                               # per usable core of this machine, the most that divide ppo.num_envs
     address: null              # ray only: null = start a local Ray, "auto" = join the running cluster,
                                # or an address such as "ray://head:10001"
     ray_init_config: {num_cpus: 2}   # ray only: more ray.init() kwargs (resource keys only for a local Ray)
@@ -37,6 +38,7 @@ import torch
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import ExplorationType
 
+from rlmem.devices import usable_cores
 from rlmem.env_factory import MissingDependencyError, make_torchrl_env, resolve_env_id
 
 COLLECTOR_TYPES = ("sync", "process", "ray")
@@ -68,9 +70,11 @@ class CollectorConfig:
         unknown = sorted(set(cfg) - valid)
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for collector={kind}; valid: {sorted(valid)}")
-        workers = cfg.get("num_workers", 2 if kind != "sync" else 1)
+        workers = cfg.get("num_workers", "auto" if kind != "sync" else 1)
+        if workers == "auto":  # one worker per usable core, as many as divide the envs evenly
+            workers = max(d for d in range(1, min(usable_cores(), num_envs) + 1) if num_envs % d == 0)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"collector.num_workers must be an integer >= 1, got {workers!r}")
+            raise ValueError(f"collector.num_workers must be auto or an integer >= 1, got {workers!r}")
         if num_envs % workers:
             valid_workers = [d for d in range(1, num_envs + 1) if num_envs % d == 0]
             raise ValueError(f"collector.num_workers={workers} must divide ppo.num_envs={num_envs} (every worker "

@@ -159,8 +159,8 @@ def test_a_tiny_run_with_the_process_collector_finishes_and_records_it(tmp_path)
 
 @pytest.mark.parametrize("cfg, num_envs, match", [
     ({"type": "threads"}, 4, r"collector.type='threads' is not a collector; valid: \['sync', 'process', 'ray'\]"),
-    ({"type": "process", "num_workers": 0}, 4, "num_workers must be an integer >= 1, got 0"),
-    ({"type": "process", "num_workers": "two"}, 4, "num_workers must be an integer >= 1"),
+    ({"type": "process", "num_workers": 0}, 4, "num_workers must be auto or an integer >= 1, got 0"),
+    ({"type": "process", "num_workers": "two"}, 4, "num_workers must be auto or an integer >= 1"),
     ({"type": "process", "num_workers": 3}, 32,
      r"num_workers=3 must divide ppo.num_envs=32 .*valid: \[1, 2, 4, 8, 16, 32\]"),
     ({"type": "process", "workers": 2}, 4,
@@ -172,6 +172,13 @@ def test_a_tiny_run_with_the_process_collector_finishes_and_records_it(tmp_path)
 def test_config_errors_name_the_valid_choices(cfg, num_envs, match):
     with pytest.raises(ValueError, match=match):
         CollectorConfig.from_mapping(cfg, num_envs)
+
+
+@pytest.mark.parametrize("cores, num_envs, workers", [(2, 64, 2), (8, 64, 8), (6, 64, 4), (3, 7, 1), (16, 4, 4)])
+def test_auto_workers_are_one_per_usable_core_that_divides_the_envs(monkeypatch, cores, num_envs, workers):
+    monkeypatch.setattr("rlmem.collectors.usable_cores", lambda: cores)
+    assert CollectorConfig.from_mapping({"type": "process", "num_workers": "auto"}, num_envs).num_workers == workers
+    assert CollectorConfig.from_mapping({"type": "process"}, num_envs).num_workers == workers
 
 
 def test_config_errors_stop_the_trainer_before_training(tmp_path):
