@@ -323,6 +323,8 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=learning)
     ns = parser.parse_args()
+    if ns.command == "throughput" and (ns.repeats < 1 or ns.threads < 1):
+        parser.error(f"--repeats and --threads must be >= 1, got {ns.repeats} and {ns.threads}")
     ns.func(ns)
 
 
