@@ -70,15 +70,15 @@ class CollectorConfig:
         unknown = sorted(set(cfg) - valid)
         if unknown:
             raise ValueError(f"unknown option(s) {unknown} for collector={kind}; valid: {sorted(valid)}")
+        divisors = [d for d in range(1, num_envs + 1) if num_envs % d == 0]  # worker counts that split the envs
         workers = cfg.get("num_workers", "auto" if kind != "sync" else 1)
         if workers == "auto":  # one worker per usable core, as many as divide the envs evenly
-            workers = max(d for d in range(1, min(usable_cores(), num_envs) + 1) if num_envs % d == 0)
+            workers = max(d for d in divisors if d <= usable_cores())
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"collector.num_workers must be auto or an integer >= 1, got {workers!r}")
         if num_envs % workers:
-            valid_workers = [d for d in range(1, num_envs + 1) if num_envs % d == 0]
             raise ValueError(f"collector.num_workers={workers} must divide ppo.num_envs={num_envs} (every worker "
-                             f"steps the same number of envs); valid: {valid_workers}")
+                             f"steps the same number of envs); valid: {divisors}")
         address = cfg.get("address")
         if address is not None and not isinstance(address, str):
             raise ValueError(f"collector.address must be null (a local Ray), 'auto' or a Ray address, got {address!r}")
