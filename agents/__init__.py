@@ -1,6 +1,6 @@
 """Agent recipes: observation encoder -> memory system -> policy and value heads.
 
-An agent is described by a flat config (``scripts/conf/agent/<name>.yaml``)::
+An agent is described by a flat config (``rlmem/conf/agent/<name>.yaml``)::
 
     memory: gru          # a registered memory system (rlmem.memory.available_memories())
     encoder_dim: 64      # observation -> encoder_dim features (per Dict key; see agents/encoders.py)
@@ -9,7 +9,7 @@ An agent is described by a flat config (``scripts/conf/agent/<name>.yaml``)::
 so ``agent.hidden_size=128`` on the command line resizes the memory. The encoder is picked from the
 observation space (:mod:`rlmem.agents.encoders`: flat Linear + Tanh, image CNN, Dict of those) and the
 policy head from the action space (:mod:`rlmem.agents.actions`: categorical, independent categoricals,
-tanh-squashed Gaussian). A second flat config, the trigger (``scripts/conf/trigger/<name>.yaml``), decides
+tanh-squashed Gaussian). A second flat config, the trigger (``rlmem/conf/trigger/<name>.yaml``), decides
 when a memory with a gated path runs it (:mod:`rlmem.agents.triggers`).
 
 The trainer (:class:`rlmem.ppo.RecurrentPPO`) takes the agent object :func:`build_agent` returns; it
@@ -42,7 +42,7 @@ from torchrl.modules import ProbabilisticActor
 
 from rlmem.compute import PathCost, measure_path_flops
 from rlmem.env_factory import SPACE_CHECKS, env_spaces
-from rlmem.envs.core import check_int
+from rlmem.validate import check_int
 from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
 from rlmem.memory import build_memory
 from rlmem.run_io import load_checkpoint

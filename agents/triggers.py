@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType, exploration_type

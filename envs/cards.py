@@ -32,7 +32,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
+from rlmem.validate import check_int
 
 DECK_SIZE, N_SUITS, N_RANKS, N_COLORS = 52, 4, 13, 2
 

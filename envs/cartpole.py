@@ -21,7 +21,8 @@ import math
 import gymnasium as gym
 import numpy as np
 
-from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
+from rlmem.validate import check_int
 
 #: Mean episode length of a uniformly random policy: ``random_policy_lengths(2_000_000).mean()``
 #: (standard error 0.008; ``scripts/bench_envs.py --measure-chance`` reruns it). The longest of those

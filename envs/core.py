@@ -13,7 +13,6 @@ seed ``s`` gives exactly the episodes of single envs seeded ``s, s+1, ...``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import gymnasium as gym
@@ -21,6 +20,8 @@ import numpy as np
 from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
+
+from rlmem.validate import check_int
 
 
 class MemoryTask:
@@ -151,39 +152,6 @@ def resolve_kwargs(cls: type[MemoryTask], difficulty: str | None, **explicit: An
     preset = cls.presets[difficulty] if difficulty is not None else {}
     given = {k: v for k, v in explicit.items() if v is not None}
     return {**cls.defaults, **preset, **given}
-
-
-def check_int(name: str, value: Any, low: int | None = None, high: int | None = None, why: str = "") -> int:
-    """``value`` as an int in ``[low, high]``, or a ValueError naming the valid range.
-
-    ``why`` (optional) is appended to the message, e.g. to say which other knob sets a bound.
-    """
-    why = f" ({why})" if why else ""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}, "
-                         f"got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}, got {value}")
-    return int(value)
-
-
-def check_float(name: str, value: Any, low: float | None = None, high: float | None = None, why: str = "") -> float:
-    """``value`` as a finite float in ``[low, high]``, or a ValueError naming the valid range."""
-    why = f" ({why})" if why else ""
-    expected = f"{name} must be a finite number in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{expected}, got {value!r}")
-    try:
-        number = float(value)
-    except OverflowError:  # a Python int beyond the float range
-        raise ValueError(f"{expected}, got {value!r}") from None
-    if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high):
-        raise ValueError(f"{expected}, got {value!r}")
-    return number
-
-
-def _bound(bound: float | None, infinite: str) -> str:
-    return infinite if bound is None else str(bound)
 
 
 class TaskEnv(gym.Env):

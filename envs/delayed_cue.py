@@ -19,7 +19,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs, check_float, check_int
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
+from rlmem.validate import check_float, check_int
 
 #: largest observation-noise std (float32 observations stay finite far beyond any useful noise level)
 MAX_NOISE = 1e6

@@ -22,7 +22,8 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_int, resolve_kwargs
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
+from rlmem.validate import check_int
 
 
 class MemoryLengthTask(MemoryTask):

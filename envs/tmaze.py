@@ -32,7 +32,8 @@ from functools import lru_cache
 import gymnasium as gym
 import numpy as np
 
-from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, check_float, check_int, resolve_kwargs
+from rlmem.envs.core import MemoryTask, TaskEnv, TaskVectorEnv, resolve_kwargs
+from rlmem.validate import check_float, check_int
 
 RIGHT, UP, LEFT, DOWN = 0, 1, 2, 3
 MOVES = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])  # (dx, dy) per action

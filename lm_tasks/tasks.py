@@ -24,7 +24,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from rlmem.envs.core import check_int
+from rlmem.validate import check_int
 
 IGNORE_INDEX = -100
 #: reserved tokens of the tasks that need them (copy_memory, selective_copy, assoc_recall's filler)

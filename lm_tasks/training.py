@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from rlmem.devices import check_device
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
 from rlmem.lm_tasks.tasks import LMBatch, LMTask, build_task
 from rlmem.memory import build_memory

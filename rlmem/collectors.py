@@ -1,6 +1,6 @@
 """Where the envs step while PPO collects: in the trainer's process, in worker processes, or on Ray.
 
-``collector`` config (``scripts/conf/collector/``)::
+``collector`` config (``rlmem/conf/collector/``)::
 
     type: sync | process | ray
     num_workers: auto          # process: worker processes; ray: remote collectors (Ray actors); auto: one

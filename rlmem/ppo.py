@@ -48,7 +48,7 @@ from rlmem.collectors import CollectorConfig, EnvFactory, WorkerWhere, build_col
 from rlmem.compute import ComputeMeter, TriggerCost
 from rlmem.devices import check_device
 from rlmem.env_factory import effective_env_kwargs, success_threshold
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
 from rlmem.interrupts import GracefulStop, TrainingInterrupted
 from rlmem.reward_scaling import ReturnScaler

@@ -1,6 +1,6 @@
 """Benchmark suites: agents x envs x knob values x seeds, each an ordinary train_rl / train_lm run.
 
-A suite (``scripts/conf/suite/<name>.yaml``) is a set of named groups::
+A suite (``rlmem/conf/suite/<name>.yaml``) is a set of named groups::
 
     groups:
       delayed_cue:
@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from rlmem.conf import CONF_DIR
 
 log = logging.getLogger("benchmark")
 
@@ -113,8 +114,8 @@ def long_episode_overrides(agent: str, episode_length: int, default_rollout: int
 
 
 def available(group: str) -> list[str]:
-    """The config names of ``scripts/conf/<group>/``."""
-    return sorted(p.stem for p in (SCRIPTS / "conf" / group).glob("*.yaml"))
+    """The config names of ``rlmem/conf/<group>/``."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:

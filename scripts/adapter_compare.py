@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained causal LM on a shifted task: full fine-tune vs memory adapter vs LoRA vs both.
 
-    python scripts/adapter_compare.py                                   # scripts/conf/adapter_compare.yaml
+    python scripts/adapter_compare.py                                   # rlmem/conf/adapter_compare.yaml
     python scripts/adapter_compare.py smoke=true hydra.run.dir=/tmp/ac  # a quick check that it all runs
 
 1. A tiny causal LM (``base.arch``: llama or gpt2) is pretrained on ``pretrain_task`` with next-token loss
@@ -168,7 +168,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], before: Mapping[str, flo
     return "\n".join(lines) + "\n"
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="adapter_compare")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="adapter_compare")
 def main(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     if c["smoke"]:

@@ -1,6 +1,6 @@
 """Capacity benchmark: MQAR accuracy vs the number of stored key-value pairs, per memory system.
 
-    python scripts/bench_capacity.py                              # scripts/conf/bench_capacity.yaml
+    python scripts/bench_capacity.py                              # rlmem/conf/bench_capacity.yaml
     python scripts/bench_capacity.py smoke=true hydra.run.dir=/tmp/cap   # a quick check that it all runs
 
 Every model of the config trains on assoc_recall once per ``n_pairs`` value (same sequence length, budget
@@ -71,7 +71,7 @@ def plot(rows: list[dict[str, Any]], n_pairs: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="bench_capacity")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="bench_capacity")
 def main(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

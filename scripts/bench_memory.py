@@ -5,7 +5,7 @@
     python scripts/bench_memory.py --systems stm stm:n_refine=0 --batch-sizes 1 16
     python scripts/bench_memory.py --train-only                 # training-pass cost of every agent's memory
 
-Each system is built from its agent config (``scripts/conf/agent/<name>.yaml``: ``encoder_dim`` is
+Each system is built from its agent config (``rlmem/conf/agent/<name>.yaml``: ``encoder_dim`` is
 ``d_in``, the other keys are memory kwargs) and stepped like an acting policy: ``forward`` with T=1 under
 ``no_grad``, carrying its state, ``is_init`` only at step 0. The latency "at step s" is the median time
 of one more step from the state reached after s steps (early and late steps timed alternately); a
@@ -29,14 +29,14 @@ import os
 import resource
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import yaml
 
 from rlmem.memory import build_memory
+from rlmem.conf import CONF_DIR
 
-AGENT_DIR = Path(__file__).resolve().parent / "conf" / "agent"
+AGENT_DIR = CONF_DIR / "agent"
 
 
 def build(spec: str):
@@ -141,7 +141,7 @@ def train_costs(systems: list[str], rounds: int, batch: int = 32, T: int = 64) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", default=None,
-                        help="agent names (scripts/conf/agent/<name>.yaml), optionally name:key=value,... "
+                        help="agent names (rlmem/conf/agent/<name>.yaml), optionally name:key=value,... "
                              "(default: mamba ssm infinity transformer gru stm; every agent with --train-only)")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--steps", type=int, default=5000, help="episode length; the late point")

@@ -1,6 +1,6 @@
 """Benchmarks: suites of ordinary training runs with results tables and plots, and PPO-loop measurements.
 
-``python scripts/benchmark.py suite=smoke``: a suite (``scripts/conf/suite/<name>.yaml``: agents x envs x
+``python scripts/benchmark.py suite=smoke``: a suite (``rlmem/conf/suite/<name>.yaml``: agents x envs x
 knob values x seeds), each run a normal train_rl / train_lm run in ``<suite dir>/runs/``, ``jobs`` at a time;
 writes ``results.csv``, ``results.md`` and PNGs (learning curves, memory-horizon curves) into the suite dir
 (default ``outputs/benchmark/<suite>``). Rerunning the command skips finished runs and resumes the rest.
@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from rlmem.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def worker_rlmem(a: dict) -> dict:
     else:  # the agent as train_rl builds it by default
         import yaml
 
-        agent_cfg = yaml.safe_load((ROOT / "scripts" / "conf" / "agent" / f"{a['memory']}.yaml").read_text())
+        agent_cfg = yaml.safe_load((CONF_DIR / "agent" / f"{a['memory']}.yaml").read_text())
     agent = build_agent(agent_cfg, env_cfg, seed=0)
     trainer = RecurrentPPO(agent, env_cfg, ppo, Path(a["tmp"]), total_frames=a["frames"], progress_bar=False,
                            collector=a.get("collector"))
@@ -96,7 +97,7 @@ def worker_learning(a: dict) -> dict:
     from rlmem.agents import build_agent
     from rlmem.ppo import PPOConfig, RecurrentPPO
 
-    with initialize_config_dir(str(ROOT / "scripts" / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train_rl", overrides=[f"agent={a['agent']}", f"env.delay={a['delay']}",
                                              f"ppo.eval_interval={a['eval_interval']}", *long_delay_overrides(a)])
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -218,7 +219,7 @@ def suite_main() -> None:
     """``benchmark.py suite=<name> [jobs=N] [publish=true] [hydra overrides]``: see the module docstring."""
     import hydra
 
-    hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")(run_suite)()
+    hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="benchmark")(run_suite)()
 
 
 def run_suite(cfg) -> None:

@@ -9,7 +9,7 @@ greedy episodes (argmax actions) and reports the mean return, the success rate a
 - ``video=DIR`` records the first ``video_episodes`` episodes as ``DIR/eval.gif`` from the env's
   ``rgb_array`` frames (rlmem's envs draw the observation, the hidden state and the last action).
 - A summary line goes to stderr; the results as JSON go to stdout and to ``out`` (default
-  ``DIR/eval.json`` with a video, else ``<run dir>/eval.json``; see scripts/conf/evaluate.yaml).
+  ``DIR/eval.json`` with a video, else ``<run dir>/eval.json``; see rlmem/conf/evaluate.yaml).
 
 Exit codes: 0 done, 2 invalid configuration (missing checkpoint, episodes < 1, unknown env knob, ...).
 """
@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlmem.cli import CONFIG_ERRORS
 from rlmem.env_factory import effective_env_kwargs, success_threshold
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.agents import load_trained_agent
 from rlmem.evaluate import (check_same_spaces, greedy_episodes, make_render_env, override_env_config, record_episodes,
                             resolve_checkpoint, run_dir_of, summarize, write_gif)
@@ -129,7 +129,7 @@ def evaluate(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path="pkg://rlmem.conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("torchrl").setLevel(logging.WARNING)

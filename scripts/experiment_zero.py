@@ -1,6 +1,6 @@
 """Experiment 0: is a dual architecture (ARMT + coprocessor + learned memory fusion) worth it?
 
-    python scripts/experiment_zero.py                        # the full grid (scripts/conf/experiment_zero.yaml)
+    python scripts/experiment_zero.py                        # the full grid (rlmem/conf/experiment_zero.yaml)
     python scripts/experiment_zero.py smoke=true hydra.run.dir=/tmp/e0   # a quick check that it all runs
 
 Trains A = armt, B = armt_unified (deeper, parameter-matched to C), C = darmt and C' = darmt with naive
@@ -88,7 +88,7 @@ def results_markdown(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, str
     return "\n".join(lines) + "\n"
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="experiment_zero")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="experiment_zero")
 def main(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

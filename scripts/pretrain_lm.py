@@ -29,7 +29,7 @@ log = logging.getLogger("pretrain_lm")
 
 
 def pretrain(cfg: dict, run_dir: Path) -> dict:
-    """Build, pretrain and save the model described by ``cfg`` (the keys of scripts/conf/pretrain_lm.yaml)."""
+    """Build, pretrain and save the model described by ``cfg`` (the keys of rlmem/conf/pretrain_lm.yaml)."""
     task_cfg = dict(cfg["task"])
     task = build_task(task_cfg.pop("name"), **task_cfg)
     torch.set_num_threads(int(cfg["threads"]))
@@ -55,7 +55,7 @@ def pretrain(cfg: dict, run_dir: Path) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="pretrain_lm")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="pretrain_lm")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     metrics = pretrain(OmegaConf.to_container(cfg, resolve=True), run_dir)

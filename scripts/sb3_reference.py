@@ -97,7 +97,7 @@ def train(cfg: dict, run_dir: Path) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="sb3_reference")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="sb3_reference")
 def main(cfg: DictConfig) -> None:
     metrics = train(OmegaConf.to_container(cfg, resolve=True), Path(HydraConfig.get().runtime.output_dir))
     print(json.dumps({k: metrics.get(k) for k in ("env_id", "frames", "eval_return", "eval_success", "fps")}))

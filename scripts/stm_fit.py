@@ -1,6 +1,6 @@
 """STM content optimization (Phase 1a): does one set of K content embeddings serve two modes?
 
-    python scripts/stm_fit.py                                      # K in 4, 8, 16, 32 (scripts/conf/stm_fit.yaml)
+    python scripts/stm_fit.py                                      # K in 4, 8, 16, 32 (rlmem/conf/stm_fit.yaml)
     python scripts/stm_fit.py generator=/path/to/lm num_examples=64 # a local save_pretrained causal LM
     python scripts/stm_fit.py smoke=true hydra.run.dir=/tmp/fit    # a quick check that everything runs
 
@@ -54,7 +54,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rlmem.causal_lm import freeze, load_causal_lm, pretrain_causal_lm, tiny_causal_lm
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.lm_tasks.tasks import LMTask, build_task
 
 log = logging.getLogger("stm_fit")
@@ -330,7 +330,7 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="stm_fit")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="stm_fit")
 def main(cfg: DictConfig) -> None:
     c = OmegaConf.to_container(cfg, resolve=True)
     if c["smoke"]:

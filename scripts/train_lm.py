@@ -25,7 +25,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> LMTrainer:
     return LMTrainer(OmegaConf.to_container(cfg, resolve=True), run_dir)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train_lm")
+@hydra.main(version_base="1.3", config_path="pkg://rlmem.conf", config_name="train_lm")
 def main(cfg: DictConfig) -> None:
     metrics = run_job("train_lm", cfg, build_trainer)
     if metrics is not None:

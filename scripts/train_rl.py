@@ -1,6 +1,6 @@
 """Train an agent with recurrent PPO: ``python scripts/train_rl.py agent=gru env=delayed_cue``.
 
-Config groups (scripts/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``trigger``
+Config groups (rlmem/conf/): ``agent`` (memory system + sizes), ``env`` (id + knobs), ``trigger``
 (when a memory's gated path runs: always, never, learned, meco, ars), ``ppo``, ``logger``, ``collector``
 (where the envs step: sync, process, ray); top-level
 ``seed``, ``total_frames``, ``device``, ``threads``, ``compile``, ``resume``, ``imports``. Outputs
@@ -50,7 +50,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path) -> RecurrentPPO:
     )
 
 
-@hydra.main(config_path="conf", config_name="train_rl", version_base="1.3")
+@hydra.main(config_path="pkg://rlmem.conf", config_name="train_rl", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_job("train_rl", cfg, build_trainer)
 

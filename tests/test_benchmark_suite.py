@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 
 from rlmem.suite import SuiteRun, check_settings, finished, long_episode_overrides, plan
 from rlmem.suite_report import horizon, largest_solved, markdown, result_row
+from rlmem.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "scripts" / "conf"
+CONF = CONF_DIR
 
 
 def group(**spec):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import yaml
@@ -12,8 +11,9 @@ from omegaconf import OmegaConf
 from rlmem.envs import ENV_IDS
 from rlmem.ppo import PPOConfig
 from rlmem.env_factory import make_vector_env
+from rlmem.conf import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf"
+CONF = CONF_DIR
 AGENTS = sorted(p.stem for p in (CONF / "agent").glob("*.yaml"))
 ENVS = sorted(p.stem for p in (CONF / "env").glob("*.yaml"))
 

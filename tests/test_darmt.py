@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +20,11 @@ import yaml
 from rlmem.memory import build_memory, check_memory
 from rlmem.memory.armt import ARMT
 from rlmem.memory.darmt import DARMT, MemoryFusionLayer
+from rlmem.conf import CONF_DIR
 
 D_IN = 5
 SMALL = {"d_model": 16, "n_layers": 2, "n_heads": 2, "d_mem": 4, "segment_len": 3, "num_mem_tokens": 2}
-CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf"
+CONF = CONF_DIR
 ARMT_KNOBS = set(inspect.signature(ARMT.__init__).parameters) - {"self", "d_in"}
 
 

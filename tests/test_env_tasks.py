@@ -5,7 +5,6 @@ CartPole-v1, bsuite-style MemoryLength, the presets and the env configs."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -14,12 +13,12 @@ import pytest
 import yaml
 
 import rlmem  # noqa: F401  (registers the envs)
-from rlmem.envs import ENV_IDS
 from rlmem.envs.cards import AutoencodeTask, CountRecallTask, RepeatFirstTask, RepeatPreviousTask
 from rlmem.envs.cartpole import PositionOnlyCartPoleTask, random_policy_lengths
 from rlmem.envs.tmaze import DOWN, LEFT, RIGHT, UP, random_policy_return
+from rlmem.conf import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[1] / "scripts" / "conf" / "env"
+CONF = CONF_DIR / "env"
 
 
 def play(env_id, actions, seed=0, setup=None, **kwargs):

@@ -17,6 +17,7 @@ from rlmem.memory import MemorySystem
 from rlmem.agents import build_agent
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.run_io import NonFiniteError, load_checkpoint
+from rlmem.conf import CONF_DIR
 
 SMALL = dict(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
 
@@ -125,7 +126,7 @@ def test_ppo_uses_memory_gru_solves_and_mlp_stays_at_chance(tmp_path):
     assert mlp["eval_success"] <= 0.45, mlp  # chance is 1/4
 
 
-ENV_CONFIGS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "scripts" / "conf" / "env").glob("*.yaml"))
+ENV_CONFIGS = sorted(p.stem for p in (CONF_DIR / "env").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("env_name", ENV_CONFIGS)
@@ -134,7 +135,7 @@ def test_trainer_runs_on_every_env_config(tmp_path, env_name):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "scripts" / "conf"
+    conf = CONF_DIR
     with initialize_config_dir(str(conf), version_base="1.3"):
         env_cfg = OmegaConf.to_container(compose("train_rl", overrides=[f"env={env_name}"]).env)
     ppo = PPOConfig(num_envs=2, rollout_len=8, seq_len=4, minibatches=2, epochs=1, eval_episodes=2)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from rlmem.causal_lm import tiny_causal_lm
 from rlmem.memory import build_memory, check_memory
 from rlmem.memory.stm import STM
+from rlmem.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 D_IN = 5
@@ -98,7 +99,7 @@ def test_the_trainers_optimizers_hold_no_generator_tensor(tmp_path):
     assert not any(id(b) in in_optimizer for b in generator_tensors(memory).values())
     assert id(memory.encoder[0].weight) in in_optimizer
 
-    cfg = OmegaConf.load(ROOT / "scripts" / "conf" / "train_lm.yaml")
+    cfg = OmegaConf.load(CONF_DIR / "train_lm.yaml")
     cfg = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("defaults", "hydra")}
     cfg.update(steps=1, progress_bar=False, model={"memory": "stm", "d_model": 8, **{k: v for k, v in SMALL.items()
                                                                                       if k != "d_model"}},

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rlmem.conf import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_rl.py"
@@ -246,7 +247,7 @@ def test_invalid_values_raise_in_build_trainer(tmp_path, override, expected):
         from train_rl import build_trainer
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    with initialize_config_dir(str(SCRIPT.parent / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("train_rl", overrides=[*TINY, *override.split()])
     with pytest.raises((ValueError, TypeError, KeyError, ImportError), match=expected):
         build_trainer(cfg, tmp_path)
@@ -272,7 +273,7 @@ def test_the_seed_sets_the_agents_initial_weights(tmp_path):
         sys.path.remove(str(SCRIPT.parent))
     weights = []
     for i, seed in enumerate((0, 0, 1)):
-        with initialize_config_dir(str(SCRIPT.parent / "conf"), version_base="1.3"):
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("train_rl", overrides=[*TINY, f"seed={seed}"])
         torch.manual_seed(1000 + i)  # a different RNG state before every build
         weights.append(torch.cat([p.detach().flatten() for p in build_trainer(cfg, tmp_path / str(i)).agent.parameters()]))

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 
 VARIANTS = ("A", "B")
 PLACEMENTS = ("all", "first_k", "last_k", "every_n")

@@ -30,7 +30,7 @@ from torch import nn
 
 from rlmem.adapters import MemoryAdapterConfig, inject_memory
 from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
-from rlmem.envs.core import check_int
+from rlmem.validate import check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 

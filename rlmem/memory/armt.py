@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 from rlmem.memory.transformer import RESIDUALS, WindowLayer

@@ -6,7 +6,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from rlmem.envs.core import check_int
+from rlmem.validate import check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 from rlmem.memory.segments import Segments

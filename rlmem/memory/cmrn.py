@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
 
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs, check_trigger
 from rlmem.memory.registry import register_memory
 

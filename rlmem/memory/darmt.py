@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlmem.envs.core import check_int
+from rlmem.validate import check_int
 from rlmem.memory.armt import ARMT
 from rlmem.memory.base import check_inputs
 from rlmem.memory.registry import register_memory

@@ -33,7 +33,7 @@ from tensordict import TensorDict
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from rlmem.envs.core import check_int
+from rlmem.validate import check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 

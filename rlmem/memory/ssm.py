@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.memory.mamba import ResidualScanStack, causal_depthwise_conv, linear_scan
 from rlmem.memory.registry import register_memory
 

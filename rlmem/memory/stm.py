@@ -64,7 +64,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
-from rlmem.envs.core import check_float, check_int
+from rlmem.validate import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
 
