@@ -256,3 +256,28 @@ def test_every_check_is_callable_by_name_and_too_small_inputs_are_refused():
         check_memory(EMA(), batch_size=1)
     with pytest.raises(ValueError, match="steps"):
         check_memory(EMA(), steps=3)
+
+
+def test_a_passing_check_returns_a_report_and_prints_one_line_per_check(capsys):
+    """A passing run is not silent: it returns what ran and what was compared, and says so."""
+    report = check_memory(EMA())
+    assert report is not None and report.passed
+    assert [r.name for r in report.results] == list(CHECKS)
+    by_name = {r.name: r for r in report.results}
+    for name in CHECKS:
+        assert by_name[name].passed and report[name] is by_name[name]
+    step = report["step_equals_sequence"]
+    assert step.comparisons and all(c.max_abs_diff <= 1e-5 for c in step.comparisons)
+    assert any("step mode" in c.what for c in step.comparisons)
+    assert step.max_abs_diff == max(c.max_abs_diff for c in step.comparisons)
+    assert report["deterministic"].max_abs_diff == 0.0
+    assert report["gradients_through_state"].notes  # the gradient numbers it compared
+    assert "no trigger_path" in report["triggers"].notes[0]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(CHECKS)
+    for line, name in zip(lines, CHECKS, strict=True):
+        assert name in line and "passed" in line and "EMA" in line
+    assert "max abs difference" in lines[0]
+    assert "EMA" in str(report) and "step_equals_sequence" in str(report)
+    one = check_memory(EMA(), checks="deterministic", verbose=False)
+    assert [r.name for r in one.results] == ["deterministic"] and capsys.readouterr().out == ""

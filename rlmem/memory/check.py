@@ -1,12 +1,17 @@
 """``check_memory``: the memory contract (rlmem.memory.base) as runnable checks, for any memory system.
 
 The counterpart of Gymnasium's ``check_env``: hand it an instance of any
-:class:`~rlmem.memory.MemorySystem`, registered or your own, and it either returns ``None`` or raises
-:class:`MemoryContractError` naming the memory, the check that failed and what differed::
+:class:`~rlmem.memory.MemorySystem`, registered or your own, and it either returns a
+:class:`MemoryCheckReport` (the checks run, each passed, what each compared and the largest difference it
+saw; one summary line per check is printed unless ``verbose=False``) or raises :class:`MemoryContractError`
+naming the memory, the check that failed and what differed::
 
     >>> import rlmem
     >>> memory = rlmem.build_memory("gru", d_in=8, hidden_size=16)
-    >>> rlmem.check_memory(memory)                                   # every check
+    >>> report = rlmem.check_memory(memory)                          # every check
+    check_memory GRUMemory (registered as 'gru'): step_equals_sequence passed (4 comparisons, max abs difference ...)
+    ...
+    >>> report["step_equals_sequence"].max_abs_diff                  # the largest difference it compared
     >>> rlmem.check_memory(memory, checks=["step_equals_sequence"])  # one of them
 
 The checks (:data:`CHECKS`, run in this order):
@@ -43,16 +48,18 @@ round trip, a copy, a repeated call) with torch.testing's default tolerances for
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import io
+import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
-__all__ = ["CHECKS", "MemoryContractError", "check_memory"]
+__all__ = ["CHECKS", "CheckResult", "Comparison", "MemoryCheckReport", "MemoryContractError", "check_memory"]
 
 #: A gradient counts as "there" when it is above this fraction of the largest input gradient of the same
 #: loss: float32 rounding noise (what the gradient of a sum of LayerNorm outputs is made of) sits near
@@ -78,6 +85,77 @@ class MemoryContractError(AssertionError):
 
 class _Failure(Exception):
     """Raised inside a check; :func:`check_memory` turns it into a :class:`MemoryContractError`."""
+
+
+@dataclass
+class Comparison:
+    """One comparison a check made: ``what`` was compared, the largest absolute difference seen, and the
+    tolerances it had to stay within (0, 0: exact)."""
+
+    what: str
+    max_abs_diff: float
+    rtol: float
+    atol: float
+
+
+@dataclass
+class CheckResult:
+    """One check of a :func:`check_memory` run: its ``name``, whether it ``passed``, the ``comparisons`` it
+    made, ``notes`` (other numbers it checked, e.g. gradient sizes, or why it had nothing to do) and
+    ``seconds``."""
+
+    name: str
+    passed: bool
+    comparisons: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        """The largest difference over all comparisons (None: the check compared no tensors)."""
+        return max((c.max_abs_diff for c in self.comparisons), default=None)
+
+    def summary(self) -> str:
+        """One line: the check, passed or failed, how many comparisons and the largest difference, the notes."""
+        parts = []
+        if self.comparisons:
+            n = len(self.comparisons)
+            parts.append(f"{n} comparison{'s' if n != 1 else ''}, max abs difference {self.max_abs_diff:.3g}")
+        parts.extend(self.notes)
+        detail = f" ({'; '.join(parts)})" if parts else ""
+        return f"{self.name} {'passed' if self.passed else 'FAILED'}{detail} in {self.seconds:.2f} s"
+
+
+@dataclass
+class MemoryCheckReport:
+    """What :func:`check_memory` ran on ``memory`` (its label) and found: one :class:`CheckResult` per check,
+    in order; ``report["triggers"]`` is the result of one check by name."""
+
+    memory: str
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def __getitem__(self, name: str) -> CheckResult:
+        for result in self.results:
+            if result.name == name:
+                return result
+        raise KeyError(f"check {name!r} was not run; run: {[r.name for r in self.results]}")
+
+    def __str__(self) -> str:
+        return "\n".join(f"check_memory {self.memory}: {r.summary()}" for r in self.results)
+
+
+#: the comparisons and notes of the check that is running (None outside :func:`check_memory`)
+_RECORD: contextvars.ContextVar[CheckResult | None] = contextvars.ContextVar("rlmem_check_record", default=None)
+
+
+def _note(text: str) -> None:
+    record = _RECORD.get()
+    if record is not None:
+        record.notes.append(text)
 
 
 @dataclass
@@ -180,9 +258,17 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor, what: str, *, rtol: f
         close = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
     else:
         close = actual == expected
+    diff = (actual.double() - expected.double()).abs().nan_to_num(float("inf")) if actual.numel() \
+        else torch.zeros(0, dtype=torch.float64)
+    # equal NaNs count as equal (equal_nan above), not as an infinite difference
+    both_nan = torch.isnan(actual) & torch.isnan(expected) if actual.is_floating_point() else None
+    if both_nan is not None:
+        diff = diff.masked_fill(both_nan, 0.0)
     if bool(close.all()):
+        record = _RECORD.get()
+        if record is not None:
+            record.comparisons.append(Comparison(what, float(diff.max()) if diff.numel() else 0.0, rtol, atol))
         return
-    diff = (actual.double() - expected.double()).abs().nan_to_num(float("inf"))
     index = (~close).nonzero()[0].tolist()
     where = f"row {index[0]}" if index else "the value"
     if steps and len(index) > 1:
@@ -341,6 +427,8 @@ def check_gradients_through_state(memory: nn.Module, s: CheckSetup) -> None:
                     f"x[:, :3]: {ref:.3g}); x[:, 0] reaches y[:, 2] only through the state, so the state "
                     "does not carry gradients (is it detached?)"
                 )
+            if has_state:
+                _note(f"{how}: |grad x[:, 0]| / largest |grad x[:, :3]| = {g0 / ref:.3g} (must be > {GRADIENT_RATIO:g})")
             past = gx[:, :2].abs().max().item()
             if not has_state and past != 0:
                 raise _Failure(f"{how}: the state is empty, yet y[:, 2] has a gradient of {past:.3g} on x[:, :2]: "
@@ -350,6 +438,9 @@ def check_gradients_through_state(memory: nn.Module, s: CheckSetup) -> None:
                 if not largest > GRADIENT_RATIO * ref:
                     raise _Failure(f"{how}: the gradient of a random readout of y[:, 2] on the parameters is at "
                                    f"most {largest:.3g} (on the inputs: {ref:.3g}): it does not reach them")
+                _note(f"largest parameter gradient / largest input gradient = {largest / ref:.3g}")
+    if not has_state:
+        _note("empty state: no gradient on x[:, :2], as required")
 
 
 def _snapshot(memory: nn.Module) -> dict[str, torch.Tensor]:
@@ -437,6 +528,7 @@ def check_triggers(memory: nn.Module, s: CheckSetup) -> None:
     sequence mode, and ``trigger=None`` equals all True. Systems without a path pass. (Whether the path
     changes anything is left to the system's own tests: a zero-initialized path does nothing before training.)"""
     if getattr(memory, "trigger_path", None) is None:
+        _note("nothing to check: no trigger_path")
         return
     x, is_init, T = _x(memory, s), _episode_starts(s), s.steps
     trigger = s.randn(s.batch_size, T, stream=7) > 0
@@ -499,8 +591,10 @@ def check_memory(
     checks: Iterable[str] | str | None = None,
     rtol: float = 1e-4,
     atol: float = 1e-5,
-) -> None:
-    """Run the memory contract checks on ``memory``; return None or raise :class:`MemoryContractError`.
+    verbose: bool = True,
+) -> MemoryCheckReport:
+    """Run the memory contract checks on ``memory``; return a :class:`MemoryCheckReport` or raise
+    :class:`MemoryContractError`.
 
     Args:
         memory: any memory system: ``initial_state(B, device) -> TensorDict`` and
@@ -512,6 +606,12 @@ def check_memory(
             ``ValueError`` listing the valid ones.
         rtol, atol: tolerances between two computation paths (step vs sequence mode, a row alone vs in
             a batch, a reset inside a long sequence vs a short fresh one).
+        verbose: print one summary line per check as it passes (the check, how many comparisons, the
+            largest difference, the gradient numbers).
+
+    Returns:
+        :class:`MemoryCheckReport`: per check its name, ``passed``, the comparisons made (``what``,
+        ``max_abs_diff``, tolerances) and notes.
 
     Raises:
         MemoryContractError: at the first failed check; the message names the memory, the check and
@@ -528,8 +628,12 @@ def check_memory(
         raise ValueError(f"unknown check(s) {unknown}; valid checks: {', '.join(CHECKS)}")
     s = _setup(memory, batch_size, steps, seed, rtol, atol)
     label = _label(memory)
+    report = MemoryCheckReport(label)
     for name in names:
         modes = {module: module.training for module in memory.modules()}
+        result = CheckResult(name, passed=False)
+        token = _RECORD.set(result)
+        start = time.perf_counter()
         try:
             # leave the caller's RNG as it was (dropout in train mode draws from it)
             cuda = [s.device.index if s.device.index is not None else torch.cuda.current_device()] \
@@ -546,5 +650,11 @@ def check_memory(
             raise MemoryContractError(f"{label} fails check {name!r}: {type(exc).__name__}: {exc}",
                                       check=name) from exc
         finally:
+            _RECORD.reset(token)
             for module, training in modes.items():
                 module.training = training
+        result.passed, result.seconds = True, time.perf_counter() - start
+        report.results.append(result)
+        if verbose:
+            print(f"check_memory {label}: {result.summary()}", flush=True)
+    return report
