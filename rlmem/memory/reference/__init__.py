@@ -1,0 +1,12 @@
+"""Readable reference implementations of the hand-optimized memory systems.
+
+Each module holds plain step-by-step PyTorch (a loop over time, the maths as in the papers and DESIGN.md)
+that runs on the *same* parameters as an optimized module: functions that take the module and its inputs
+and compute outputs and next state the slow, obvious way. The equivalence tests compare the optimized
+paths against them in float64. Nothing here is registered as a memory system.
+"""
+
+# reference.miras: DualTierMiras (step loop, acting step, chunked mode) -- tests/test_miras.py,
+#   tests/test_infinity_speed_equivalence.py
+# reference.mamba: Mamba's causal conv and selective scan -- tests/test_mamba.py
+# reference.armt: ARMT's step and sequence modes -- tests/test_armt.py
