@@ -1,9 +1,10 @@
 """The fast paths of Infinity's parts give the numbers of the plain implementations they replaced.
 
 DualTierMiras' step loop runs with a hand-written backward (``_StepLoop``) and so do Mamba's selective
-scan (``_SelectiveScan``) and causal conv (``_DepthwiseConv``); both are checked here in float64 against the straightforward autograd versions below
-(outputs, next state, gate rate, and the gradients of every input, parameter and incoming state),
-including episode starts mid-sequence and a deep-tier ``gate_scale``.
+scan (``_SelectiveScan``) and causal conv (``_DepthwiseConv``); all are checked here in float64 against the
+readable references in :mod:`rlmem.memory.reference` (a Python loop over time, autograd for the backward):
+outputs, next state, gate rate, and the gradients of every input, parameter and incoming state, including
+episode starts mid-sequence and a deep-tier ``gate_scale`` (triggers).
 """
 
 from __future__ import annotations
@@ -13,67 +14,21 @@ import torch
 from tensordict import TensorDict
 
 from rlmem.memory import build_memory
-from rlmem.memory.miras import _EPS
-
-
-def reference_scan_steps(self, q, k, v, state, is_init, gate_scale=None):
-    """DualTierMiras.scan_steps as it was before the hand-written backward (autograd through the loop)."""
-    B, T = q.shape[:2]
-    qk = torch.stack([q, k], -1).unsqueeze(2)
-    k_row = k[:, :, None, :, None, :]
-    v_tier = v.unsqueeze(2)
-    v_energy = v.pow(2).sum(-1) + _EPS
-    lr = q.new_tensor([self.lr_fast, self.lr_deep]).view(2, 1, 1, 1)
-    eta = q.new_tensor([0.0, self.momentum]).view(2, 1, 1, 1)
-    is_fast = torch.tensor([True, False], device=q.device).view(2, 1)
-    keep = (~is_init).to(q.dtype)[:, :, None, None, None, None]
-    reset_steps = set(is_init.any(0).nonzero().flatten().tolist())
-    mem = torch.stack([state["fast"], state["deep"]], 1)
-    mom = torch.stack([torch.zeros_like(state["deep_momentum"]), state["deep_momentum"]], 1)
-    reads, gates = [], []
-    for t in range(T):
-        if t in reset_steps:
-            mem, mom = mem * keep[:, t], mom * keep[:, t]
-        out = mem @ qk[:, t]
-        reads.append(out[..., 0])
-        error = v_tier[:, t] - out[..., 1]
-        gate = self._gate(error, v_energy[:, t, None])
-        if gate_scale is not None:
-            gate = gate * gate_scale[:, t, None, None]
-        gates.append(gate[:, 1])
-        g = torch.where(is_fast, 1.0, gate)[..., None, None]
-        full_mom = torch.addcmul(eta * mom, lr * error.unsqueeze(-1), k_row[:, t])
-        full_mem = torch.add(full_mom, mem, alpha=1 - self.decay)
-        mem, mom = torch.lerp(mem, full_mem, g), torch.lerp(mom, full_mom, g)
-    r = torch.stack(reads, 1).flatten(2)
-    next_state = TensorDict({"fast": mem[:, 0], "deep": mem[:, 1], "deep_momentum": mom[:, 1]},
-                            batch_size=state.batch_size)
-    return r, next_state, torch.stack(gates).mean()
+from rlmem.memory.reference import mamba as mamba_reference
+from rlmem.memory.reference import miras as miras_reference
 
 
 def reference_selective_scan(u, delta, A, Bm, Cm, h0, keep):
-    """MambaMixer's recurrence as it was before _SelectiveScan: autograd ops around the parallel linear_scan."""
-    from rlmem.memory.mamba import linear_scan
-
-    decay = torch.exp(delta.unsqueeze(-1) * A)
-    if keep is not None:
-        decay = decay * keep[:, :, None, None]
-    drive = (delta * u).unsqueeze(-1) * Bm.unsqueeze(2)
-    h = linear_scan(decay, drive, h0)
-    return torch.einsum("btdn,btn->btd", h, Cm), h[:, -1]
+    """``_SelectiveScan.apply``'s signature (``keep: [B, T]`` float, 0 at an episode start) on the reference loop."""
+    is_init = torch.zeros(u.shape[:2], dtype=torch.bool) if keep is None else keep == 0
+    return mamba_reference.selective_scan(u, delta, A, Bm, Cm, h0, is_init)
 
 
 def reference_causal_conv(x, buffer, weight, bias, seg):
-    """Mamba's causal depthwise conv as it was before _DepthwiseConv: an unfolded window tensor and einsum."""
+    """``causal_depthwise_conv``'s signature (``seg``: episode ids of ``[buffer; x]``) on the reference loop."""
     k = weight.shape[1]
-    full = torch.cat([buffer.transpose(1, 2), x], 1)
-    windows = full.unfold(1, k, 1)
-    tail = full[:, full.shape[1] - (k - 1) :]
-    if seg is not None:
-        same = seg.unfold(1, k, 1) == seg[:, k - 1 :, None]
-        windows = windows * same.unsqueeze(2).to(x.dtype)
-        tail = tail * (seg[:, seg.shape[1] - (k - 1) :] == seg[:, -1:]).unsqueeze(-1).to(x.dtype)
-    return torch.einsum("btck,ck->btc", windows, weight) + bias, tail.transpose(1, 2)
+    is_init = torch.zeros(x.shape[:2], dtype=torch.bool) if seg is None else seg[:, k - 1 :] != seg[:, k - 2 : -1]
+    return mamba_reference.causal_conv(x, buffer, weight, bias, is_init)
 
 
 def _inputs(B=3, T=17, H=2, S=8, dh=4, seed=0, reset_rate=0.15):
@@ -107,7 +62,7 @@ def test_miras_step_loop_equals_the_autograd_loop(scaled, resets):
             r, s = memory.scan_steps(*leaves, st, is_init, gate_scale)
             rate = memory.last_write_rate
         else:
-            r, s, rate = reference_scan_steps(memory, *leaves, st, is_init, gate_scale)
+            r, s, rate = miras_reference.scan(memory, *leaves, st, is_init, gate_scale)
         loss = (r * w).sum() + sum((s[key] * (0.3 + i)).sum() for i, key in enumerate(("fast", "deep", "deep_momentum")))
         results.append((r, s, rate, torch.autograd.grad(loss, wrt)))
     (r1, s1, rate1, g1), (r2, s2, rate2, g2) = results
@@ -143,8 +98,9 @@ def _infinity_run(memory, x, state, is_init, trigger):
 
 @pytest.mark.parametrize("with_trigger", [False, True])
 def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
-    """Infinity (Mamba + DualTierMiras) against the same model with the old code: Mamba's unfolded conv
-    and autograd ops around the chunked parallel ``linear_scan``, DualTierMiras' autograd step loop; forward, next state and all gradients, with resets."""
+    """Infinity (Mamba + DualTierMiras) against the same model with its kernels swapped for the references
+    (Mamba's conv and selective scan, DualTierMiras' step loop: :mod:`rlmem.memory.reference`); forward,
+    next state and all gradients, with resets."""
     from rlmem.memory import mamba as mamba_module
     from rlmem.memory.miras import DualTierMiras
 
@@ -160,7 +116,7 @@ def test_infinity_equals_its_plain_implementation(monkeypatch, with_trigger):
     fast = _infinity_run(memory, x, state, is_init, trigger)
 
     def plain_scan_steps(self, q, k, v, state, is_init, gate_scale=None):
-        r, s, rate = reference_scan_steps(self, q, k, v, state, is_init, gate_scale)
+        r, s, rate = miras_reference.scan(self, q, k, v, state, is_init, gate_scale)
         self.last_write_rate = rate.detach()
         return r, s
 
