@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,12 +139,52 @@ def test_training_runs_on_cuda(tmp_path, script, args):
     assert metrics.get("frames", metrics.get("steps")) == (256 if script == "train_rl.py" else 4)
 
 
-def test_threads_auto_is_the_usable_cores_up_to_a_cap(monkeypatch):
+def test_threads_auto_is_the_free_usable_cores_up_to_a_cap(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    assert devices.resolve_threads("auto") == 3
+    assert devices.resolve_threads("auto", others_busy=0.0) == 3
+    assert devices.resolve_threads("auto", others_busy=0.2) == 3  # a little background work takes no core
+    assert devices.resolve_threads("auto", others_busy=1.0) == 2  # another training on one core
+    assert devices.resolve_threads("auto", others_busy=2.9) == 1
+    assert devices.resolve_threads("auto", others_busy=9.0) == 1  # never below one
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert devices.resolve_threads("auto") == devices.MAX_AUTO_THREADS
+    assert devices.resolve_threads("auto", others_busy=0.0) == devices.MAX_AUTO_THREADS
     assert devices.resolve_threads(7) == 7
     for bad in (0, -1, 1.5, True, "all"):
         with pytest.raises(ValueError, match="valid: auto or an integer >= 1"):
             devices.resolve_threads(bad)
+
+
+def test_cpu_load_sees_another_process_and_not_this_one():
+    load = devices.CpuLoad()
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # this process busy: not counted
+        pass
+    own = load.others_busy()
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 1.5\nwhile time.time() < t: pass"])
+    try:
+        seen = load.sample(1.0)
+    finally:
+        busy.wait()
+    assert seen > own + 0.3, (own, seen)  # a busy loop in another process is about one core
+
+
+class FakeLoad:
+    def __init__(self, readings):
+        self.readings = list(readings)
+
+    def others_busy(self):
+        return self.readings.pop(0)
+
+
+def test_thread_governor_follows_other_processes(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        governor = devices.ThreadGovernor(interval=10.0, load=FakeLoad([1.0, 1.0, 0.0]), cores=2)
+        t0 = governor._next
+        assert governor.update(now=t0 - 1) is None  # not due yet: nothing read
+        assert governor.update(now=t0) == 1 and torch.get_num_threads() == 1  # another process took a core
+        assert governor.update(now=t0 + 10) is None  # still taken: unchanged
+        assert governor.update(now=t0 + 20) == 2 and torch.get_num_threads() == 2  # free again
+    finally:
+        torch.set_num_threads(before)
