@@ -250,6 +250,9 @@ class CMRN(MemorySystem):
     an ``O(d_key + d)`` write. State: ``L d + E S (d_key + d + 1) + 1`` numbers per row.
     """
 
+    #: the trigger at step t changes y_t (more experts compute it), so a critic must not read it
+    trigger_affects_output = True
+
     @property
     def trigger_path(self) -> str | None:
         return None if self.top_k == 1 else f"experts 2..{self.top_k} of top_k"
@@ -339,118 +342,221 @@ class CMRN(MemorySystem):
             check_trigger(self, trigger, is_init)
             if top_k is not None:
                 raise ValueError("cmrn: give top_k or trigger, not both")
-            top_k = torch.where(trigger, self.top_k, 1)
+            k_rows, k_max = torch.where(trigger, self.top_k, 1), self.top_k  # in range by construction: no check
+        else:
+            k_rows, k_max = self._check_top_k(top_k, x.shape[0], x.shape[1], x.device)
         B, T = x.shape[:2]
-        k_rows = self._check_top_k(top_k, B, T, x.device)
-        h, count = state["h"], state["count"]
-        mem = [list(state[key].unbind(1)) for key in ("mem_k", "mem_v", "mem_used")]  # per expert [B, S, ...]
-        stats = {"prob_sum": 0, "lse2_sum": 0, "entropy_sum": 0, "assigned": 0}
-        ys = []
-        for t in range(T):
-            y, h, count = self._step(x[:, t], h, count, mem, is_init[:, t], None if k_rows is None else k_rows[:, t],
-                                     stats)
-            ys.append(y)
+        E, S, d, dev = self.n_experts, self.mem_slots, self.d_model, x.device
+        is_init = is_init.to(torch.bool)
+
+        # steps since the episode start, before each step (after its reset): drives clocks and usage stamps
+        tt = torch.arange(T, device=dev)
+        last_reset = torch.where(is_init, tt, -1).cummax(1).values
+        cnt = torch.where(last_reset >= 0, tt - last_reset, state["count"].unsqueeze(1) + tt)  # [B, T]
+
+        # 1. temporal abstraction (clockwork GRU layers) for the whole slice
+        e_seq = self.embed(x)
+        hs = self._temporal(e_seq, state["h"], cnt, is_init)
+        z = self.norm_z(self.mix(torch.cat(hs, -1)) + e_seq)  # [B, T, d]
+
+        # 2. router for every step at once
+        logits = self.router(z)  # [B, T, E]
+        noisy = logits
+        if self.training and self.router_noise > 0:
+            noise = torch.randn(T, B, E, dtype=logits.dtype, device=dev).transpose(0, 1)
+            noisy = logits + self.router_noise * noise * F.softplus(self.noise(z))
+        top_vals, top_idx = noisy.topk(k_max, -1)  # [B, T, k]
+        hit = top_idx.unsqueeze(-1) == torch.arange(E, device=dev)  # [B, T, k, E]
+        if k_rows is not None:
+            chosen = torch.arange(k_max, device=dev) < k_rows.unsqueeze(-1)  # column 0 always chosen
+            top_vals = top_vals.masked_fill(~chosen, float("-inf"))
+            hit = hit & chosen.unsqueeze(-1)
+        gates = torch.softmax(top_vals, -1)  # renormalized over the chosen experts
+        gate_e = (gates.unsqueeze(-1) * hit).sum(2)  # [B, T, E]: each expert's gate, 0 if not chosen
+        hit_e = hit.any(2)  # [B, T, E]
+        # aux losses see the router's logits of detached features (module docstring)
+        aux_logits = self.router(z.detach())
+        probs = torch.softmax(aux_logits, -1)
+        self._last = _LastCall(
+            n_tokens=B * T, prob_sum=probs.sum((0, 1)), lse2_sum=torch.logsumexp(aux_logits, -1).pow(2).sum(),
+            entropy_sum=(-(probs * probs.clamp_min(1e-12).log()).sum(-1)).sum().detach(),
+            assigned=hit_e.sum((0, 1)).detach())
+
+        # 3. experts' memories: every step's query against [initial slots, this slice's writes, a zero slot]
+        read, mem_k, mem_v, mem_used = self._memory(z, state, cnt, is_init, hit_e)  # read: [B, E, T, d]
+
+        # 4. expert cores, gated sum
+        moe = self._cores(z, read, gate_e, hit_e)
+        y = self.norm_out(z + self.out(moe))
         next_state = TensorDict(
-            {"h": h, "count": count, "mem_k": torch.stack(mem[0], 1), "mem_v": torch.stack(mem[1], 1),
-             "mem_used": torch.stack(mem[2], 1)},
+            {"h": torch.stack([h[:, -1] for h in hs], 1), "count": cnt[:, -1] + 1, "mem_k": mem_k, "mem_v": mem_v,
+             "mem_used": mem_used},
             batch_size=state.batch_size,
         )
-        self._last = _LastCall(n_tokens=B * T, **stats)
-        return torch.stack(ys, 1), next_state
+        return y, next_state
 
-    def _check_top_k(self, top_k, B, T, device) -> torch.Tensor | None:
+    def _check_top_k(self, top_k, B, T, device) -> tuple[torch.Tensor | None, int]:
+        """``(top_k as int64 [B, T] or None, its largest value)``; out-of-range values raise."""
         if top_k is None:
-            return None
+            return None, self.top_k
         top_k = torch.as_tensor(top_k, device=device)
         if top_k.is_floating_point() or top_k.dtype == torch.bool:
             raise ValueError(f"cmrn: top_k must be an integer tensor [B, T], got dtype {top_k.dtype}")
         if tuple(top_k.shape) != (B, T):
             raise ValueError(f"cmrn: top_k must have shape [B, T]={[B, T]}, got {list(top_k.shape)}")
-        low, high = int(top_k.min()), int(top_k.max())
+        low, high = torch.stack([top_k.min(), top_k.max()]).tolist()
         if low < 1 or high > self.n_experts:
             raise ValueError(f"cmrn: top_k values must be in [1, n_experts={self.n_experts}], got {low}..{high}")
-        return top_k.long()
+        return top_k.long(), int(high)
 
-    def _step(self, x, h, count, mem, is_init, k_row, stats):
-        """One step: ``x: [B, d_in]``, ``h: [B, L, d]``, ``count: [B]``, ``mem``: per-expert lists (updated in
-        the list, never in place), ``is_init: [B]``, ``k_row: [B]`` or None -> ``(y [B, d], h, count)``."""
-        E, keys, values, used = self.n_experts, *mem
-        if bool(is_init.any()):  # the initial state is all zeros
-            keep = ~is_init
-            h = torch.where(keep.view(-1, 1, 1), h, 0)
-            count = torch.where(keep, count, 0)
-            for e in range(E):
-                keys[e] = torch.where(keep.view(-1, 1, 1), keys[e], 0)
-                values[e] = torch.where(keep.view(-1, 1, 1), values[e], 0)
-                used[e] = torch.where(keep.view(-1, 1), used[e], 0)
+    # -- the pieces of forward ----------------------------------------------------------------------------
 
-        # 1. temporal abstraction: layer i updates where count % 2^i == 0, else keeps its state exactly
-        e_t = self.embed(x)
-        below, hs = e_t, []
-        for i, cell in enumerate(self.temporal):
-            h_i = h[:, i]
-            update = count % (2**i) == 0
-            if i == 0 or bool(update.any()):
-                h_i = torch.where(update.unsqueeze(1), cell(below, h_i), h_i)
+    def _temporal(self, e_seq, h0, cnt, is_init) -> list[torch.Tensor]:
+        """The clockwork layers over a slice: ``e_seq: [B, T, d]``, ``h0: [B, L, d]`` (the state before the
+        slice), ``cnt: [B, T]`` -> each layer's state after every step, ``[B, T, d]`` per layer.
+
+        One step (acting): each cell on every row, kept where it is the layer's update step. A slice: layer
+        ``i`` runs as one ``torch.gru`` call (the cell's own weights) over its update steps only, cut into
+        segments at episode starts (a segment starts from zeros after a reset, else from the carried state);
+        between its update steps a layer holds the output of its last one."""
+        B, T, d = e_seq.shape
+        if T == 1:
+            keep = ~is_init[:, 0]
+            below, hs = e_seq[:, 0], []
+            for i, cell in enumerate(self.temporal):
+                h_i = torch.where(keep.unsqueeze(1), h0[:, i], 0)
+                new = cell(below, h_i)
+                if i > 0:
+                    new = torch.where((cnt[:, 0] % (2**i) == 0).unsqueeze(1), new, h_i)
+                hs.append(new.unsqueeze(1))
+                below = new
+            return hs
+        plans = [self._segments(cnt % (2**i) == 0, is_init) for i in range(self.n_timescales)]
+        sizes = torch.stack([torch.stack([p[-1].sum(), p[3].max()]) for p in plans]).tolist()  # one host sync
+        below, hs, BT = e_seq, [], B * T
+        for i, (cell, (upd, has_prev, seg, pos, start_reset, start), (n_seg, max_pos)) in enumerate(
+                zip(self.temporal, plans, sizes)):
+            n_seg, length = int(n_seg), int(max_pos) + 1
+            slots = n_seg * length
+            dst = torch.where(upd, seg * length + pos, slots)  # position in the padded [n_seg, length] input
+            inp = below.new_zeros(slots + 1, d).index_put((dst,), below.reshape(BT, d), accumulate=True)
+            rows = torch.arange(B, device=e_seq.device).repeat_interleave(T)
+            seg_dst = torch.where(start, seg, n_seg)
+            seg_row = rows.new_zeros(n_seg + 1).index_put((seg_dst,), rows)[:n_seg]
+            seg_reset = start_reset.new_zeros(n_seg + 1).index_put((seg_dst,), start_reset)[:n_seg]
+            carried = h0[:, i]
+            h_start = torch.where(seg_reset.unsqueeze(1), 0, carried.index_select(0, seg_row))
+            out, _ = torch.gru(inp[:slots].view(n_seg, length, d), h_start.unsqueeze(0),
+                               (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh), True, 1, 0.0, False,
+                               False, True)
+            src = torch.where(has_prev, seg * length + pos, 0)
+            h_i = torch.where(has_prev.unsqueeze(1), out.reshape(slots, d).index_select(0, src),
+                              carried.repeat_interleave(T, 0))
+            h_i = h_i.view(B, T, d)
             hs.append(h_i)
             below = h_i
-        z = self.norm_z(self.mix(torch.cat(hs, -1)) + e_t)
+        return hs
 
-        # 2. router
-        logits = self.router(z)  # [B, E]
-        noisy = logits
-        if self.training and self.router_noise > 0:
-            noisy = logits + self.router_noise * torch.randn_like(logits) * F.softplus(self.noise(z))
-        k_max = self.top_k if k_row is None else int(k_row.max())
-        top_vals, top_idx = noisy.topk(k_max, -1)  # [B, k]
-        chosen = None if k_row is None else torch.arange(k_max, device=x.device) < k_row.unsqueeze(1)
-        if chosen is not None:
-            top_vals = top_vals.masked_fill(~chosen, float("-inf"))  # column 0 is always chosen (k >= 1)
-        gates = torch.softmax(top_vals, -1)  # renormalized over the chosen experts
-        # the aux losses shape the router, not the features the experts and the policy read: they see the
-        # router's logits of detached features (same values), so their steady pull cannot drift the trunk
-        aux_logits = self.router(z.detach())
-        probs = torch.softmax(aux_logits, -1)
-        hit = F.one_hot(top_idx, E).to(torch.bool)  # [B, k, E]
-        if chosen is not None:
-            hit = hit & chosen.unsqueeze(-1)
-        gate_e = (gates.unsqueeze(-1) * hit).sum(1)  # [B, E]: each expert's gate, 0 if not chosen
-        hit_e = hit.any(1)  # [B, E]
-        stats["prob_sum"] = stats["prob_sum"] + probs.sum(0)
-        stats["lse2_sum"] = stats["lse2_sum"] + torch.logsumexp(aux_logits, -1).pow(2).sum()
-        stats["entropy_sum"] = stats["entropy_sum"] + (-(probs * probs.clamp_min(1e-12).log()).sum(-1)).sum().detach()
-        stats["assigned"] = stats["assigned"] + hit_e.sum(0).detach()
+    @staticmethod
+    def _segments(upd, is_init):
+        """Index plan of one clockwork layer over a slice (flattened row-major ``[B * T]``): ``(upd, has_prev,
+        seg, pos, start_reset, start)``: update step; an update step at or before this one in the row; the
+        segment and position in it of the last update step (at or before); whether a segment starts here
+        from a reset; whether a segment starts here. A segment is a row's run of update steps between
+        episode starts."""
+        first = upd & (upd.cumsum(1) == 1)
+        has_prev = upd.cumsum(1) > 0
+        start = (upd & (is_init | first)).reshape(-1)
+        upd_f = upd.reshape(-1)
+        seg = start.cumsum(0) - 1
+        done = upd_f.cumsum(0)  # update steps up to and including this position
+        base = torch.where(start, done - 1, -1).cummax(0).values  # index of its segment's first update step
+        pos = torch.where(has_prev.reshape(-1), done - 1 - base, 0)
+        return upd_f, has_prev.reshape(-1), seg, pos, (is_init.reshape(-1) & start), start
 
-        # 3. experts: read, compute, write (sparse: only the rows that chose the expert)
-        stamp = count + 1
+    def _memory(self, z, state, cnt, is_init, hit_e):
+        """Reads and writes of every expert's slots over a slice. ``z: [B, T, d]``, ``hit_e: [B, T, E]`` ->
+        ``(read [B, E, T, d], mem_k, mem_v, mem_used)`` (the next state's memories).
+
+        Candidates per row and expert: the ``S`` slots at the slice start, the ``T`` writes of the slice, one
+        zero slot (what a reset leaves). A loop over time follows only which candidate each slot holds
+        and its usage stamp (the LRU); the scores of every step against every candidate are one matmul,
+        the read one masked softmax over the held candidates and one matmul."""
+        B, T, d = z.shape
+        E, S, dk = self.n_experts, self.mem_slots, self.d_key
+        C = S + T + 1
+        weight = torch.cat([ex.w_q.weight for ex in self.experts] + [ex.w_k.weight for ex in self.experts]
+                           + [ex.w_v.weight for ex in self.experts])
+        proj = F.linear(z, weight)  # [B, T, E (2 dk + d)]
+        q = proj[..., : E * dk].view(B, T, E, dk).transpose(1, 2)  # [B, E, T, dk]
+        k_new = proj[..., E * dk : 2 * E * dk].view(B, T, E, dk).transpose(1, 2)
+        v_new = proj[..., 2 * E * dk :].view(B, T, E, d).transpose(1, 2)
+        cand_k = torch.cat([state["mem_k"], k_new, z.new_zeros(B, E, 1, dk)], 2)  # [B, E, C, dk]
+        cand_v = torch.cat([state["mem_v"], v_new, z.new_zeros(B, E, 1, d)], 2)
+        scores = (q @ cand_k.transpose(-1, -2)) * (1 / math.sqrt(dk))  # [B, E, T, C]
+        holder, used, held, useds = self._lru(scores.detach(), state["mem_used"], cnt, is_init, hit_e)
+        written = useds > 0  # [B, E, T, S]
+        sc = scores.gather(-1, held).masked_fill(~written, torch.finfo(scores.dtype).min)
+        w = torch.softmax(sc, -1) * written
+        read = scores.new_zeros(B, E, T, C).scatter_add(-1, held, w) @ cand_v  # [B, E, T, d]
+        mem_k = cand_k.gather(2, holder.unsqueeze(-1).expand(B, E, S, dk))
+        mem_v = cand_v.gather(2, holder.unsqueeze(-1).expand(B, E, S, d))
+        return read, mem_k, mem_v, used
+
+    def _lru(self, scores, used, cnt, is_init, hit_e):
+        """The integer loop over time. ``scores: [B, E, T, C]`` (no graph), ``used: [B, E, S]`` -> ``(holder,
+        used)`` after the slice and, per step, the candidate each slot holds and the usage stamps at its
+        read (``[B, E, T, S]`` each). Per step and chosen expert, as :func:`lru_update`: the slot read most
+        strongly is refreshed, the write goes to the least recently used slot (the first among equals)."""
+        B, E, T, C = scores.shape
+        S = used.shape[-1]
+        zero = C - 1
+        holder = torch.arange(S, device=used.device).expand(B, E, S)
+        active = hit_e.transpose(1, 2).unsqueeze(-1)  # [B, E, T, 1]
+        stamps = (cnt + 1).view(B, 1, T, 1).expand(B, E, T, 1)
+        resets = is_init.any(0).tolist() if T > 1 else [True]
+        fmin = torch.finfo(scores.dtype).min
+        held, useds = [], []
+        for t in range(T):
+            if resets[t]:
+                r = is_init[:, t].view(B, 1, 1)
+                used = used.masked_fill(r, 0)
+                holder = holder.masked_fill(r, zero)
+            held.append(holder)
+            useds.append(used)
+            written = used > 0
+            w = torch.softmax(scores[:, :, t].gather(-1, holder).masked_fill(~written, fmin), -1) * written
+            top = w.argmax(-1, keepdim=True)
+            stamp = stamps[:, :, t]
+            # an unwritten memory has used == 0 everywhere: its "refresh" writes 0 (no change)
+            new_used = used.scatter(-1, top, stamp * written.any(-1, keepdim=True))
+            slot = new_used.argmin(-1, keepdim=True)  # first minimum: deterministic tie-break
+            new_used = new_used.scatter(-1, slot, stamp)
+            new_holder = holder.scatter(-1, slot, S + t)
+            a = active[:, :, t]
+            used = torch.where(a, new_used, used)
+            holder = torch.where(a, new_holder, holder)
+        return holder, used, torch.stack(held, 2), torch.stack(useds, 2)
+
+    def _cores(self, z, read, gate_e, hit_e):
+        """``sum_e gate_e o_e`` with ``o_e = core_e([z; read_e])``: ``[B, T, d]``. Sparse dispatch over a slice:
+        each core on the tokens that chose it (one gather per expert); dense, and every single step: each
+        core on every row, weighted by its gate (0 where not chosen)."""
+        B, T, d = z.shape
         moe = torch.zeros_like(z)
-        for e, expert in enumerate(self.experts):
-            if self.dispatch == "sparse":
-                rows = hit_e[:, e].nonzero().squeeze(1)
+        if self.dispatch == "sparse" and T > 1:
+            zf, gf, moe = z.reshape(B * T, d), gate_e.reshape(B * T, -1), moe.view(B * T, d)
+            for e, expert in enumerate(self.experts):
+                rows = hit_e[..., e].reshape(-1).nonzero().squeeze(1)
                 if rows.numel() == 0:
                     continue
-                z_e, K, V, U, st = z[rows], keys[e][rows], values[e][rows], used[e][rows], stamp[rows]
-            else:
-                rows, z_e, K, V, U, st = None, z, keys[e], values[e], used[e], stamp
-            read, w = read_slots(expert.w_q(z_e), K, V, U, expert.scale)
-            o = expert.core(torch.cat([z_e, read], -1))
-            U_new, slot = lru_update(U, w, st)
-            idx = slot.view(-1, 1, 1)
-            K_new = K.scatter(1, idx.expand(-1, 1, K.shape[-1]), expert.w_k(z_e).unsqueeze(1))
-            V_new = V.scatter(1, idx.expand(-1, 1, V.shape[-1]), expert.w_v(z_e).unsqueeze(1))
-            if rows is None:  # dense: every row computed, only the rows that chose the expert keep the write
-                m = hit_e[:, e]
-                keys[e] = torch.where(m.view(-1, 1, 1), K_new, K)
-                values[e] = torch.where(m.view(-1, 1, 1), V_new, V)
-                used[e] = torch.where(m.view(-1, 1), U_new, U)
-                moe = moe + gate_e[:, e : e + 1] * o
-            else:
-                keys[e] = keys[e].index_put((rows,), K_new)
-                values[e] = values[e].index_put((rows,), V_new)
-                used[e] = used[e].index_put((rows,), U_new)
-                moe = moe.index_add(0, rows, gate_e[rows, e : e + 1] * o)
-        y = self.norm_out(z + self.out(moe))
-        return y, torch.stack(hs, 1), stamp
+                u = torch.cat([zf.index_select(0, rows), read[:, e].reshape(B * T, d).index_select(0, rows)], -1)
+                moe = moe.index_add(0, rows, gf.index_select(0, rows)[:, e : e + 1] * expert.core(u))
+            return moe.view(B, T, d)
+        for e, expert in enumerate(self.experts):
+            moe = moe + gate_e[..., e : e + 1] * expert.core(torch.cat([z, read[:, e]], -1))
+        return moe
+
 
     # -- losses and diagnostics -----------------------------------------------------------------------------
 
