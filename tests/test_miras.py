@@ -9,6 +9,7 @@ import torch
 
 from rlmem.memory import build_memory
 from rlmem.memory.miras import DualTierMiras
+from rlmem.memory.reference import miras as miras_reference
 
 D = 4
 
@@ -152,32 +153,10 @@ def test_chunks_that_overshoot_on_repeated_inputs_are_refused():
 
 
 def chunk_start_loop(memory, q, k, v, state, is_init, chunk, gate_scale=None):
-    """What chunked sequence mode means, written as a plain step loop (independent of the parallel
-    algebra): each step's prediction error is taken against the memory at the start of its chunk of
-    ``chunk`` steps (the fresh, zero memory after an episode start inside the chunk); every other part of
-    the step (read before write, the update rules) is the step loop's."""
-    fast, deep, mom = state["fast"].clone(), state["deep"].clone(), state["deep_momentum"].clone()
-    temperature = memory.log_temperature.exp()
-    reads = []
-    for t in range(q.shape[1]):
-        if t % chunk == 0:
-            fast_start, deep_start = fast, deep
-        keep = (~is_init[:, t]).to(q.dtype)[:, None, None, None]
-        fast, deep, mom, fast_start, deep_start = (m * keep for m in (fast, deep, mom, fast_start, deep_start))
-        qt, kt, vt = q[:, t], k[:, t], v[:, t]  # [B, H, S], [B, H, S], [B, H, d_head]
-        reads.append(torch.cat([torch.einsum("bhds,bhs->bhd", m, qt) for m in (fast, deep)], 1).flatten(1))
-        e_fast = vt - torch.einsum("bhds,bhs->bhd", fast_start, kt)
-        e_deep = vt - torch.einsum("bhds,bhs->bhd", deep_start, kt)
-        surprise = e_deep.pow(2).sum(-1) / (vt.pow(2).sum(-1) + 1e-4)
-        g = torch.sigmoid((surprise - memory.surprise_threshold) / temperature)
-        if gate_scale is not None:
-            g = g * gate_scale[:, t, None]
-        g = g[..., None, None]
-        fast = (1 - memory.decay) * fast + memory.lr_fast * torch.einsum("bhd,bhs->bhds", e_fast, kt)
-        mom_full = memory.momentum * mom + memory.lr_deep * torch.einsum("bhd,bhs->bhds", e_deep, kt)
-        deep_full = (1 - memory.decay) * deep + mom_full
-        mom, deep = mom + g * (mom_full - mom), deep + g * (deep_full - deep)
-    return torch.stack(reads, 1), {"fast": fast, "deep": deep, "deep_momentum": mom}
+    """What chunked sequence mode means, as a plain step loop (independent of the parallel algebra):
+    :func:`rlmem.memory.reference.miras.scan` with ``chunk``."""
+    r, s, _ = miras_reference.scan(memory, q, k, v, state, is_init, gate_scale, chunk)
+    return r, {key: s[key] for key in s.keys()}
 
 
 def episode_starts(B, T):
@@ -368,3 +347,72 @@ def test_a_zero_gate_scale_leaves_the_deep_tier_alone():
 
 def test_infinity_passes_chunk_to_its_miras():
     assert build_memory("infinity", d_in=4, d_model=8, n_heads=2, chunk=4, **STABLE_LR).miras.chunk == 4
+
+
+# -- the whole module against its readable reference (rlmem/memory/reference/miras.py) -------------------
+
+
+#: the largest learning rates chunk 4 accepts with momentum 0.5 (chunk * lr_fast <= 1, chunk * lr_deep <= 0.5)
+REFERENCE_LR = {"lr_fast": 0.25, "lr_deep": 0.1}
+
+
+def _triggers(B, T, seed=6):
+    trigger = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < 0.5
+    trigger[:, 2] = False  # a step on which no row writes the deep tier
+    return trigger
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+@pytest.mark.parametrize("with_trigger", [False, True])
+def test_forward_equals_the_reference_outputs_states_and_parameter_gradients(chunk, with_trigger):
+    """Sequence mode (the step loop with its hand-written backward at chunk 1, the parallel chunked form at
+    chunk 4) against the reference loop in float64: outputs, next state, gradients w.r.t. every parameter
+    and the incoming state; episode starts mid-sequence (inside chunks, twice in a row) and triggers."""
+    torch.manual_seed(0)
+    memory = DualTierMiras(d_in=6, d_model=8, mem_slots=4, n_heads=2, momentum=0.5, decay=0.05,
+                           surprise_threshold=0.3, temperature=0.2, chunk=chunk, **REFERENCE_LR).double()
+    B, T = 3, 13
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(B, T, 6, generator=g, dtype=torch.float64)
+    state = memory.initial_state(B).apply(lambda s: 0.5 * torch.randn(s.shape, generator=g, dtype=torch.float64))
+    is_init = episode_starts(B, T)
+    trigger = _triggers(B, T) if with_trigger else None
+    w = torch.randn(B, T, 8, generator=g, dtype=torch.float64)
+    results = []
+    for run in (memory, lambda *a, **kw: miras_reference.forward(memory, *a, **kw)):
+        st = state.apply(lambda s: s.clone().requires_grad_())
+        y, s = run(x, st, is_init, trigger=trigger)
+        loss = (y * w).sum() + sum((s[key] * (0.3 + i)).sum() for i, key in enumerate(s.keys()))
+        wrt = [*memory.parameters(), *st.values()]
+        results.append((y, s, torch.autograd.grad(loss, wrt)))
+    (y1, s1, g1), (y2, s2, g2) = results
+    tight = {"rtol": 1e-10, "atol": 1e-12}
+    torch.testing.assert_close(y1, y2, **tight)
+    for key in s2.keys():
+        torch.testing.assert_close(s1[key], s2[key], **tight)
+    assert len(g1) == len(g2) and all(b.abs().max() > 0 for b in g2[:-3])  # every parameter gets a gradient
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **tight)
+
+
+def test_acting_steps_equal_the_reference():
+    """The acting path (T = 1 calls without gradients: ``_one_step`` and, when no row triggers, the
+    fast-only step) against the reference, resets and triggers included."""
+    torch.manual_seed(0)
+    memory = DualTierMiras(d_in=6, d_model=8, mem_slots=4, n_heads=2, momentum=0.5, decay=0.05,
+                           chunk=4, **REFERENCE_LR).double()
+    B, T = 3, 13
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(B, T, 6, generator=g, dtype=torch.float64)
+    is_init = episode_starts(B, T)
+    trigger = _triggers(B, T)
+    state = memory.initial_state(B).apply(lambda s: 0.5 * torch.randn(s.shape, generator=g, dtype=torch.float64))
+    ref_state = state
+    with torch.no_grad():
+        for t in range(T):
+            step = (x[:, t : t + 1], is_init[:, t : t + 1])
+            y, state = memory(step[0], state, step[1], trigger=trigger[:, t : t + 1])
+            y_ref, ref_state = miras_reference.forward(memory, step[0], ref_state, step[1], trigger[:, t : t + 1])
+            torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+            for key in ref_state.keys():
+                torch.testing.assert_close(state[key], ref_state[key], rtol=1e-10, atol=1e-12)
