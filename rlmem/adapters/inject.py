@@ -21,6 +21,11 @@ model carry them over to the copy's adapter.
 Nothing of the base model is trained: its parameters have ``requires_grad=False``; the trainable ones are
 the adapter's (banks, read projections, routers, variant B's MLPs) and LoRA's. :meth:`MemoryAdaptedLM.
 save_adapter` writes only those (plus the config) and :func:`load_adapter` puts them back on a base model.
+The base model also never runs with dropout: :meth:`MemoryAdaptedLM.train` keeps every module of it
+(its dropouts and the attention modules that apply dropout themselves; LoRA's own modules aside) in eval
+mode, so a base whose
+config has dropout (GPT-2's 0.1) gives the same features on every call, as a frozen model should (in RL,
+acting and the PPO replay of the same steps must agree).
 """
 
 from __future__ import annotations
@@ -175,6 +180,14 @@ class MemoryAdaptedLM(nn.Module):
         super().__init__()
         self.model, self.adapter, self.cfg, self.lora_targets = model, adapter, cfg, lora_targets
         self.quantized = False
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """Set the mode of the trainable parts (adapter, LoRA); the frozen base model stays in eval mode."""
+        super().train(mode)
+        for module in frozen_modules(self.model):
+            module.training = False
+        return self
 
     @property
     def config(self):
@@ -238,6 +251,13 @@ class MemoryAdaptedLM(nn.Module):
         if self.lora_targets:
             save_file({k: v.contiguous() for k, v in self.lora_state_dict().items()}, str(path / LORA_FILE))
         return path
+
+
+def frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of the frozen base ``model``: all but LoRA's own (``lora_`` in their name). Blocks that hold
+    LoRA layers are among them: their own code applies dropout when they train (GPT-2's attention passes
+    ``attn_dropout.p if self.training`` to its attention kernel)."""
+    return [module for name, module in model.named_modules() if "lora_" not in name]
 
 
 def _lora_targets(model: nn.Module, cfg: MemoryAdapterConfig) -> list[str]:

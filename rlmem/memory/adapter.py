@@ -50,7 +50,9 @@ class AdapterMemory(MemorySystem):
         **adapter: :class:`rlmem.adapters.MemoryAdapterConfig` fields (``num_memory_tokens``, ``variant``,
             ``placement``, ``sharing``, ``num_chapters``, ``lora_rank``, ...).
 
-    Trainable: ``W_in``, the padding embedding, the memory adapters and LoRA; the LM's weights are frozen.
+    Trainable: ``W_in``, the padding embedding, the memory adapters and LoRA; the LM's weights are frozen, and
+    the LM stays in eval mode whatever ``train()`` says (no dropout from its config: acting and the PPO
+    replay compute the same features; :meth:`rlmem.adapters.MemoryAdaptedLM.train`).
     Cost of a step: one LM pass over ``window`` tokens per row.
     """
 
