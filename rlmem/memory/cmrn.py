@@ -553,8 +553,9 @@ class CMRN(MemorySystem):
                 u = torch.cat([zf.index_select(0, rows), read[:, e].reshape(B * T, d).index_select(0, rows)], -1)
                 moe = moe.index_add(0, rows, gf.index_select(0, rows)[:, e : e + 1] * expert.core(u))
             return moe.view(B, T, d)
-        for e, expert in enumerate(self.experts):
-            moe = moe + gate_e[..., e : e + 1] * expert.core(torch.cat([z, read[:, e]], -1))
+        for e, expert in enumerate(self.experts):  # the cores take [n, 2d]
+            o = expert.core(torch.cat([z, read[:, e]], -1).view(B * T, 2 * d)).view(B, T, d)
+            moe = moe + gate_e[..., e : e + 1] * o
         return moe
 
 
