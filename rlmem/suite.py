@@ -15,11 +15,11 @@ A suite (``rlmem/conf/suite/<name>.yaml``) is a set of named groups::
         long_episodes: {knob: delay, extra_steps: 2}   # optional, see long_episode_overrides
 
 An agent named ``sb3_recurrent_ppo`` in a train_rl group is the reference: its runs are
-``scripts/sb3_reference.py`` (sb3-contrib's RecurrentPPO) with the env knobs, the seed and only the
-``total_frames`` / ``threads`` overrides.
+``python -m rlmem.commands.sb3_reference`` (sb3-contrib's RecurrentPPO) with the env knobs, the seed and
+only the ``total_frames`` / ``threads`` overrides.
 
-:func:`plan` expands it into :class:`SuiteRun` s, :func:`execute` runs them as subprocesses (``jobs`` at a
-time) into ``<suite dir>/runs/<group>/<name>``. A run whose ``metrics.json`` says it finished is skipped, an
+:func:`plan` expands it into :class:`SuiteRun` s, :func:`execute` runs them as subprocesses
+(``python -m rlmem.commands.train_rl ...``: rlmem installed, any working directory), ``jobs`` at a time, into ``<suite dir>/runs/<group>/<name>``. A run whose ``metrics.json`` says it finished is skipped, an
 interrupted one resumes from its checkpoint (train_rl and train_lm do that; a reference run starts over),
 so rerunning a killed suite continues it. With ``launcher="ray"`` each run is a Ray task (one CPU) that runs
 the same command, on this machine's Ray or a cluster's, so its files are those of a local run.
@@ -39,14 +39,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from rlmem.conf import CONF_DIR
+
+from rlmem.conf import available
 
 log = logging.getLogger("benchmark")
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+#: the package of the commands a suite runs (``python -m rlmem.commands.<script>``: works from a non-editable
+#: install, in any directory)
+COMMANDS = "rlmem.commands"
 #: per script: (config group of the agents, config group of the envs)
 GROUPS = {"train_rl": ("agent", "env"), "train_lm": ("model", "task"), "sb3_reference": (None, "env")}
-#: an "agent" of train_rl groups that is run by scripts/sb3_reference.py (sb3-contrib's RecurrentPPO), which
+#: an "agent" of train_rl groups that is run by rlmem.commands.sb3_reference (sb3-contrib's RecurrentPPO), which
 #: takes only these of the group's overrides
 REFERENCE_AGENT, REFERENCE_OVERRIDES = "sb3_recurrent_ppo", ("total_frames=", "threads=")
 SETTINGS_FILE = "suite_run.json"
@@ -92,7 +95,7 @@ class SuiteRun:
         """The run's command line: a suite runs several runs side by side (or one per Ray CPU), so each uses
         one torch thread unless its overrides say ``threads=``."""
         threads = [] if any(o.startswith("threads=") for o in self.overrides) else ["threads=1"]
-        return [sys.executable, str(SCRIPTS / f"{self.script}.py"), *self.arguments(), *threads,
+        return [sys.executable, "-m", f"{COMMANDS}.{self.script}", *self.arguments(), *threads,
                 f"hydra.run.dir={self.run_dir(suite_dir)}"]
 
 
@@ -111,11 +114,6 @@ def long_episode_overrides(agent: str, episode_length: int, default_rollout: int
     if agent == "transformer":
         overrides.append(f"agent.window={episode_length}")
     return overrides
-
-
-def available(group: str) -> list[str]:
-    """The config names of ``rlmem/conf/<group>/``."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
 def plan(groups: Mapping[str, Mapping[str, Any]]) -> list[SuiteRun]:
@@ -208,7 +206,7 @@ def execute(runs: Sequence[SuiteRun], suite_dir: str | Path, jobs: int, poll_sec
 
     ``launcher="ray"``: each run is a Ray task (``num_cpus=1``) running the same command, at most ``jobs`` in
     flight; ``ray_init_config`` are the ``ray.init()`` kwargs (``address``: None starts a local Ray, "auto"
-    joins a running cluster, whose nodes need the repository and its Python at the same paths and the suite
+    joins a running cluster, whose nodes need rlmem installed in a Python at the same path and the suite
     dir on a shared filesystem). A stop cancels the tasks, whose scripts get SIGTERM and checkpoint.
     """
     suite_dir = Path(suite_dir)
