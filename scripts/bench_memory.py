@@ -33,16 +33,15 @@ import time
 import torch
 import yaml
 
+from rlmem.commands.overrides import group_config
+from rlmem.conf import available
 from rlmem.memory import build_memory
-from rlmem.conf import CONF_DIR
-
-AGENT_DIR = CONF_DIR / "agent"
 
 
 def build(spec: str):
     """``"transformer"`` or with overrides of the agent config, ``"transformer:window=256,n_layers=2"``."""
     name, _, overrides = spec.partition(":")
-    cfg = yaml.safe_load((AGENT_DIR / f"{name}.yaml").read_text())
+    cfg = group_config("agent", name)  # agent/<name>.yaml with the memory/<name>.yaml it includes
     for item in filter(None, overrides.split(",")):
         key, _, value = item.partition("=")
         cfg[key] = yaml.safe_load(value)
@@ -155,7 +154,7 @@ def main() -> None:
     if args.train_only:
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        systems = args.systems or sorted(p.stem for p in AGENT_DIR.glob("*.yaml"))
+        systems = args.systems or available("agent")
         print(f"torch {torch.__version__}, {args.threads} thread(s); median of {args.rounds} passes\n")
         train_costs(systems, args.rounds)
         return
