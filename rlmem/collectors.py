@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -40,8 +40,11 @@ from torchrl.envs import ExplorationType
 
 from rlmem.devices import usable_cores
 from rlmem.env_factory import MissingDependencyError, make_torchrl_env, resolve_env_id
+from rlmem.registry import Registry
+from rlmem.validate import check_keys
 
-COLLECTOR_TYPES = ("sync", "process", "ray")
+#: collector type -> ``build(cfg, make_env, policy, frames_per_batch)``, the TorchRL collector of that type
+COLLECTORS: Registry[Callable[..., Any]] = Registry("collector", "collector.type")
 RAY_INSTALL = 'pip install -e ".[ray]"'
 #: ray.init() kwargs Ray refuses when joining a running cluster (they size a local Ray)
 LOCAL_RAY_ONLY = ("num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard")
@@ -63,13 +66,11 @@ class CollectorConfig:
         ``num_envs`` not divisible by ``num_workers``; a MissingDependencyError for ``ray`` without Ray."""
         cfg = dict(cfg or {})
         kind = cfg.get("type", "sync")
-        if kind not in COLLECTOR_TYPES:
-            raise ValueError(f"collector.type={kind!r} is not a collector; valid: {list(COLLECTOR_TYPES)}")
+        if kind not in COLLECTORS:
+            raise ValueError(COLLECTORS.unknown(kind))
         valid = {"type"} | ({"num_workers"} if kind != "sync" else set()) | (
             {"address", "ray_init_config", "remote_configs"} if kind == "ray" else set())
-        unknown = sorted(set(cfg) - valid)
-        if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for collector={kind}; valid: {sorted(valid)}")
+        check_keys("collector", cfg, valid, of=f"collector={kind}")
         divisors = [d for d in range(1, num_envs + 1) if num_envs % d == 0]  # worker counts that split the envs
         workers = cfg.get("num_workers", "auto" if kind != "sync" else 1)
         if workers == "auto":  # one worker per usable core, as many as divide the envs evenly
@@ -166,36 +167,46 @@ def build_collector(cfg: CollectorConfig, make_env: EnvFactory, policy, frames_p
     """The TorchRL collector of ``cfg`` stepping ``make_env``'s envs (split among the workers, each env with
     the seed it has in ``make_env``) with ``policy``. Its batches have ``num_envs * rollout_len`` frames that
     ``reshape(num_envs, rollout_len)`` turns into one env's consecutive steps per row."""
-    if cfg.type == "sync":
-        return Collector(
-            make_env(),
-            policy,
-            frames_per_batch=frames_per_batch,
-            total_frames=-1,
-            device="cpu",  # env, policy and storage on one device: no per-step casts
-            exploration_type=ExplorationType.RANDOM,
-            # each batch is written into the same buffer instead of a copy (55 ms per batch for infinity):
-            # the trainer is done with a batch before it asks for the next
-            return_same_td=True,
-        )
-    shares = make_env.split(cfg.num_workers)
-    if cfg.type == "process":
-        return MultiSyncCollector(
-            shares,
-            policy,
-            frames_per_batch=frames_per_batch,
-            total_frames=-1,
-            device="cpu",
-            exploration_type=ExplorationType.RANDOM,
-            cat_results=0,  # [envs of worker 0; envs of worker 1; ...] x rollout_len
-            use_buffers=True,  # (what cat_results needs; said here, TorchRL would warn it assumed it)
-            num_threads=torch.get_num_threads(),  # the trainer keeps its own thread count
-            num_sub_threads=1,  # one torch thread per worker: fastest for these small models
-        )
+    return COLLECTORS.get(cfg.type)(cfg, make_env, policy, frames_per_batch)
+
+
+@COLLECTORS.register("sync")
+def _sync_collector(cfg: CollectorConfig, make_env: EnvFactory, policy, frames_per_batch: int):
+    return Collector(
+        make_env(),
+        policy,
+        frames_per_batch=frames_per_batch,
+        total_frames=-1,
+        device="cpu",  # env, policy and storage on one device: no per-step casts
+        exploration_type=ExplorationType.RANDOM,
+        # each batch is written into the same buffer instead of a copy (55 ms per batch for infinity):
+        # the trainer is done with a batch before it asks for the next
+        return_same_td=True,
+    )
+
+
+@COLLECTORS.register("process")
+def _process_collector(cfg: CollectorConfig, make_env: EnvFactory, policy, frames_per_batch: int):
+    return MultiSyncCollector(
+        make_env.split(cfg.num_workers),
+        policy,
+        frames_per_batch=frames_per_batch,
+        total_frames=-1,
+        device="cpu",
+        exploration_type=ExplorationType.RANDOM,
+        cat_results=0,  # [envs of worker 0; envs of worker 1; ...] x rollout_len
+        use_buffers=True,  # (what cat_results needs; said here, TorchRL would warn it assumed it)
+        num_threads=torch.get_num_threads(),  # the trainer keeps its own thread count
+        num_sub_threads=1,  # one torch thread per worker: fastest for these small models
+    )
+
+
+@COLLECTORS.register("ray")
+def _ray_collector(cfg: CollectorConfig, make_env: EnvFactory, policy, frames_per_batch: int):
     from torchrl.collectors.distributed import RayCollector
 
     collector = RayCollector(
-        shares,
+        make_env.split(cfg.num_workers),
         policy,
         frames_per_batch=frames_per_batch,
         total_frames=sys.maxsize,  # RayCollector reads -1 ("no limit" elsewhere) as a limit already reached

@@ -3,7 +3,7 @@
 Errors are ``ValueError`` (``KeyError`` for an unknown registry name) whose message names the key, what
 was wrong and the valid choices, with a "did you mean" where a close match exists, e.g.::
 
-    env.dealy is not an option of delayed_cue (did you mean 'delay'?); valid: delay, n_cues, noise
+    env.dealy is not an option of delayed_cue (did you mean 'delay'?); valid: delay, difficulty, n_cues, noise
     ppo.lr must be a number, got 'abc'
 
 This module is the bottom layer of rlmem: it imports nothing of rlmem, so envs, LM tasks, memories,
@@ -35,8 +35,8 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     """
     why = f" ({why})" if why else ""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        kind = "an integer" if _is_number(value) else "an integer, not " + _kind(value)
-        raise ValueError(f"{name} must be {kind} in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}, "
+        kind = "" if _is_number(value) else f", not {_kind(value)}"
+        raise ValueError(f"{name} must be an integer in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}{kind}, "
                          f"got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{name} must be in [{_bound(low, '-inf')}, {_bound(high, 'inf')}]{why}, got {value}")
@@ -96,14 +96,16 @@ def check_choice(name: str, value: Any, choices: Iterable[T], what: str = "a val
                      f"{', '.join(map(str, choices))}")
 
 
-def check_keys(where: str, given: Iterable[str], valid: Iterable[str]) -> None:
-    """Raise a ValueError naming the first unknown key of ``given`` (``<where>.<key>``), a close match among
-    ``valid`` and every valid key. ``where`` is the config group, e.g. ``ppo`` or ``env``."""
+def check_keys(where: str, given: Iterable[str], valid: Iterable[str], of: str = "") -> None:
+    """Raise a ValueError naming the first unknown key of ``given`` (``<where>.<key>``), what it is not an
+    option of (``of``, e.g. ``"delayed_cue"``), a close match among ``valid`` and every valid key. ``where``
+    is the config group, e.g. ``ppo`` or ``env``."""
     valid = sorted(valid)
     for key in given:
         if key not in valid:
             prefix = f"{where}.{key}" if where else str(key)
-            raise ValueError(f"{prefix} is not a known option{suggest(key, valid)}; valid: {', '.join(valid)}")
+            of_what = f" of {of}" if of else ""
+            raise ValueError(f"{prefix} is not an option{of_what}{suggest(key, valid)}; valid: {', '.join(valid)}")
 
 
 def from_mapping(cls: type[T], values: Mapping[str, Any], where: str) -> T:

@@ -10,17 +10,19 @@ import inspect
 from collections.abc import Callable
 
 from rlmem.memory.base import MemorySystem
+from rlmem.registry import Registry
+from rlmem.validate import check_int, suggest
 
-_REGISTRY: dict[str, type[MemorySystem]] = {}
+#: every memory system by name
+MEMORIES: Registry[type[MemorySystem]] = Registry("memory system", "agent.memory")
+_REGISTRY = MEMORIES._entries  # the name -> class dict itself (tests register temporary systems in it)
 
 
 def register_memory(name: str) -> Callable[[type[MemorySystem]], type[MemorySystem]]:
     """Class decorator: make a memory system buildable by ``name``."""
 
     def decorator(cls: type[MemorySystem]) -> type[MemorySystem]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"memory system {name!r} is already registered to {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
+        MEMORIES.add(name, cls)
         cls.registry_name = name
         return cls
 
@@ -28,7 +30,7 @@ def register_memory(name: str) -> Callable[[type[MemorySystem]], type[MemorySyst
 
 
 def available_memories() -> list[str]:
-    return sorted(_REGISTRY)
+    return MEMORIES.names()
 
 
 def memory_class(name: str) -> type[MemorySystem]:
@@ -40,19 +42,28 @@ def memory_class(name: str) -> type[MemorySystem]:
         if not (isinstance(cls, type) and issubclass(cls, MemorySystem)):
             raise TypeError(f"{name} is {cls!r}, not a subclass of rlmem.MemorySystem")
         return cls
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown memory system {name!r}; valid choices: {', '.join(available_memories())} "
-                       "(or a class path 'package.module:ClassName')")
-    return _REGISTRY[name]
+    if name not in MEMORIES:
+        raise KeyError(MEMORIES.unknown(name, " (or a class path 'package.module:ClassName')"))
+    return MEMORIES.get(name)
 
 
 def build_memory(name: str, d_in: int, **kwargs) -> MemorySystem:
-    """Build a registered memory system; unknown keyword arguments raise naming the valid ones."""
+    """Build a registered memory system (``d_in``: the width of its inputs); an unknown keyword argument
+    raises naming the valid ones and a close match."""
     cls = memory_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        valid = [p for p in params if p not in ("self", "d_in")]
-        unknown = sorted(set(kwargs) - set(valid))
-        if unknown:
-            raise TypeError(f"memory system {name!r} got unknown parameters {unknown}; valid: {valid}")
+    check_int("d_in", d_in, low=1)
+    valid = memory_options(cls)
+    if valid is not None:
+        for key in kwargs:
+            if key not in valid:
+                raise TypeError(f"{key!r} is not an option of memory system {name!r}{suggest(key, valid)}; "
+                                f"valid: {', '.join(valid)}")
     return cls(d_in=d_in, **kwargs)
+
+
+def memory_options(cls: type[MemorySystem]) -> list[str] | None:
+    """The keyword arguments of a memory system's constructor besides ``d_in`` (None: it takes any)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [p for p in params if p not in ("self", "d_in")]
