@@ -1,4 +1,5 @@
-"""Hydra composition: every agent x env config composes, and each agent/env config builds."""
+"""Hydra configs: each env and agent config builds, env configs show every knob, one memory config feeds both
+the RL agent and the LM model of a memory system, bad PPO values name the option."""
 
 from __future__ import annotations
 
@@ -63,14 +64,6 @@ def test_difficulty_override_applies_the_preset(name):
                 assert knobs[knob] == default, (difficulty, knob)
 
 
-@pytest.mark.parametrize("agent", AGENTS)
-@pytest.mark.parametrize("env", ENVS)
-def test_agent_env_configs_compose(agent, env):
-    cfg = compose_rl(f"agent={agent}", f"env={env}")
-    assert cfg.agent.memory and cfg.env.id
-    PPOConfig.from_mapping(OmegaConf.to_container(cfg.ppo))
-
-
 @pytest.mark.parametrize("env", ENVS)
 def test_env_configs_build(env):
     cfg = OmegaConf.to_container(compose_rl(f"env={env}").env)
@@ -96,6 +89,57 @@ def test_agent_configs_build(agent):
 def test_overrides_reach_the_config():
     cfg = compose_rl("env.delay=50", "agent.hidden_size=128", "ppo.num_envs=8", "seed=3")
     assert (cfg.env.delay, cfg.agent.hidden_size, cfg.ppo.num_envs, cfg.seed) == (50, 128, 8, 3)
+    lm = compose_lm("model=darmt", "model.d_model=32", "model.segment_len=4")
+    assert (lm.model.memory, lm.model.d_model, lm.model.segment_len) == ("darmt", 32, 4)
+
+
+MEMORIES = sorted(p.stem for p in (CONF / "memory").glob("*.yaml"))
+
+
+def compose_lm(*overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train_lm", overrides=list(overrides))
+
+
+def raw(path: str) -> dict:
+    return yaml.safe_load((CONF / path).read_text())
+
+
+def test_every_agent_and_model_is_a_memory_config_plus_its_width():
+    """agent/<name>.yaml = memory/<name>.yaml + encoder_dim (no memory knob of its own); model/<name>.yaml =
+    memory/<name>.yaml + d_model + the LM's own defaults, each stating the RL value it differs from."""
+    import rlmem
+
+    assert {p.stem for p in (CONF / "model").glob("*.yaml")} <= set(MEMORIES)
+    for name in AGENTS:
+        agent = raw(f"agent/{name}.yaml")
+        memory = agent["defaults"][0].removeprefix("/memory/").removesuffix("@_here_")
+        assert agent["defaults"] == [f"/memory/{memory}@_here_", "_self_"] and set(agent) == {"defaults", "encoder_dim"}
+        composed = OmegaConf.to_container(compose_rl(f"agent={name}").agent)
+        assert composed == {**raw(f"memory/{memory}.yaml"), "encoder_dim": 64}, name
+    for name in MEMORIES:
+        assert raw(f"memory/{name}.yaml")["memory"] in rlmem.available_memories()
+        if not (CONF / "model" / f"{name}.yaml").exists():
+            continue
+        model = raw(f"model/{name}.yaml")
+        assert model.pop("defaults") == [f"/memory/{name}@_here_", "_self_"] and model.pop("d_model") == 64
+        lm_only = dict(model)
+        composed = OmegaConf.to_container(compose_lm(f"model={name}").model)
+        assert composed == {**raw(f"memory/{name}.yaml"), "d_model": 64, **lm_only}, name
+        text = (CONF / "model" / f"{name}.yaml").read_text()
+        for key, value in lm_only.items():
+            assert value != raw(f"memory/{name}.yaml").get(key), (name, key)  # listed only where it differs
+            line = next(line for line in text.splitlines() if line.startswith(f"{key}:"))
+            assert "RL: " in line, (name, key)
+
+
+def test_the_lm_and_rl_defaults_of_darmt_differ_where_model_darmt_says():
+    """Before the merge agent/darmt.yaml and model/darmt.yaml disagreed silently (segment_len 8 vs 16, gated
+    vs plain residuals); the values are unchanged and now stated in model/darmt.yaml."""
+    rl = OmegaConf.to_container(compose_rl("agent=darmt").agent)
+    lm = OmegaConf.to_container(compose_lm("model=darmt").model)
+    assert (rl["segment_len"], rl["residual"], rl["n_layers"]) == (8, "gated", 1)
+    assert (lm["segment_len"], lm["residual"], lm["n_layers"]) == (16, "plain", 2)
 
 
 @pytest.mark.parametrize(
