@@ -1,16 +1,22 @@
 """Memory systems behind one contract (see :mod:`rlmem.memory.base`), built by name."""
 
+import importlib
+import pkgutil
+
 from rlmem.memory.base import MemorySystem, reset_state
 from rlmem.memory.check import CHECKS, MemoryContractError, check_memory
 from rlmem.memory.registry import available_memories, build_memory, memory_class, register_memory
 
-# Importing a module registers its systems.
-from rlmem.memory import baselines  # noqa: E402,F401  isort:skip
-from rlmem.memory import mamba, ssm, transformer, miras, infinity  # noqa: E402,F401  isort:skip
-from rlmem.memory import armt, darmt  # noqa: E402,F401  isort:skip
-from rlmem.memory import cmrn  # noqa: E402,F401  isort:skip
-from rlmem.memory import stm  # noqa: E402,F401  isort:skip
-from rlmem.memory import adapter  # noqa: E402,F401  isort:skip
+
+def _import_systems() -> None:
+    """Import every module of this package: each registers its systems (``@register_memory``), so a new
+    built-in memory system is one new file here. Sub-packages (``reference``: the readable versions of the
+    optimized kernels) are not memory systems."""
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_import_systems()
 
 __all__ = [
     "CHECKS",
