@@ -476,3 +476,66 @@ def test_eps_and_gate_bias_are_live():
             other = armt(n_layers=1, **{knob: value})
             other.load_state_dict(memory.state_dict())
             assert (other(x, other.initial_state(4), is_init)[0] - y).abs().max() > 1e-4, knob
+
+
+# -- the whole module against its readable reference (rlmem/memory/reference/armt.py) --------------------
+
+
+def _reference_case(segment_len, T=15, seed=21, **kwargs):
+    """A float64 ARMT with a live memory, a mid-segment state with a written memory (when segments are longer
+    than a step), inputs, and episode starts mid-segment (twice in a row in row 2; none in row 0)."""
+    memory = armt(segment_len=segment_len, **kwargs)
+    B = 3
+    start = used_state(memory, B) if segment_len == 4 else memory.initial_state(B)
+    x = torch.randn(B, T, D_IN, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    is_init = torch.zeros(B, T, dtype=torch.bool)
+    is_init[1, 0] = is_init[1, 10] = True
+    is_init[2, 6] = is_init[2, 7] = is_init[2, T - 1] = True
+    return memory, x, start, is_init
+
+
+@pytest.mark.parametrize("segment_len, kwargs", [(4, {}), (1, {}), (3, {"residual": "plain"}),
+                                                 (4, {"rule": "delta"}), (4, {"correction": True})])
+def test_sequence_mode_equals_the_reference_outputs_states_and_parameter_gradients(segment_len, kwargs):
+    """The chained, segment-parallel sequence mode against the per-row step loop of the reference (float64):
+    outputs, next state (A, z, cache, pos) and gradients w.r.t. every parameter and the incoming state."""
+    from rlmem.memory.reference import armt as reference
+
+    memory, x, start, is_init = _reference_case(segment_len, **kwargs)
+    float_keys = ("A", "z", "cache")
+    results = []
+    for run in (memory, lambda *a: reference.forward(memory, *a)):
+        st = start.clone()
+        for key in float_keys:
+            st[key] = st[key].clone().requires_grad_()
+        y, s = run(x, st, is_init)
+        loss = readout(y) + sum((s[key] * (0.3 + i)).sum() for i, key in enumerate(float_keys))
+        wrt = [*memory.parameters(), *(st[key] for key in float_keys)]
+        results.append((y, s, torch.autograd.grad(loss, wrt, allow_unused=True)))
+    (y1, s1, g1), (y2, s2, g2) = results
+    tight = {"rtol": 1e-9, "atol": 1e-10}
+    torch.testing.assert_close(y1, y2, **tight)
+    for key in ("A", "z", "cache", "pos"):
+        torch.testing.assert_close(s1[key], s2[key], **tight)
+    assert s2["A"].abs().sum() > 0  # the memory was written
+    for (name, _), a, b in zip([*memory.named_parameters(), *((k, None) for k in float_keys)], g1, g2, strict=True):
+        if b is None:
+            assert a is None or a.numel() == 0 or a.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(a, b, **tight, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("segment_len", [4, 1])
+def test_acting_steps_equal_the_reference(segment_len):
+    """Step mode (T = 1 calls against the right-aligned cache) against the reference, step by step."""
+    from rlmem.memory.reference import armt as reference
+
+    memory, x, state, is_init = _reference_case(segment_len, T=11, seed=22)
+    ref_state = state
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            y, state = memory(x[:, t : t + 1], state, is_init[:, t : t + 1])
+            y_ref, ref_state = reference.forward(memory, x[:, t : t + 1], ref_state, is_init[:, t : t + 1])
+            torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+            for key in ("A", "z", "cache", "pos"):
+                torch.testing.assert_close(state[key], ref_state[key], rtol=1e-9, atol=1e-10)
