@@ -24,7 +24,6 @@ class GRUMemory(MemorySystem):
 
     def __init__(self, d_in: int, hidden_size: int = 64):
         super().__init__()
-        d_in = check_int("gru: d_in", d_in, low=1)
         hidden_size = check_int("gru: hidden_size", hidden_size, low=1)
         self.d_in, self.d_out, self.hidden_size = d_in, hidden_size, hidden_size
         self.rnn = nn.GRU(d_in, hidden_size, batch_first=True)
@@ -51,7 +50,6 @@ class LSTMMemory(MemorySystem):
 
     def __init__(self, d_in: int, hidden_size: int = 64):
         super().__init__()
-        d_in = check_int("lstm: d_in", d_in, low=1)
         hidden_size = check_int("lstm: hidden_size", hidden_size, low=1)
         self.d_in, self.d_out, self.hidden_size = d_in, hidden_size, hidden_size
         self.rnn = nn.LSTM(d_in, hidden_size, batch_first=True)
@@ -81,7 +79,6 @@ class MLPMemory(MemorySystem):
 
     def __init__(self, d_in: int, hidden_size: int = 64):
         super().__init__()
-        d_in = check_int("mlp: d_in", d_in, low=1)
         hidden_size = check_int("mlp: hidden_size", hidden_size, low=1)
         self.d_in, self.d_out, self.hidden_size = d_in, hidden_size, hidden_size
         self.net = nn.Sequential(nn.Linear(d_in, hidden_size), nn.Tanh())

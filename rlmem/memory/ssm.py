@@ -67,7 +67,6 @@ class StreamingSSM(ResidualScanStack):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, expand: int = 2, d_conv: int = 4,
                  min_timescale: float = 1.0, max_timescale: float = 1000.0):
-        d_in = check_int("ssm: d_in", d_in, low=1)
         d_model = check_int("ssm: d_model", d_model, low=1)
         n_layers = check_int("ssm: n_layers", n_layers, low=1)
         expand = check_int("ssm: expand", expand, low=1)

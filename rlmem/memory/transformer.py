@@ -104,7 +104,6 @@ class WindowTransformer(MemorySystem):
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, n_heads: int = 4, window: int = 64,
                  d_ff: int | None = None, gate_bias: float = 2.0, residual: str = "gated"):
         super().__init__()
-        d_in = check_int("transformer: d_in", d_in, low=1)
         d_model = check_int("transformer: d_model", d_model, low=1)
         n_layers = check_int("transformer: n_layers", n_layers, low=1)
         n_heads = check_int("transformer: n_heads", n_heads, low=1)
