@@ -68,6 +68,8 @@ tokens to every segment. If the state has a key ``"mem": [B, M, d_model]``, thos
 row's running segment instead: an episode start resets them to the learned tokens, and after a segment's
 write :meth:`ARMT._next_tokens` gives the next segment's tokens of the rows it is asked for (those named by
 the optional per-step ``gate``; all closing rows without one). ARMT's own state has no ``"mem"``.
+
+Readable reference (a plain loop over rows and time on this module's parameters): :mod:`rlmem.memory.reference.armt`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ state) and mask conv inputs from before the start. On CUDA with ``mamba_ssm`` in
 start fresh in every row and contain no other reset use its fused selective-scan kernel.
 
 State (``L = n_layers``): ``conv: [B, L, d_inner, d_conv - 1]``, ``ssm: [B, L, d_inner, d_state]``.
+
+Readable reference (a plain loop over time on this module's parameters): :mod:`rlmem.memory.reference.mamba`.
 """
 
 from __future__ import annotations

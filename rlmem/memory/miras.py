@@ -36,6 +36,8 @@ An episode start inside a chunk is exact: from that step on, the row's chunk-sta
 fresh (zero) state and nothing before the reset reaches later steps.
 
 State: ``fast, deep, deep_momentum: [B, n_heads, d_head, mem_slots]``, zero at episode start.
+
+Readable reference (a plain loop over time on this module's parameters): :mod:`rlmem.memory.reference.miras`.
 """
 
 from __future__ import annotations
