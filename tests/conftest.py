@@ -9,6 +9,12 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    """One torch thread per test process: the suite runs one worker per core (pytest-xdist), and two torch
+    threads per worker on shared cores wait for each other at every op (several times slower)."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def user_project(tmp_path) -> Path:
     """A copy of ``tests/user_project``: a user's own folder with ``my_memories.py`` (an EMA memory system)
