@@ -20,6 +20,7 @@ needs ``policy``, ``actor``, ``critic``, ``backbone``, ``memory_module``, ``act_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -119,21 +120,33 @@ class ActorCritic(nn.Module):
         if compile:  # torch.compile of the memory's forward (acting steps and the PPO replay), in place
             memory.compile()
         self.triggered = policy.name != "always"  # "always" is the memory as it is: no decision, nothing to wrap
+        #: the critic reads the trigger's decision context [x_t ; y_{t-1}], not the features: the memory's gated
+        #: path changes the output of the step it runs on, and the value must not depend on that step's
+        #: trigger (a part of the action). Memories whose path only changes later steps keep the features.
+        self.value_from_context = self.triggered and bool(getattr(memory, "trigger_affects_output", False))
         if self.triggered:
             if policy.uses_probe and policy.probe != "hidden_var" and not head.discrete:
                 head.uncertainty(None, policy.probe)  # raises, naming the valid probe
-            memory = TriggeredMemory(memory, policy, probe=self._uncertainty)
+            memory = TriggeredMemory(memory, policy, probe=self._uncertainty, record_context=self.value_from_context)
             memory_module = TriggeredMemoryModule(memory, in_key="embed", out_key="features")
         else:
             memory_module = MemoryModule(memory, in_key="embed", out_key="features")
         self.backbone = TensorDictSequential(Apply(self.encoder, "observation", "embed"), memory_module)
         self.policy_head = policy_head = nn.Linear(memory.d_out, head.out_features)
-        self.value_head = value_head = nn.Linear(memory.d_out, 1)
         # small policy init (as in CleanRL / "What matters in on-policy RL"): near-uniform first actions
         nn.init.orthogonal_(policy_head.weight, 0.01)
         nn.init.zeros_(policy_head.bias)
-        nn.init.orthogonal_(value_head.weight, 1.0)
-        nn.init.zeros_(value_head.bias)
+        if self.value_from_context:  # [x_t ; y_{t-1}]: a hidden layer mixes the step's input with the memory's
+            context_dim = memory.d_in + memory.d_out
+            self.value_head = value_head = nn.Sequential(nn.Linear(context_dim, memory.d_out), nn.Tanh(),
+                                                         nn.Linear(memory.d_out, 1))
+            nn.init.orthogonal_(value_head[0].weight, math.sqrt(2))
+            nn.init.zeros_(value_head[0].bias)
+            last = value_head[2]
+        else:
+            self.value_head = value_head = last = nn.Linear(memory.d_out, 1)
+        nn.init.orthogonal_(last.weight, 1.0)
+        nn.init.zeros_(last.bias)
         in_keys, dist_class, dist_kwargs = list(head.param_keys), head.distribution_class, head.distribution_kwargs
         if self.triggered and policy.learned:  # the action is (env action, trigger): one joint log-prob
             in_keys += ["trigger_logits", "trigger"]
@@ -147,7 +160,7 @@ class ActorCritic(nn.Module):
             spec=action_spec,
             return_log_prob=True,
         )
-        self.critic = Apply(value_head, "features", "state_value")
+        self.critic = Apply(value_head, "trigger_context" if self.value_from_context else "features", "state_value")
         self.policy = TensorDictSequential(self.backbone, self.actor, self.critic)
 
     @property

@@ -22,6 +22,13 @@ so the path runs only where chosen. The policies (``trigger=<name>``):
   resets the threshold;
 - ``always`` / ``never``: the path on every step / on none.
 
+The value never depends on the step's own trigger (a part of the action): for a memory whose gated path
+changes the output of the very step it runs on (``memory.trigger_affects_output``: STM's refinement, CMRN's
+extra experts), the features after the path do, so the agent's critic reads the decision context
+``[x_t ; y_{t-1}]`` instead (recorded as ``trigger_context`` with ``record_context=True``: exact, and free, as
+it is built for the decision anyway). For the others (DualTierMiras' deep write, DARMT's coprocessor: the
+path only changes later steps) the critic reads the features as usual.
+
 The state (the inner memory's, ``trigger_prev_y`` and the policy's own) is one flat TensorDict, so the
 PPO replay starts each slice from the stored decision context. Given stored triggers the replay runs the
 inner memory in sequence mode and recomputes the learned head's logits from the replayed outputs: the
@@ -224,10 +231,12 @@ class TriggeredMemory(MemorySystem):
     with stored ``trigger: [B, T]`` it replays them. :meth:`run` also returns what was decided:
     ``{"trigger": [B, T] bool, "trigger_logits": [B, T] (learned), "trigger_score": [B, T] (probes)}``.
     ``probe``: ``y: [N, d_out] -> uncertainty [N]`` in [0, 1] (built by the agent from its policy head).
+    ``record_context``: also record ``trigger_context: [B, T, d_in + d_out]``, the decision context
+    ``[x_t ; y_{t-1}]`` (what the critic reads for a memory whose path changes the current output).
     """
 
     def __init__(self, memory: MemorySystem, policy: TriggerPolicy,
-                 probe: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 probe: Callable[[torch.Tensor], torch.Tensor] | None = None, record_context: bool = False):
         super().__init__()
         if getattr(memory, "trigger_path", None) is None:
             raise ValueError(f"trigger={policy.name}: memory system {type(memory).__name__} has no gated path to "
@@ -235,6 +244,7 @@ class TriggeredMemory(MemorySystem):
         if policy.uses_probe and probe is None:
             raise ValueError(f"trigger={policy.name} needs a probe of the agent's previous output")
         self.memory, self.policy, self._probe = memory, policy, probe
+        self.record_context = bool(record_context)
         self.d_in, self.d_out = memory.d_in, memory.d_out
         # ``trigger_path`` stays None: here ``trigger=None`` means "the policy decides", not "always"
         self.gated_path = memory.trigger_path
@@ -281,10 +291,11 @@ class TriggeredMemory(MemorySystem):
         inner, extra_td = self._split(state)
         extra = dict(extra_td.items())
         B, T = x.shape[:2]
-        ys, fires, logits, scores = [], [], [], []
+        ys, fires, logits, scores, contexts = [], [], [], [], []
         for t in range(T):
             extra = self._reset_extra(extra, is_init[:, t], B, x.device)
             context = torch.cat([x[:, t], extra[_PREV]], -1)
+            contexts.append(context)
             score = self.score(extra[_PREV])
             policy_state = {k: v for k, v in extra.items() if k != _PREV}
             if self.policy.learned:  # the logits once: they decide and are recorded for the joint log-prob
@@ -303,6 +314,8 @@ class TriggeredMemory(MemorySystem):
             record["trigger_logits"] = torch.stack(logits, 1)
         if scores:
             record["trigger_score"] = torch.stack(scores, 1)
+        if self.record_context:
+            record["trigger_context"] = torch.stack(contexts, 1)
         return torch.cat(ys, 1), self._join(inner, extra), record
 
     def _replay(self, x, state, is_init, trigger):
@@ -311,8 +324,11 @@ class TriggeredMemory(MemorySystem):
         prev = torch.cat([extra_td[_PREV].unsqueeze(1), y[:, :-1]], 1)  # y_{t-1}; 0 where an episode starts
         prev = prev.masked_fill(is_init.unsqueeze(-1), 0.0)
         record = {"trigger": trigger}
+        context = torch.cat([x, prev], -1) if self.policy.learned or self.record_context else None
         if self.policy.learned:
-            record["trigger_logits"] = self.policy.logits(torch.cat([x, prev], -1))
+            record["trigger_logits"] = self.policy.logits(context)
+        if self.record_context:
+            record["trigger_context"] = context
         score = self.score(prev)
         if score is not None:
             record["trigger_score"] = score
@@ -344,14 +360,16 @@ class TriggeredMemory(MemorySystem):
 
 class TriggeredMemoryModule(MemoryModule):
     """:class:`~rlmem.torchrl_wrapper.MemoryModule` for a :class:`TriggeredMemory`: step mode writes the
-    decisions (``trigger``, and ``trigger_logits`` / ``trigger_score`` where the policy has them) next to
-    the features; sequence mode replays ``td["trigger"]`` and rewrites ``trigger_logits`` (with gradients)."""
+    decisions (``trigger``, and ``trigger_logits`` / ``trigger_score`` where the policy has them, and
+    ``trigger_context`` where the memory records it) next to the features; sequence mode replays
+    ``td["trigger"]`` and rewrites ``trigger_logits`` and ``trigger_context`` (with gradients)."""
 
     def __init__(self, memory: TriggeredMemory, in_key: str = "embed", out_key: str = "features"):
         super().__init__(memory, in_key, out_key)
         self.in_keys = [*self.in_keys, "trigger"]
         record = ["trigger"] + (["trigger_logits"] if memory.policy.learned else []) \
-            + (["trigger_score"] if memory.policy.uses_probe else [])
+            + (["trigger_score"] if memory.policy.uses_probe else []) \
+            + (["trigger_context"] if memory.record_context else [])
         self.out_keys = [*self.out_keys, *record]
 
     def _forward_sequence(self, td: TensorDictBase) -> TensorDictBase:

@@ -27,7 +27,8 @@ A system with an expensive path that can be switched off per row and step (a dee
 coprocessor, a refinement, extra experts) names it in ``trigger_path`` and accepts
 ``forward(x, state, is_init, trigger=None)`` with ``trigger: [B, T]`` bool: the path runs at step t of
 row b only where ``trigger[b, t]``; ``None`` runs it everywhere (the system's behaviour without
-triggers). Step mode and sequence mode agree given the same triggers. The agents turn such a trigger
+triggers). Step mode and sequence mode agree given the same triggers. A system whose path changes the
+output ``y_t`` of the step it runs on (not only later steps) sets ``trigger_affects_output = True``. The agents turn such a trigger
 into an action (``rlmem.agents.triggers``).
 ``rlmem.check_memory(memory)`` checks a system against this contract.
 """
@@ -50,6 +51,9 @@ class MemorySystem(nn.Module):
     d_out: int
     #: the expensive path ``forward(..., trigger=[B, T])`` switches per row and step (None: no such path)
     trigger_path: str | None = None
+    #: True when the gated path changes the output of the step it runs on (not only later steps): the agent's
+    #: critic then reads trigger-independent features, so the value never depends on the step's own trigger
+    trigger_affects_output: bool = False
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> TensorDict:
         """The state at an episode start: a TensorDict with ``batch_size=[batch_size]``."""

@@ -209,6 +209,9 @@ class STM(MemorySystem):
     def trigger_path(self) -> str | None:
         return None if self.diffuser is None else "Diffuser refinement"
 
+    #: the refinement changes the buffer the generator reads at the same step: y_t depends on trigger t
+    trigger_affects_output = True
+
     test_kwargs = {"d_model": 8, "n_slots": 3, "n_refine": 2, "n_heads": 2, "generator_hidden": 16,
                    "generator_layers": 1, "generator_heads": 2, "aux_coef": 0.1}
 
