@@ -1,4 +1,4 @@
-"""``scripts/evaluate.py`` on a checkpoint from a short real training run, and the ``rgb_array`` render every
+"""``rlmem-evaluate`` (rlmem.commands.evaluate) on a checkpoint from a short real training run, and the ``rgb_array`` render every
 rlmem env has (what the script's GIFs are made of).
 
 Expectations are built independently of ``rlmem.evaluate``'s episode loops: the agent is rebuilt here from
@@ -7,7 +7,6 @@ the checkpoint's configs, and per-episode returns come from a plain single-env l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from torchrl.data import Categorical
 
 import rlmem  # noqa: F401  (registers the envs)
 from rlmem.agents import ActorCritic
+from rlmem.commands import evaluate as evaluate_command
 from rlmem.evaluate import evaluate_greedy, greedy_episodes, record_episodes, write_gif
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,9 +63,17 @@ def trained(run_dir):
 
 
 def evaluate_cli(*overrides: str) -> dict:
+    """``scripts/evaluate.py`` in a subprocess: the JSON on its stdout."""
     out = script("evaluate", *overrides)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def evaluate_main(capsys, *overrides: str) -> dict:
+    """The command's ``main`` in this process: the JSON it prints."""
+    capsys.readouterr()
+    evaluate_command.main(list(overrides))
+    return json.loads(capsys.readouterr().out)
 
 
 @torch.no_grad()
@@ -107,9 +115,9 @@ def test_evaluate_run_dir_matches_evaluate_greedy_and_the_runs_own_evaluation(ru
     assert json.loads((run_dir / "eval.json").read_text()) == result
 
 
-def test_evaluate_checkpoint_file_gives_the_same_numbers(run_dir, trained):
+def test_evaluate_checkpoint_file_gives_the_same_numbers(run_dir, trained, capsys):
     agent, ckpt = trained
-    result = evaluate_cli(f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "episodes=10", "seed=123",
+    result = evaluate_main(capsys, f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}", "episodes=10", "seed=123",
                           f"out={run_dir / 'pt_eval.json'}")
     expected = evaluate_greedy(agent, ckpt["env_cfg"], 10, seed=123, success_threshold=1 - 1e-6)
     for key in ("eval_return", "eval_success", "eval_length"):
@@ -118,9 +126,9 @@ def test_evaluate_checkpoint_file_gives_the_same_numbers(run_dir, trained):
     assert json.loads((run_dir / "pt_eval.json").read_text()) == result
 
 
-def test_env_override_changes_the_evaluated_env(run_dir, trained):
+def test_env_override_changes_the_evaluated_env(run_dir, trained, capsys):
     agent, _ = trained
-    result = evaluate_cli(f"checkpoint={run_dir}", "episodes=6", "env.delay=7")
+    result = evaluate_main(capsys, f"checkpoint={run_dir}", "episodes=6", "env.delay=7")
     assert result["env_overrides"] == {"delay": 7}
     assert result["env_kwargs"]["delay"] == 7
     assert result["lengths"] == [7 + 2] * 6 and result["eval_length"] == 9.0
@@ -129,9 +137,9 @@ def test_env_override_changes_the_evaluated_env(run_dir, trained):
     assert Path(result["out"]) == run_dir / "eval_delay=7.json"
 
 
-def test_video_writes_a_gif_of_the_first_episodes(run_dir, tmp_path):
+def test_video_writes_a_gif_of_the_first_episodes(run_dir, tmp_path, capsys):
     video = tmp_path / "video"
-    result = evaluate_cli(f"checkpoint={run_dir}", "episodes=5", f"video={video}", "video_episodes=2")
+    result = evaluate_main(capsys, f"checkpoint={run_dir}", "episodes=5", f"video={video}", "video_episodes=2")
     gif = Image.open(video / "eval.gif")
     # per episode: the frame after reset and one after each of its DELAY + 2 steps
     assert gif.n_frames == result["video_frames"] == 2 * (DELAY + 3)
@@ -145,13 +153,6 @@ def test_video_writes_a_gif_of_the_first_episodes(run_dir, tmp_path):
     assert json.loads((video / "eval.json").read_text()) == result
 
 
-def load_evaluate_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def config(**overrides):
     base = {"checkpoint": None, "episodes": 4, "seed": None, "env": {}, "video": None, "video_episodes": 1,
             "fps": 4, "out": None, "threads": 1, "imports": []}
@@ -159,7 +160,7 @@ def config(**overrides):
 
 
 def test_clear_errors(run_dir, tmp_path):
-    evaluate = load_evaluate_script().evaluate
+    evaluate = evaluate_command.evaluate
     with pytest.raises(ValueError, match="checkpoint=<run dir or .pt file> is required"):
         evaluate(config())
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
@@ -184,17 +185,19 @@ def test_clear_errors(run_dir, tmp_path):
 
 def test_more_video_episodes_than_evaluated_ones(run_dir, tmp_path):
     """Recorded episode i is seeded seed + i whether or not it is one of the evaluation's."""
-    evaluate = load_evaluate_script().evaluate
+    evaluate = evaluate_command.evaluate
     result = evaluate(config(checkpoint=str(run_dir), episodes=1, video=str(tmp_path / "v"), video_episodes=3))
     assert Image.open(tmp_path / "v" / "eval.gif").n_frames == result["video_frames"] == 3 * (DELAY + 3)
     assert result["recorded_returns"][:1] == result["returns"]
 
 
-def test_errors_exit_with_code_2_and_one_line(tmp_path):
-    out = script("evaluate", f"checkpoint={tmp_path}", "episodes=3")
-    assert out.returncode == 2
-    assert out.stdout == ""
-    assert out.stderr.strip().splitlines() == [
+def test_errors_exit_with_code_2_and_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        evaluate_command.main([f"checkpoint={tmp_path}", "episodes=3"])
+    out = capsys.readouterr()
+    assert stop.value.code == 2
+    assert out.out == ""
+    assert out.err.strip().splitlines() == [
         f"evaluate: invalid configuration: checkpoint={tmp_path}: {tmp_path} holds no checkpoints/last.pt; is it a "
         "train_rl run dir? (a run writes it every logger.checkpoint_interval frames and at its end)"]
 

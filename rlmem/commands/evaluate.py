@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlmem.agents import load_trained_agent
 from rlmem.cli import CONFIG_ERRORS
-from rlmem.commands._hydra import run_hydra
+from rlmem.commands._hydra import fail, run_hydra
 from rlmem.env_factory import effective_env_kwargs, success_threshold
 from rlmem.evaluate import (
     check_same_spaces,
@@ -147,9 +147,7 @@ def _job(cfg: DictConfig) -> None:
     try:
         result = evaluate(config)
     except CONFIG_ERRORS as err:
-        message = str(err.args[0]) if len(err.args) == 1 else str(err)
-        log.error("evaluate: invalid configuration: %s", message)
-        sys.exit(2)
+        fail("evaluate", str(err.args[0]) if len(err.args) == 1 else str(err))
     print(to_json(result), end="")
 
 
