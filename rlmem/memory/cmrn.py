@@ -25,11 +25,21 @@ One step ``t`` of a row (``x_t: [d_in]``; ``d = d_model``, ``E = n_experts``, ``
    ``pattern`` (soft matching against learned prototypes).
 4. ``y_t = LayerNorm(z_t + W_o sum_{e in top-k} g_e o_e)``.
 
-**Only the chosen experts compute** (``dispatch="sparse"``, the default): per step and expert, the rows
-that chose it are gathered (``nonzero`` + ``index_select``), the expert's read, core and write run on
-those rows only, and the outputs are scattered back (``index_add``) weighted by their gates.
-``dispatch="dense"`` runs every expert on every row and masks (zero gates, writes only where chosen):
-the same numbers, kept as the reference (tests) and for the cost comparison in ``docs/cmrn.md``.
+**How it runs** (vectorized over a slice of ``T`` steps; the per-step loop it replaced is kept as the
+readable reference, :class:`rlmem.memory.reference.cmrn.CMRNReference`, and tests/test_cmrn_fast.py checks
+that both compute the same outputs, states, aux losses and gradients in float64):
+
+- clockwork layers: layer ``i`` is one ``torch.gru`` call (on the ``GRUCell``'s own weights) over only its
+  update steps, cut into segments at episode starts; between update steps it holds its last output;
+- router, top-k and gates for all steps at once; the experts' q/k/v projections are one stacked matmul;
+- memories: every step's query is scored against ``[the S slots at the slice start, the slice's T writes,
+  a zero slot]`` in one matmul; a loop over time follows only which candidate each slot holds and the
+  usage stamps (the LRU: read refresh, then the write into the least-recently-used slot); the reads are
+  one masked softmax over the held candidates and one matmul; no host syncs inside;
+- a single step (acting) runs every expert core on the whole batch, gated (zero gates where not chosen:
+  cheaper than gathering rows at this size). Over a slice, ``dispatch="sparse"`` (the default) runs each
+  core only on the tokens that chose it (one gather per expert); ``dispatch="dense"`` runs every core on
+  every token, gated: the same numbers.
 
 **Auxiliary losses** of the last ``forward`` (``aux_loss()``), over its ``N`` tokens (rows x steps):
 Switch-style load balance ``E * sum_e f_e P_e`` (``f_e`` the fraction of routed assignments that went to
@@ -55,8 +65,8 @@ State (per row; an episode start resets all of it to zeros, i.e. to ``initial_st
 - ``h: [B, L, d]`` temporal layer states, ``count: [B]`` (int64) steps since the episode start;
 - ``mem_k: [B, E, S, d_key]``, ``mem_v: [B, E, S, d]``, ``mem_used: [B, E, S]`` (int64) expert memories.
 
-Sequence mode runs the step function over time (the memories are written every step), with identical
-per-step shapes, so acting and replay compute the same numbers.
+Step mode (acting) and sequence mode (replay) compute the same numbers (up to float rounding; the usage
+stamps, hence the slots written, exactly).
 """
 
 from __future__ import annotations
@@ -243,11 +253,14 @@ class CMRN(MemorySystem):
         router_noise: scale of the noisy gating in training mode (0: none; module docstring on PPO).
         balance_coef: weight of the load-balance loss in ``aux_loss()`` (>= 0).
         z_coef: weight of the router z-loss in ``aux_loss()`` (>= 0).
-        dispatch: ``sparse`` (only chosen experts compute) or ``dense`` (all compute, masked: reference).
+        dispatch: ``sparse`` (over a slice, each core only on the tokens that chose it) or ``dense`` (every
+            core on every token, gated); the same numbers.
 
-    Cost of a step: the ``L`` GRU cells (slower ones only on rows whose update step it is, skipped when
-    no row updates), the router, and per row ``k`` experts, each an ``O(S d_key + S d)`` read, its core and
-    an ``O(d_key + d)`` write. State: ``L d + E S (d_key + d + 1) + 1`` numbers per row.
+    Cost of a step (acting): the ``L`` GRU cells and the ``E`` expert cores on every row (gated), the
+    router, per expert an ``O(S d_key + S d)`` read and an ``O(d_key + d)`` write. Over a slice of ``T``
+    steps the reads cost ``O(T (S + T) (d_key + d))`` per expert and row (scores against every candidate
+    slot), a few hundred small ops in all plus ~15 integer ops per step for the LRU.
+    State: ``L d + E S (d_key + d + 1) + 1`` numbers per row.
     """
 
     #: the trigger at step t changes y_t (more experts compute it), so a critic must not read it
