@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rlmem.env_factory import MissingDependencyError, as_observation, make_vector_env, split_env_config
+from rlmem.run_io import load_checkpoint
 
 #: what a train_rl checkpoint must hold to rebuild its agent (see ``RecurrentPPO._state``)
 CHECKPOINT_KEYS = ("agent", "agent_cfg", "env_cfg", "frames")
@@ -93,6 +94,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return candidate
     raise FileNotFoundError(f"checkpoint={path}: {given} holds no checkpoints/last.pt; is it a train_rl run dir? "
                             "(a run writes it every logger.checkpoint_interval frames and at its end)")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The train_rl checkpoint of a run dir or ``.pt`` file, loaded weights-only (a crafted file is refused
+    with a one-line :class:`~rlmem.run_io.CheckpointError` and runs nothing); raises naming what is missing."""
+    path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")
+    return ckpt
 
 
 def run_dir_of(checkpoint: Path) -> Path:

@@ -1,14 +1,17 @@
-"""Stop a training run cleanly on Ctrl-C or SIGTERM: finish the current iteration, checkpoint, exit.
+"""Stop a training run cleanly on Ctrl-C or SIGTERM: checkpoint at the next safe point, exit.
 
-The trainers poll :attr:`GracefulStop.requested` once per iteration, where the model, optimizer and
-counters are consistent, save a checkpoint there and raise :class:`TrainingInterrupted`. A second signal
-stops at once (``KeyboardInterrupt``), for a step that hangs.
+The trainers poll :attr:`GracefulStop.requested` at their safe points (RecurrentPPO: between collection
+steps and between the minibatches of an update, whose partial update it discards; the LM trainer: after
+every step), save a checkpoint there and raise :class:`TrainingInterrupted`. ``on_request`` is called at
+once with the signal (the trainers log ``stopping: ...``). A second signal stops at once
+(``KeyboardInterrupt``), for a step that hangs.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -33,8 +36,9 @@ class GracefulStop:
     signal handlers cannot be installed) this does nothing.
     """
 
-    def __init__(self):
+    def __init__(self, on_request: Callable[[int, str], None] | None = None):
         self.requested: int | None = None
+        self.on_request = on_request
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame):
@@ -42,6 +46,8 @@ class GracefulStop:
             self._restore()
             raise KeyboardInterrupt
         self.requested = signum
+        if self.on_request is not None:
+            self.on_request(signum, signal.Signals(signum).name)
 
     def __enter__(self) -> GracefulStop:
         if threading.current_thread() is not threading.main_thread():

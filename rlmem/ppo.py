@@ -15,9 +15,15 @@ One iteration (CleanRL's loop, TorchRL's pieces):
 
 Greedy evaluation episodes run every ``eval_interval`` frames. On a GPU (``device="cuda"``) the agent learns
 there while a CPU copy of it acts beside the envs (collection, evaluation), its weights refreshed after
-every update. Checkpoints are atomic; a run resumes from its last one (TensorBoard events after it are
-purged, so curves stay one clean line), a finished run is reported rather than retrained, and Ctrl-C /
-SIGTERM checkpoint before stopping.
+every update. The run's lifecycle is :class:`rlmem.run.Run`'s (shared with the LM trainer): atomic,
+weights-only checkpoints; a run resumes from its last one (TensorBoard events and ``progress.csv`` rows after
+it are purged, so curves stay one clean line); a finished run is reported rather than retrained; hooks
+(:mod:`rlmem.callbacks`, ``stop_at``) can end it.
+
+Ctrl-C / SIGTERM are checked between collection steps (``collector=sync``) and between the minibatches of an
+update: a stop during an update **discards the partial update** (the weights, optimizer, reward statistics
+and counters from before the rollout are restored and checkpointed), so a resumed run redoes that iteration
+with a fresh rollout; a stop during collection checkpoints the state after the last whole iteration.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,24 +42,24 @@ import numpy as np
 import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModuleBase
-from torch.utils.tensorboard import SummaryWriter
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import set_recurrent_mode
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
+from rlmem.agent_protocol import TrainableAgent, check_agent
+from rlmem.callbacks import Callback, build_callbacks
 from rlmem.collectors import CollectorConfig, EnvFactory, WorkerWhere, build_collector, check_collector_supports
 from rlmem.compute import ComputeMeter, TriggerCost
 from rlmem.devices import check_device
 from rlmem.env_factory import effective_env_kwargs, success_threshold
-from rlmem.validate import check_float, check_int
 from rlmem.evaluate import evaluate_greedy
-from rlmem.interrupts import GracefulStop, TrainingInterrupted
+from rlmem.interrupts import TrainingInterrupted
 from rlmem.reward_scaling import ReturnScaler
-from rlmem.run_io import (NonFiniteError, check_finite, flatten, load_checkpoint, run_dir_holds_a_run,
-                          save_checkpoint, write_metrics)
+from rlmem.run import Run
+from rlmem.run_io import NonFiniteError, check_finite, flatten
 from rlmem.torchrl_wrapper import STATE_KEY
+from rlmem.validate import check_float, check_int
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +124,39 @@ class PPOConfig:
         return cls(**cfg)
 
 
+class _UpdateDiscarded(Exception):
+    """A stop was requested between two minibatches; the partial update was undone."""
+
+
+class _CollectionStopped(Exception):
+    """A stop was requested between two collection steps (``collector=sync``)."""
+
+
 class RecurrentPPO:
-    """Trains one agent on one env; every output goes to ``run_dir``.
+    """Trains one agent on one env; every output goes to ``run_dir`` (the lifecycle of :class:`rlmem.run.Run`).
 
     ``resume``: True continues from ``run_dir/checkpoints/last.pt`` when it exists (else starts fresh);
     False starts fresh and refuses a ``run_dir`` that already holds a run; a path resumes from that
-    checkpoint. ``progress_bar``: a bar on a terminal; elsewhere (a log file) a one-line summary is logged
-    every ``summary_interval`` seconds and at each evaluation. ``config``: the resolved run config, recorded
-    in ``metrics.json`` and TensorBoard. ``collector``: where the envs step (:mod:`rlmem.collectors`;
+    checkpoint (which must have been trained with the same agent, env and trigger: the error names the keys
+    that differ). ``progress_bar``: a bar on a terminal; everywhere (log files too) a line with the percentage
+    done, frames/s and ETA is logged every ``summary_interval`` seconds and at each evaluation.
+    ``verbose``: 0 silent, 1 progress and summary (printed on stderr by the Python API, as by the command
+    line). ``callbacks``: :class:`rlmem.callbacks.Callback` hooks (``on_step``, ``on_eval``, ``on_checkpoint``;
+    returning False ends the run cleanly); ``stop_at``: e.g. ``{"eval_success": 0.95, "evals": 2}`` ends
+    the run at the 2nd consecutive evaluation with ``eval_success >= 0.95`` (:class:`rlmem.callbacks.StopAt`).
+    ``csv``: also write the logged scalars to ``run_dir/progress.csv``. ``config``: the resolved run config,
+    recorded in ``metrics.json`` and TensorBoard. ``collector``: where the envs step (:mod:`rlmem.collectors`;
     default ``{"type": "sync"}``, the trainer's own process). ``device``: where the agent learns (``"cpu"`` or
     ``"cuda[:i]"``); elsewhere than the CPU, ``acting_agent`` is a CPU copy that collects and evaluates.
+
+    The learning rate anneals linearly to 0 at the run's last frame. A finished run continued with a larger
+    ``total_frames`` anneals from the learning rate it ended with to 0 at the new end (logged as a warning),
+    never jumping back up.
     """
 
     def __init__(
         self,
-        agent,
+        agent: TrainableAgent,
         env_cfg: Mapping[str, Any],
         ppo: PPOConfig,
         run_dir: str | Path,
@@ -145,23 +168,27 @@ class RecurrentPPO:
         checkpoint_interval: int = 50_000,
         progress_bar: bool = True,
         summary_interval: float = 30.0,
+        verbose: int = 1,
+        callbacks: list[Callback] | None = None,
+        stop_at: Mapping[str, Any] | None = None,
+        csv: bool = True,
         config: Mapping[str, Any] | None = None,
         collector: Mapping[str, Any] | None = None,
         device: str | torch.device = "cpu",
     ):
+        check_agent(agent)
         check_int("seed", seed, low=0)
         check_int("total_frames", total_frames, low=1)
         check_int("logger.log_interval", log_interval, low=1)
         check_int("logger.checkpoint_interval", checkpoint_interval, low=1)
         check_float("logger.summary_interval", summary_interval, low=0.0)
-        if not isinstance(progress_bar, bool):
-            raise ValueError(f"logger.progress_bar must be true or false, got {progress_bar!r}")
-        if not isinstance(resume, (bool, str, Path)):
-            raise ValueError(f"resume must be true, false or a checkpoint path, got {resume!r}")
+        for name, value in (("logger.progress_bar", progress_bar), ("logger.csv", csv)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         self.ppo, self.env_cfg = ppo, dict(env_cfg)
         self.run_dir, self.seed, self.total_frames = Path(run_dir), seed, total_frames
         self.log_interval, self.checkpoint_interval = log_interval, checkpoint_interval
-        self.progress_bar, self.summary_interval = progress_bar, summary_interval
+        self.progress_bar, self.summary_interval, self.verbose = progress_bar, summary_interval, verbose
         self.config = dict(config or {})
         self.collector_cfg = CollectorConfig.from_mapping(collector, ppo.num_envs)
         self.device = check_device(device)
@@ -195,15 +222,17 @@ class RecurrentPPO:
         self._t0: float | None = None  # perf_counter at the start of train()
         self.next_eval = 0
         self.metrics: dict[str, Any] = {}
-        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
-        self.last_checkpoint_frames: int | None = None
-        if isinstance(resume, (str, Path)):
-            self._load(Path(resume))
-        elif resume and self.checkpoint_path.exists():
-            self._load(self.checkpoint_path)
-        elif not resume and run_dir_holds_a_run(self.run_dir):
-            raise FileExistsError(f"{self.run_dir} already holds a run; resume=true continues it (or reports it if "
-                                  "finished), or choose another run dir (hydra.run.dir=...)")
+        self.lr_schedule: dict[str, float] | None = None  # linear: from_lr at from_frames -> 0 at to_frames
+        self.stopped_by: str | None = None  # the callback that ended the run (stop_at, ...)
+        self.run = Run(self.run_dir, identity={"agent": self.agent_cfg, "env": self.env_cfg,
+                                               "trigger": self.trigger_cfg},
+                       legacy=_legacy_identity, resume=resume, unit="frames", verbose=verbose, progress_bar=progress_bar,
+                       summary_interval=summary_interval, callbacks=build_callbacks(callbacks, stop_at), csv=csv)
+        self.callbacks = self.run.callbacks
+        self.checkpoint_path = self.run.checkpoint_path
+        ckpt = self.run.restore()
+        if ckpt is not None:
+            self._load(ckpt)
         check_collector_supports(self.collector_cfg, agent, self.frames)
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -213,7 +242,6 @@ class RecurrentPPO:
             "optimizer": self.optimizer.state_dict(),
             "frames": self.frames,
             "iteration": self.iteration,
-            "wall_seconds": self.wall_seconds(),
             "next_eval": self.next_eval,
             "metrics": self.metrics,
             "agent_cfg": self.agent_cfg,
@@ -223,32 +251,27 @@ class RecurrentPPO:
             "ppo": dataclasses.asdict(self.ppo),
             "torch_rng": torch.get_rng_state(),
             "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.state_dict(),
+            "lr_schedule": self.lr_schedule,
+            "stopped_by": self.stopped_by,
         }
 
-    def _load(self, path: Path) -> None:
-        if not path.exists():
-            raise FileNotFoundError(f"resume: no checkpoint at {path}")
-        ckpt = load_checkpoint(path)
-        trigger = ckpt.get("trigger_cfg", {"policy": "always"})  # runs from before triggers existed
-        if ckpt["agent_cfg"] != self.agent_cfg or ckpt["env_cfg"] != self.env_cfg or trigger != self.trigger_cfg:
-            raise ValueError(
-                f"resume: checkpoint {path} was trained with agent={ckpt['agent_cfg']} env={ckpt['env_cfg']} "
-                f"trigger={trigger}, not agent={self.agent_cfg} env={self.env_cfg} trigger={self.trigger_cfg}; use "
-                "another run dir (hydra.run.dir=...)"
-            )
+    def _load(self, ckpt: Mapping[str, Any]) -> None:
         self.agent.load_state_dict(ckpt["agent"])
         self._sync_acting_agent()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.frames, self.iteration = ckpt["frames"], ckpt["iteration"]
         self.wall_before, self.next_eval = ckpt["wall_seconds"], ckpt["next_eval"]
-        self.metrics = ckpt["metrics"]
-        self.last_checkpoint_frames = self.frames
+        self.metrics = dict(ckpt["metrics"])
+        self.lr_schedule = ckpt.get("lr_schedule")
+        self.stopped_by = ckpt.get("stopped_by")
         torch.set_rng_state(ckpt["torch_rng"])
         if self.reward_scaler is not None and ckpt.get("reward_scaler") is not None:
+            # keeps the running variance; the per-env returns restart with the envs' fresh episodes
             self.reward_scaler.load_state_dict(ckpt["reward_scaler"])
         if self.compute_meter is not None and ckpt.get("compute_meter") is not None:
-            self.compute_meter.load_state_dict(ckpt["compute_meter"])
-        log.info("resuming from %s at frames=%d", path, self.frames)
+            state = dict(ckpt["compute_meter"])
+            state["running"] = np.asarray(state["running"], dtype=np.float64)
+            self.compute_meter.load_state_dict(state)
 
     def _make_acting_agent(self, agent):
         """Acting steps the envs one step at a time, where a GPU launch per step costs more than it computes:
@@ -260,23 +283,25 @@ class RecurrentPPO:
         if self.acting_agent is not self.agent:
             self.acting_agent.load_state_dict(self.agent.state_dict())
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self) -> bool:
+        """Returns False if a callback's ``on_checkpoint`` ends the run."""
         # a model that went non-finite must not replace the last good checkpoint
         check_finite(self.agent.state_dict(), f"agent parameters at frames={self.frames}", self._kept_checkpoint())
-        save_checkpoint(self.checkpoint_path, self._state())
-        self.last_checkpoint_frames = self.frames
+        return self.run.save(self, self.frames, self._state(), self.wall_seconds())
 
     def _kept_checkpoint(self) -> str:
-        if self.last_checkpoint_frames is None:
-            return "no checkpoint was written yet"
-        return f"the last good checkpoint {self.checkpoint_path} (frames={self.last_checkpoint_frames}) is kept"
+        return self.run.kept_checkpoint()
+
+    @property
+    def last_checkpoint_frames(self) -> int | None:
+        return self.run.last_checkpoint
 
     def wall_seconds(self) -> float:
         return self.wall_before + (0.0 if self._t0 is None else time.perf_counter() - self._t0)
 
     @property
     def finished(self) -> bool:
-        return self.frames >= self.total_frames
+        return self.frames >= self.total_frames or self.stopped_by is not None
 
     def _records(self) -> dict[str, Any]:
         """What the run really used, for ``metrics.json``."""
@@ -296,19 +321,42 @@ class RecurrentPPO:
             "config": self.config,
         }
 
+    # --- learning rate ----------------------------------------------------------------------
+    def _plan_lr_schedule(self, end: int) -> None:
+        """Linear annealing to 0 at ``end``; a run continued past the end it was planned for anneals from the
+        learning rate it stopped at (no jump back up)."""
+        if self.lr_schedule is None:
+            self.lr_schedule = {"from_frames": 0, "from_lr": self.ppo.lr, "to_frames": end}
+        elif self.lr_schedule["to_frames"] != end:
+            current = self.optimizer.param_groups[0]["lr"]
+            log.warning("total_frames changed: the learning rate anneals from its current %.3g at frames=%d to 0 "
+                        "at frames=%d (it was planned to reach 0 at frames=%d)", current, self.frames, end,
+                        self.lr_schedule["to_frames"])
+            self.lr_schedule = {"from_frames": self.frames, "from_lr": current, "to_frames": end}
+
+    def learning_rate(self, frames: int) -> float:
+        """The learning rate of the update after ``frames`` frames (constant ``ppo.lr`` without ``anneal_lr``)."""
+        if not self.ppo.anneal_lr or self.lr_schedule is None:
+            return self.ppo.lr
+        sched = self.lr_schedule
+        span = max(sched["to_frames"] - sched["from_frames"], 1)
+        return sched["from_lr"] * (1.0 - (frames - sched["from_frames"]) / span)
+
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        """Train to ``total_frames`` and return the metrics (also in ``run_dir/metrics.json``).
+        """Train to ``total_frames`` (or until a callback / ``stop_at`` ends the run) and return the metrics
+        (also in ``run_dir/metrics.json``).
 
         Raises :class:`~rlmem.interrupts.TrainingInterrupted` after checkpointing on SIGINT/SIGTERM, and
         :class:`~rlmem.run_io.NonFiniteError` (keeping the last good checkpoint) on a non-finite memory
         state, parameter or loss.
         """
-        metrics_path = self.run_dir / "metrics.json"
+        metrics_path = self.run.metrics_path
         if self.finished:
             if metrics_path.exists():
                 self.metrics = json.loads(metrics_path.read_text())
-            log.info("%s already finished, results kept: %s", self.run_dir, self.summary())
+            why = f" (ended by {self.stopped_by})" if self.stopped_by else ""
+            log.info("%s already finished%s, results kept: %s", self.run_dir, why, self.summary())
             return self.metrics
         batches = math.ceil((self.total_frames - self.frames) / self.ppo.frames_per_batch)
         end = self.frames + batches * self.ppo.frames_per_batch
@@ -316,42 +364,62 @@ class RecurrentPPO:
                                                        f"batches of {self.ppo.frames_per_batch})"
         log.info("training %s on %s from frames=%d to frames=%d%s; outputs in %s", self.agent_cfg.get("memory"),
                  self.env_cfg["id"], self.frames, end, rounding, self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._plan_lr_schedule(end)
         self.metrics.update(self._records())
-        # purge events a killed run wrote after its checkpoint (or all, when starting over)
-        writer = SummaryWriter(str(self.run_dir), purge_step=self.frames + 1 if self.frames else 0)
-        if self.frames == 0:
-            records = self._records()  # the config as given, and what it resolved to
-            params = {**records.pop("config"), "effective": records}
-            writer.add_text("hyperparameters", _markdown_table(flatten(params)))
-        show_bar = self.progress_bar and sys.stderr.isatty()
-        try:
-            with GracefulStop() as stop, logging_redirect_tqdm(), tqdm(
-                total=end, initial=self.frames, unit="frames", disable=not show_bar, dynamic_ncols=True,
-                desc=f"{self.agent_cfg.get('memory')} on {self.env_cfg['id']}",
-            ) as bar:
-                self._loop(writer, bar, stop, end)
-        finally:
-            writer.close()
+        with self.run.session(self.frames, end, f"{self.agent_cfg.get('memory')} on {self.env_cfg['id']}"):
+            if self.frames == 0:
+                records = self._records()  # the config as given, and what it resolved to
+                params = {**records.pop("config"), "effective": records}
+                self.run.text("hyperparameters", _markdown_table(flatten(params)))
+            self.callbacks.on_train_start(self)
+            self._loop(end)
+            self.callbacks.on_train_end(self)
         self.metrics["wall_seconds"] = self.wall_seconds()
-        write_metrics(metrics_path, self.metrics)
-        log.info("done: %s%s", self.summary(), rounding)
+        if self.stopped_by:
+            self.metrics["stopped_by"] = self.stopped_by
+        self.run.write_metrics(self.metrics)
+        why = f" (ended by {self.stopped_by})" if self.stopped_by else ""
+        log.info("done%s: %s%s", why, self.summary(), rounding)
         return self.metrics
 
     def summary(self) -> str:
         """One line: frames, fps, recent return and the last evaluation (integers printed as integers)."""
         m = self.metrics
-        parts = [f"frames={self.frames}", f"fps={m.get('fps', 0):.0f}",
-                 f"return={m.get('episodic_return', float('nan')):.3f}"]
-        if "eval_return" in m:
+        ret = m.get("episodic_return", float("nan"))
+        ret = "no episode finished yet" if ret is None or math.isnan(ret) else f"return={ret:.3f}"
+        parts = [f"frames={self.frames}", f"fps={m.get('fps', 0) or 0:.0f}", ret]
+        if m.get("eval_return") is not None:
             parts.append(f"eval_return={m['eval_return']:.3f}")
-            if not math.isnan(m.get("eval_success", float("nan"))):
+            if m.get("eval_success") is not None and not math.isnan(m["eval_success"]):
                 parts.append(f"eval_success={m['eval_success']:.3f}")
             parts.append(f"(eval at frames={m['eval_frames']})")
         return " ".join(parts)
 
-    def _loop(self, writer: SummaryWriter, bar: tqdm, stop: GracefulStop, end: int) -> None:
-        ppo = self.ppo
+    def _interrupted(self, signum: int):
+        return TrainingInterrupted(signum, f"frames={self.frames}", self.checkpoint_path)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What an iteration changes before and during its update, to undo a partial update."""
+        return {
+            "agent": copy.deepcopy(self.agent.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "frames": self.frames, "iteration": self.iteration, "metrics": copy.deepcopy(self.metrics),
+            "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.full_state_dict(),
+            "compute_meter": None if self.compute_meter is None else copy.deepcopy(self.compute_meter.state_dict()),
+        }
+
+    def _restore(self, snap: Mapping[str, Any]) -> None:
+        self.agent.load_state_dict(snap["agent"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self._sync_acting_agent()
+        self.frames, self.iteration, self.metrics = snap["frames"], snap["iteration"], snap["metrics"]
+        if self.reward_scaler is not None:
+            self.reward_scaler.load_full_state_dict(snap["reward_scaler"])
+        if self.compute_meter is not None:
+            self.compute_meter.load_state_dict(snap["compute_meter"])
+
+    def _loop(self, end: int) -> None:
+        ppo, run = self.ppo, self.run
         cost = []  # the trigger's compute cost, charged to the reward (the env itself is untouched)
         if self.agent.triggered and self.agent.path_cost is not None and self.agent.cost_coef > 0:
             cost = [TriggerCost(self.agent.cost_coef, self.agent.path_cost.path / 1e6)]
@@ -359,51 +427,67 @@ class RecurrentPPO:
         # a resumed run draws new episodes rather than replaying the first ones
         primer = self.acting_agent.memory_module.make_tensordict_primer()
         make_env = EnvFactory(self.env_cfg, ppo.num_envs, primer, cost, seed=self.seed + self.frames)
-        # a worker's guard cannot call back into the trainer
-        where = self._where_acting if self.collector_cfg.type == "sync" else WorkerWhere(self.agent_cfg.get("memory"))
-        collector = build_collector(self.collector_cfg, make_env, ActingGuard(self.acting_agent.policy, where),
-                                    ppo.frames_per_batch)
+        sync = self.collector_cfg.type == "sync"
+        # a worker's guard cannot call back into the trainer; the trainer's own (sync) one checks for a stop
+        # between collection steps
+        where = self._where_acting if sync else WorkerWhere(self.agent_cfg.get("memory"))
+        guard = ActingGuard(self.acting_agent.policy, where, should_stop=self._stop_collecting if sync else None)
+        collector = build_collector(self.collector_cfg, make_env, guard, ppo.frames_per_batch)
         self._t0 = time.perf_counter()
         frames_at_start = self.frames
         recent_returns: list[float] = []
         last_checkpoint = self.frames
-        last_summary = time.perf_counter()
         try:
-            if self.frames >= self.next_eval:
-                self._evaluate(writer)
-            for data in collector:
+            if self.frames >= self.next_eval and not self._evaluate():
+                return self._end_early()
+            it = iter(collector)
+            while True:
+                try:
+                    data = next(it)
+                except StopIteration:
+                    break
+                except _CollectionStopped:
+                    self._save_checkpoint()
+                    raise self._interrupted(run.stop_requested) from None
+                snap = self._snapshot()
                 data = data.reshape(ppo.num_envs, ppo.rollout_len)
                 self._check_memory_state(data)
                 if self.reward_scaler is not None:
                     reward, done = data["next", "reward"], data["next", "done"]
                     data["next", "reward"] = self.reward_scaler(reward.squeeze(-1), done.squeeze(-1)).unsqueeze(-1)
-                if ppo.anneal_lr:  # from the frames before this batch, so the last update still learns
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = ppo.lr * (1.0 - self.frames / end)
+                # from the frames before this batch, so the last update still learns
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.learning_rate(self.frames)
                 self.frames += data.numel()
                 self.iteration += 1
                 episode_returns = data["next", "episode_reward"][data["next", "done"]].tolist()
-                recent_returns = (recent_returns + episode_returns)[-100:]
                 compute = self._account_compute(data)
-                losses = self._update(data)
+                try:
+                    losses = self._update(data)
+                except _UpdateDiscarded:
+                    self._restore(snap)
+                    log.info("stopping: the partial update was discarded; checkpointing frames=%d", self.frames)
+                    self._save_checkpoint()
+                    raise self._interrupted(run.stop_requested) from None
+                recent_returns = (recent_returns + episode_returns)[-100:]
                 self._sync_acting_agent()
                 collector.update_policy_weights_()  # from the acting agent, to worker collectors
                 if cost:
                     self._warm_up_cost(cost[0])
                 fps = (self.frames - frames_at_start) / (time.perf_counter() - self._t0)
                 if self.iteration % self.log_interval == 0:
+                    scalars = {}
                     if episode_returns:
-                        writer.add_scalar("charts/episodic_return", np.mean(episode_returns), self.frames)
-                    writer.add_scalar("charts/SPS", fps, self.frames)
-                    writer.add_scalar("charts/learning_rate", self.optimizer.param_groups[0]["lr"], self.frames)
+                        scalars["charts/episodic_return"] = float(np.mean(episode_returns))
+                    scalars["charts/SPS"] = fps
+                    scalars["charts/learning_rate"] = self.optimizer.param_groups[0]["lr"]
                     if self.reward_scaler is not None:
-                        writer.add_scalar("charts/reward_scale", 1.0 / self.reward_scaler.std, self.frames)
-                    for name, value in compute.items():
-                        writer.add_scalar(f"compute/{name}", value, self.frames)
-                    for name, value in losses.items():
-                        # "memory/<key>": the memory system's own diagnostics (MemorySystem.diagnostics)
-                        writer.add_scalar(name if name.startswith("memory/") else f"losses/{name}", value,
-                                          self.frames)
+                        scalars["charts/reward_scale"] = 1.0 / self.reward_scaler.std
+                    scalars.update({f"compute/{name}": value for name, value in compute.items()})
+                    # "memory/<key>": the memory system's own diagnostics (MemorySystem.diagnostics)
+                    scalars.update({name if name.startswith("memory/") else f"losses/{name}": value
+                                    for name, value in losses.items()})
+                    run.scalars(self.frames, scalars)
                 self.metrics.update(
                     frames=self.frames, fps=fps, wall_seconds=self.wall_seconds(),
                     episodic_return=float(np.mean(recent_returns)) if recent_returns else float("nan"),
@@ -413,27 +497,38 @@ class RecurrentPPO:
                 memory_diagnostics = {k[len("memory/"):]: v for k, v in losses.items() if k.startswith("memory/")}
                 if memory_diagnostics:  # the last update's, as in TensorBoard
                     self.metrics["memory"] = memory_diagnostics
-                bar.update(data.numel())
-                bar.set_postfix(fps=f"{fps:.0f}", ret=f"{self.metrics['episodic_return']:.3f}",
-                                eval=f"{self.metrics.get('eval_success', float('nan')):.2f}")
+                ret = self.metrics["episodic_return"]
+                run.advance(data.numel(), fps=f"{fps:.0f}", ret="-" if math.isnan(ret) else f"{ret:.3f}",
+                            eval=f"{self.metrics.get('eval_success', float('nan')):.2f}")
+                go_on = self.callbacks.on_step(self)
                 evaluated = self.frames >= self.next_eval or self.frames >= end
                 if evaluated:
-                    self._evaluate(writer)
-                if evaluated or time.perf_counter() - last_summary >= self.summary_interval:
-                    log.info(self.summary())
-                    last_summary = time.perf_counter()
+                    go_on = self._evaluate() and go_on
+                if evaluated or run.summary_due():
+                    run.log_summary(self.frames, self.summary())
                 done = self.frames >= end
-                if done or stop.requested or self.frames - last_checkpoint >= self.checkpoint_interval:
-                    writer.flush()  # events up to the checkpoint are on disk before it is
-                    self._save_checkpoint()
+                if not go_on:
+                    return self._end_early()
+                if done or run.stop_requested or self.frames - last_checkpoint >= self.checkpoint_interval:
+                    if not self._save_checkpoint():  # an on_checkpoint hook ended the run
+                        return self._end_early()
                     last_checkpoint = self.frames
-                write_metrics(self.run_dir / "metrics.json", self.metrics)
+                run.write_metrics(self.metrics)
                 if done:
                     break
-                if stop.requested:
-                    raise TrainingInterrupted(stop.requested, f"frames={self.frames}", self.checkpoint_path)
+                if run.stop_requested:
+                    raise self._interrupted(run.stop_requested)
         finally:
             collector.shutdown()
+
+    def _end_early(self) -> None:
+        """A callback ended the run: checkpoint it as finished (a rerun reports it)."""
+        self.stopped_by = self.stopped_by or self.callbacks.stopped_by or "a callback"
+        log.info("stopping: %s ended the run at frames=%d", self.stopped_by, self.frames)
+        self._save_checkpoint()
+
+    def _stop_collecting(self) -> bool:
+        return self.run.stop_requested is not None
 
     def _warm_up_cost(self, cost: TriggerCost) -> None:
         """The trigger's cost ramps up linearly over its first ``cost_warmup`` frames: a path switched off
@@ -467,35 +562,47 @@ class RecurrentPPO:
             where = f"the state of memory system {self.agent_cfg.get('memory')!r} at frames={self.frames}"
             check_finite(data["next", STATE_KEY], where, self._kept_checkpoint())
 
-    def _evaluate(self, writer: SummaryWriter) -> None:
+    def _evaluate(self) -> bool:
+        """Greedy evaluation; returns False if a callback's ``on_eval`` (``stop_at``, ...) ends the run."""
         self.acting_agent.eval()
         result = evaluate_greedy(self.acting_agent, self.env_cfg, self.ppo.eval_episodes, seed=10_000 + self.seed,
                                  success_threshold=self.success_threshold)
         self.acting_agent.train()
-        writer.add_scalar("charts/eval_return", result["eval_return"], self.frames)
+        scalars = {"charts/eval_return": result["eval_return"]}
         if "eval_trigger_rate" in result and self.agent.path_cost is not None:
-            writer.add_scalar("compute/eval_trigger_rate", result["eval_trigger_rate"], self.frames)
+            scalars["compute/eval_trigger_rate"] = result["eval_trigger_rate"]
         if not math.isnan(result["eval_success"]):
-            writer.add_scalar("charts/eval_success", result["eval_success"], self.frames)
+            scalars["charts/eval_success"] = result["eval_success"]
+        self.run.scalars(self.frames, scalars)
         self.metrics.update(result)
         self.metrics["eval_frames"] = self.frames
         self.next_eval = self.frames + self.ppo.eval_interval
+        go_on = self.callbacks.on_eval(self, self.metrics)
+        if not go_on:
+            self.stopped_by = self.callbacks.stopped_by
+        return go_on
 
     @torch.no_grad()
     def _add_bootstrap_values(self, data: TensorDict) -> None:
         """``("next", "state_value")``: the next recorded value, or a fresh one where the next step is not
-        in the rollout (last column) or belongs to a new episode (truncation; after termination it is unused)."""
+        in the rollout (last column) or belongs to a new episode (truncation; after termination it is unused).
+
+        Computed under the collector's exploration type (RANDOM): a learned trigger samples its decision as
+        it did inside the rollout, rather than firing greedily (logit > 0)."""
         value = data["state_value"]
         next_value = torch.cat([value[:, 1:], torch.zeros_like(value[:, :1])], 1)
         need = data["next", "truncated"].squeeze(-1).clone()
         need[:, -1] = True
         nxt = data["next"][need].select("observation", *_state_keys(data)).to(self.device)
         nxt.set("is_init", torch.zeros(nxt.shape[0], 1, dtype=torch.bool, device=self.device))
-        self.agent.critic(self.agent.backbone(nxt))
+        with set_exploration_type(ExplorationType.RANDOM):
+            self.agent.critic(self.agent.backbone(nxt))
         next_value[need] = nxt["state_value"].to(next_value.device)
         data.set(("next", "state_value"), next_value)
 
     def _update(self, data: TensorDict) -> dict[str, float]:
+        """The PPO epochs over ``data``. Raises :class:`_UpdateDiscarded` when a stop is requested between two
+        minibatches (the caller restores the state from before the rollout)."""
         ppo = self.ppo
         self._add_bootstrap_values(data)
         with torch.no_grad():
@@ -510,6 +617,8 @@ class RecurrentPPO:
         for _ in range(ppo.epochs):
             # equal minibatches (PPOConfig checks that minibatches divides the number of slices)
             for idx in torch.randperm(slices.shape[0], device=self.device).view(ppo.minibatches, -1):
+                if self.run.stop_requested is not None:  # a safe point: the caller undoes the partial update
+                    raise _UpdateDiscarded
                 batch = slices[idx]
                 if start_states is not None:
                     batch.set(STATE_KEY, start_states[idx].unsqueeze(1).expand(*batch.batch_size))
@@ -566,12 +675,14 @@ class ActingGuard(TensorDictModuleBase):
     produced a non-finite state or output at that step. The check runs only after a failure, so acting
     costs nothing more; ``where()`` returns (where it happened, which checkpoint is kept)."""
 
-    def __init__(self, policy: TensorDictModuleBase, where):
+    def __init__(self, policy: TensorDictModuleBase, where, should_stop=None):
         super().__init__()
-        self.policy, self.where = policy, where
+        self.policy, self.where, self.should_stop = policy, where, should_stop
         self.in_keys, self.out_keys = policy.in_keys, policy.out_keys
 
     def forward(self, td):
+        if self.should_stop is not None and self.should_stop():  # Ctrl-C / SIGTERM between collection steps
+            raise _CollectionStopped
         try:
             return self.policy(td)
         except RuntimeError:
@@ -582,6 +693,12 @@ class ActingGuard(TensorDictModuleBase):
             if "features" in td.keys():
                 check_finite({"features": td["features"]}, f"the output of {where}", kept)
             raise
+
+
+def _legacy_identity(ckpt: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """Identity and progress of a checkpoint from before :class:`rlmem.run.Run` (and before triggers)."""
+    return ({"agent": ckpt["agent_cfg"], "env": ckpt["env_cfg"],
+             "trigger": ckpt.get("trigger_cfg", {"policy": "always"})}, ckpt["frames"])
 
 
 def _state_keys(data: TensorDict) -> list:

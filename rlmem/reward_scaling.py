@@ -21,7 +21,9 @@ class ReturnScaler:
     """``scale(reward, done) -> reward / max(sqrt(var(G) + eps), min_std)``, clipped to ``[-clip, clip]``.
 
     ``reward, done: [N, T]`` (N envs, T consecutive steps). Statistics are updated with the batch's returns
-    before it is scaled; ``state_dict`` / ``load_state_dict`` carry them through checkpoints.
+    before it is scaled; ``state_dict`` / ``load_state_dict`` carry them through checkpoints. A loaded state
+    keeps the running statistics but restarts the per-env discounted returns at 0: a resumed run's envs
+    start fresh episodes, which must not inherit the aborted episodes' partial returns.
     """
 
     def __init__(self, num_envs: int, gamma: float, clip: float = 10.0, eps: float = 1e-8, min_std: float = 1.0):
@@ -62,5 +64,14 @@ class ReturnScaler:
         return {"returns": self.returns.clone(), "count": self.count, "mean": self.mean, "var": self.var}
 
     def load_state_dict(self, state: dict) -> None:
+        """The running statistics of ``state``; the per-env returns restart (a resumed run's fresh episodes)."""
+        self.returns = torch.zeros_like(self.returns)
+        self.count, self.mean, self.var = float(state["count"]), float(state["mean"]), float(state["var"])
+
+    def full_state_dict(self) -> dict:
+        """Everything, the per-env returns of the running episodes included (to undo a batch in-process)."""
+        return self.state_dict()
+
+    def load_full_state_dict(self, state: dict) -> None:
         self.returns = state["returns"].clone()
         self.count, self.mean, self.var = state["count"], state["mean"], state["var"]

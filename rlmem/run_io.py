@@ -1,6 +1,12 @@
 """Run outputs shared by the training scripts: atomic checkpoints, ``metrics.json``, and the checks that
 keep a bad run from overwriting good results.
 
+Checkpoints hold only what ``torch.load(..., weights_only=True)`` accepts: tensors, dicts, lists, tuples,
+ints, floats, strings, bools and None (:func:`save_checkpoint` turns numpy arrays and scalars into tensors
+and Python numbers, and refuses anything else). They are loaded with ``weights_only=True`` and nothing
+allow-listed, so a crafted file cannot run code: it is refused with a one-line
+:class:`CheckpointError` naming the file.
+
 Files are written to a temporary file in the same directory and moved into place with ``os.replace``,
 so a run killed mid-write leaves the previous file intact.
 """
@@ -10,11 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import tempfile
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 
@@ -36,13 +44,65 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+class CheckpointError(ValueError):
+    """A file that is not an rlmem checkpoint, or carries objects rlmem does not write (refused unread)."""
+
+
+def weights_only_safe(value: Any, where: str = "checkpoint") -> Any:
+    """``value`` with numpy arrays as tensors and numpy scalars as Python numbers; raises ``TypeError``
+    naming the entry if anything else is not loadable with ``torch.load(..., weights_only=True)``."""
+    if value is None or type(value) in (bool, int, float, str):
+        return value
+    if isinstance(value, torch.Tensor) and not isinstance(value, TensorDictBase):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (torch.device, torch.dtype)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: key {k!r} of type {type(k).__name__} cannot be saved weights-only")
+            out[k] = weights_only_safe(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        items = [weights_only_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, (bool, int, float, str)):  # subclasses (IntEnum, ...): their plain value
+        return type(value).__mro__[-2](value)
+    raise TypeError(f"{where}: a {type(value).__module__}.{type(value).__qualname__} cannot be saved in a checkpoint "
+                    "(checkpoints hold only tensors, dicts, lists, numbers, strings, bools and None)")
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """``torch.save(payload)`` atomically."""
+    """``torch.save(payload)`` atomically, after :func:`weights_only_safe` (numpy -> tensors / numbers)."""
+    payload = weights_only_safe(payload, "checkpoint")
     _atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """``torch.load(path, weights_only=True)`` on the CPU. A file whose pickle holds anything else than
+    what rlmem writes (a class, a function, a numpy object of a checkpoint from before rlmem wrote only
+    tensors and numbers) is refused unread with a one-line :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as err:
+        detail = " ".join(str(err).split())
+        reason = "it carries objects rlmem does not write" if "weights_only" in detail.lower() or \
+            "unsupported global" in detail.lower() else "torch cannot read it"
+        raise CheckpointError(
+            f"{path} is not an rlmem checkpoint: {reason} ({type(err).__name__}: {detail[:160]}); it was not "
+            "loaded and nothing in it ran (checkpoints load with weights_only=True; one written by an rlmem "
+            "older than that with numpy objects in it is refused too)") from None
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(f"{path} is not an rlmem checkpoint: it holds a {type(payload).__name__}, not a dict")
+    return payload
 
 
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> None:

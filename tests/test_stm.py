@@ -85,7 +85,7 @@ def test_an_optimizer_step_changes_the_trainable_weights_but_not_the_generator()
 
 def test_the_trainers_optimizers_hold_no_generator_tensor(tmp_path):
     """Built exactly as train_rl.py and train_lm.py build them."""
-    from rlmem.lm_tasks.training import LMTrainer
+    from rlmem.lm_training import LMTrainer
     from rlmem.agents import build_agent
     from rlmem.ppo import PPOConfig, RecurrentPPO
 

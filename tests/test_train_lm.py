@@ -1,4 +1,4 @@
-"""scripts/train_lm.py and the training pieces in rlmem.lm_tasks.training."""
+"""scripts/train_lm.py and the training pieces in rlmem.lm_training."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import rlmem  # noqa: F401  (registers the memory systems)
 from rlmem.lm_tasks import build_task
 from rlmem.interrupts import TrainingInterrupted
-from rlmem.lm_tasks.training import ConfigError, LMModel, answer_loss, evaluate, run, setup
+from rlmem.lm_training import ConfigError, LMModel, answer_loss, evaluate, run, setup
 from rlmem.run_io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def train_lm(*overrides: str, timeout: float = 90) -> subprocess.CompletedProces
 def test_script_writes_outputs_and_a_gru_learns_copy_memory(tmp_path):
     proc = train_lm(
         "model=gru", "task=copy_memory", "task.n_items=3", "task.delay=2", "task.vocab_size=6",
-        "steps=300", "eval_every=100", "checkpoint_every=100", f"hydra.run.dir={tmp_path}",
+        "steps=300", "eval_interval=100", "checkpoint_interval=100", f"hydra.run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -60,8 +60,8 @@ def test_script_rejects_bad_config_before_training(tmp_path):
 
 
 def cfg(**overrides):
-    return {"model": dict(GRU), "task": dict(TINY_COPY), "steps": 10, "batch_size": 8, "eval_every": 5,
-            "eval_batches": 2, "checkpoint_every": 5, **overrides}
+    return {"model": dict(GRU), "task": dict(TINY_COPY), "steps": 10, "batch_size": 8, "eval_interval": 5,
+            "eval_batches": 2, "checkpoint_interval": 5, **overrides}
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,7 @@ def cfg(**overrides):
         ({"warmup_steps": -1}, "warmup_steps must be"),
         ({"eval_seed": 0}, "eval_seed"),
         ({"stepz": 3}, "valid: .*steps"),
+        ({"eval_every": 3}, "eval_every is now eval_interval"),  # the RL trainer's names, for both trainers
         ({"device": "tpu"}, r"device='tpu' is not a device of this machine.*valid: \['cpu'"),
         ({"device": "cuda:99"}, r"device='cuda:99' is not a device of this machine"),
     ],
@@ -99,7 +100,8 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k])
     assert resumed["eval_accuracy"] == full["eval_accuracy"]
-    with pytest.raises(ValueError, match=r"was written for .*use another run dir"):  # another task in the same run dir
+    # another task in the same run dir: refused, naming the key that differs
+    with pytest.raises(ValueError, match=r"other settings \(task\.delay: 2 -> 3; checkpoint -> now\)"):
         run(cfg(steps=12, task={**TINY_COPY, "delay": 3}), tmp_path / "split", progress=False)
 
 
@@ -173,7 +175,7 @@ def test_model_wrapper_shapes(memory):
 
 
 TINY_ARGS = ["model=gru", "task=copy_memory", "task.n_items=3", "task.delay=2", "task.vocab_size=6",
-             "eval_every=10", "checkpoint_every=10"]
+             "eval_interval=10", "checkpoint_interval=10"]
 
 
 def test_a_finished_run_is_reported_not_retrained_and_never_overwritten(tmp_path):
@@ -205,7 +207,7 @@ def test_resumed_run_counts_time_and_tokens_of_all_its_parts(tmp_path):
 
 def test_sigterm_checkpoints_and_says_how_to_resume(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "train_lm.py"), *TINY_ARGS, "steps=1000000", "checkpoint_every=100000",
+        [sys.executable, str(ROOT / "scripts" / "train_lm.py"), *TINY_ARGS, "steps=1000000", "checkpoint_interval=100000",
          f"hydra.run.dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     deadline = time.time() + 120
