@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from rlmem.memory import build_memory, check_memory
 from rlmem.memory.armt import ARMT
@@ -389,9 +391,9 @@ def test_bad_knobs_raise_naming_the_valid_range(name, kwargs, message):
 def test_bad_coproc_input_raises():
     memory = darmt(live_memory=False)
     x, is_init, coproc = batch()
-    with pytest.raises(ValueError, match=re.escape("darmt: coproc must be a bool tensor of shape [B, T]=[4, 40]")):
+    with pytest.raises(ValueError, match=re.escape("darmt: trigger must be a bool tensor of shape [B, T]=[4, 40]")):
         memory(x, memory.initial_state(4), is_init, coproc[:, :5])
-    with pytest.raises(ValueError, match="darmt: coproc must be a bool tensor"):
+    with pytest.raises(ValueError, match="darmt: trigger must be a bool tensor"):
         memory(x, memory.initial_state(4), is_init, coproc.float())
 
 
@@ -399,7 +401,9 @@ def test_bad_coproc_input_raises():
 
 def config(path: str) -> tuple[int, dict]:
     """A model or agent config as ``(d_in, memory kwargs)`` (LM: d_in = d_model; RL: encoder_dim)."""
-    cfg = yaml.safe_load((CONF / path).read_text())
+    group, name = path.split("/")
+    with initialize_config_dir(str(CONF), version_base="1.3"):  # the yaml includes its memory config
+        cfg = OmegaConf.to_container(compose(f"{group}/{Path(name).stem}"))[group]
     cfg.pop("memory")
     return (cfg.pop("d_model") if path.startswith("model/") else cfg.pop("encoder_dim")), cfg
 

@@ -21,9 +21,9 @@ for the next segment:
   more learned tokens). The seed grew the memory by ``num_latents`` each time; a recurrent state needs a
   fixed shape, so the newest latents replace the previous ones.
 
-The coprocessor is the expensive path that triggers gate: ``forward(x, state, is_init, coproc=None)``
-takes an optional ``coproc: [B, T]`` bool; a row whose segment closes at step t runs the coprocessor iff
-``coproc[b, t]`` (None: always). Otherwise its tokens are kept as they are (no fusion; in the naive variant
+The coprocessor is the expensive path that triggers gate: ``forward(x, state, is_init, trigger=None)``
+takes an optional ``trigger: [B, T]`` bool; a row whose segment closes at step t runs the coprocessor iff
+``trigger[b, t]`` (None: always). Otherwise its tokens are kept as they are (no fusion; in the naive variant
 the previous latents stay). The coprocessor runs once per closing step (step mode) or closing round
 (sequence mode) on the chosen rows only, and not at all when no row chooses it. Step mode equals sequence
 mode, which stays round-parallel (ARMT's rounds; the coprocessor runs inside the round).
@@ -128,7 +128,7 @@ class DARMT(ARMT):
 
     State: ARMT's (``A, z, cache, pos``) plus ``mem: [B, M', d_model]`` (``M' = num_mem_tokens``, naive:
     ``num_mem_tokens + num_latents``), the memory tokens of the running segment.
-    ``forward(x, state, is_init, coproc=None)``: ``coproc: [B, T]`` bool gates the coprocessor per row and
+    ``forward(x, state, is_init, trigger=None)``: ``trigger: [B, T]`` bool gates the coprocessor per row and
     step (read where a segment closes).
     """
 
@@ -168,20 +168,16 @@ class DARMT(ARMT):
         state["mem"] = self.mem_tokens.to(device).expand(batch_size, -1, -1).clone()  # learned: has gradients
         return state
 
-    def forward(self, x, state, is_init, coproc=None, trigger=None):
-        """``coproc`` / ``trigger`` (the contract's name; give one): ``[B, T]`` bool or None (always) switches
-        the coprocessor per row at the steps that close a segment."""
+    def forward(self, x, state, is_init, trigger=None):
+        """``trigger``: ``[B, T]`` bool or None (always) switches the coprocessor per row at the steps that
+        close a segment."""
         check_inputs(self, x, state, is_init)
-        if trigger is not None:
-            if coproc is not None:
-                raise ValueError(f"{self.registry_name}: give coproc or trigger, not both (they are the same switch)")
-            coproc = trigger
-        if coproc is not None and (coproc.dtype != torch.bool or coproc.shape != is_init.shape):
-            raise ValueError(f"{self.registry_name}: coproc must be a bool tensor of shape [B, T]="
-                             f"{list(is_init.shape)} or None, got {coproc.dtype} {list(coproc.shape)}")
+        if trigger is not None and (trigger.dtype != torch.bool or trigger.shape != is_init.shape):
+            raise ValueError(f"{self.registry_name}: trigger must be a bool tensor of shape [B, T]="
+                             f"{list(is_init.shape)} or None, got {trigger.dtype} {list(trigger.shape)}")
         if x.shape[1] == 1:
-            return self._step(x, state, is_init[:, 0], None if coproc is None else coproc[:, 0])
-        return self._sequence(x, state, is_init, coproc)
+            return self._step(x, state, is_init[:, 0], None if trigger is None else trigger[:, 0])
+        return self._sequence(x, state, is_init, trigger)
 
     def _next_tokens(self, tokens, out, A, z, rows, n_rows):
         """ARMT's hook: the coprocessor (and fusion) for the ``rows`` only; the other rows keep their tokens."""
