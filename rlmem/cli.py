@@ -82,7 +82,17 @@ def resume_command(run_dir: Path) -> str:
     default, so rerunning it continues from the checkpoint)."""
     overrides = [o for o in HydraConfig.get().overrides.task
                  if not o.split("=", 1)[0].lstrip("+~") in ("resume", "hydra.run.dir")]
-    return shlex.join([Path(sys.executable).name, sys.argv[0], *overrides, f"hydra.run.dir={run_dir}"])
+    return shlex.join([*_invocation(), *overrides, f"hydra.run.dir={run_dir}"])
+
+
+def _invocation() -> list[str]:
+    """How this command was started: ``python -m rlmem.commands.<name>``, a console script, or a script."""
+    started = Path(sys.argv[0])
+    if started.suffix == ".py" and started.resolve().parent == Path(__file__).resolve().parent / "commands":
+        return [Path(sys.executable).name, "-m", f"rlmem.commands.{started.stem}"]
+    if started.suffix != ".py" and started.name.startswith("rlmem-"):
+        return [started.name]  # a console script on the PATH
+    return [Path(sys.executable).name, sys.argv[0]]
 
 
 class ReportFailedJobs(Callback):

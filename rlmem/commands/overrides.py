@@ -78,15 +78,18 @@ def _parse(args: Sequence[str]) -> list[tuple[int, str, str, str]]:
     """``(index, prefix, key, value)`` of every ``[+|++|~]key=value`` override (flags and their values skipped)."""
     parsed, skip = [], False
     for i, arg in enumerate(args):
-        if skip:
+        if skip and "=" not in arg:  # the value of a flag like --cfg job
             skip = False
             continue
+        skip = False
         if arg.startswith("-"):
             skip = arg in _FLAGS_WITH_VALUE
             continue
         if "=" not in arg:
             continue
         key, value = arg.split("=", 1)
+        if "/" in key:  # hydra/launcher=..., group/sub=...: Hydra's own
+            continue
         prefix = key[: len(key) - len(key.lstrip("+~"))]
         parsed.append((i, prefix, key[len(prefix):], value))
     return parsed
