@@ -174,7 +174,8 @@ class ActorCritic(nn.Module):
         if isinstance(self.memory, TriggeredMemory) and "trigger_score" in data.keys():
             calibrate = getattr(self.memory.policy, "calibrate", None)
             if calibrate is not None:
-                calibrate(data["trigger_score"])
+                is_init = data.get("is_init", None)
+                calibrate(data["trigger_score"], None if is_init is None else is_init.reshape(data.batch_size))
 
     @property
     def config(self) -> dict[str, Any]:

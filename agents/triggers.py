@@ -14,7 +14,8 @@ so the path runs only where chosen. The policies (``trigger=<name>``):
 - ``meco`` (after MeCo, training-free): a probe score of the previous output (the policy's normalized
   entropy, ``1 - max prob``, or the hidden-state variance), fire above a high threshold, not below a low
   one, in between keep the previous decision; the thresholds are quantiles of the scores of the previous
-  rollout (a held-out batch of states), placed so that about ``target_rate`` of steps fire;
+  rollout (a held-out batch of states), ``margin`` of them in the band, placed by running the rule over that
+  rollout so that ``target_rate`` of its steps fire;
 - ``ars`` (after Adaptive Reasoning Suppression): certainty ``1 - normalized entropy`` is checked every
   ``checkpoint_every`` steps of an episode; while it stays at or above the threshold the path is
   suppressed and the threshold tightens (drops by ``tighten`` per checkpoint, down to ``floor``), so
@@ -143,17 +144,74 @@ class MeCo(TriggerPolicy):
         fire = (score > self.hi) | ((score >= self.lo) & state["trigger_last"]) if forced is None else forced
         return fire, {"trigger_last": fire}
 
+    #: candidate threshold placements per search round (:meth:`calibrate`), and rounds
+    _GRID, _ROUNDS = 33, 3
+
     @torch.no_grad()
-    def calibrate(self, scores: torch.Tensor) -> None:
-        """Place ``lo < hi`` at the quantiles ``1 - target_rate -+ margin / 2`` of ``scores`` (any shape)."""
-        flat = scores.detach().flatten().float()
-        if flat.numel() == 0:
+    def calibrate(self, scores: torch.Tensor, is_init: torch.Tensor | None = None) -> None:
+        """Place ``lo <= hi`` so that the hysteresis fires on ``target_rate`` of the steps of ``scores``.
+
+        ``scores: [N, T]`` (rows of consecutive steps, as a rollout; a 1-d tensor is one sequence),
+        ``is_init: [N, T]``: where episodes start (the decision state resets to "fired"; without it only
+        t=0). The band between ``lo`` and ``hi`` holds ``margin`` of the scores (``lo = quantile(a)``,
+        ``hi = quantile(a + margin)``); ``a`` is found by running the dual-threshold rule over the held-out
+        sequences (vectorized over candidate placements) and taking the placement whose firing rate is
+        ``target_rate``. Quantiles alone (``1 - target_rate -+ margin / 2``) miss it: steps in the band keep
+        the previous decision, which pulls the rate toward the band's side of 0.5 (target 0.05 fired on
+        0.9% of the steps, 0.9 on 100%). Autocorrelated scores are handled, as the simulation follows them.
+        """
+        seq = scores.detach().float()
+        seq = seq.reshape(1, -1) if seq.dim() < 2 else seq.reshape(-1, seq.shape[-1])
+        finite = seq[torch.isfinite(seq)]
+        if finite.numel() == 0:
             return
-        q = torch.tensor([1 - self.target_rate - self.margin / 2, 1 - self.target_rate + self.margin / 2],
-                         device=flat.device)
-        lo, hi = torch.quantile(flat, q.clamp(0.0, 1.0)).tolist()
-        self.lo.fill_(lo)
-        self.hi.fill_(hi)
+        if self.target_rate <= 0.0 or self.target_rate >= 1.0:  # never / always, whatever the scores
+            value = math.inf if self.target_rate <= 0.0 else -math.inf
+            self.lo.fill_(value)
+            self.hi.fill_(value)
+            return
+        starts = torch.zeros(seq.shape, dtype=torch.bool)
+        if is_init is not None and is_init.numel() == seq.numel():
+            starts = is_init.detach().reshape(seq.shape).bool().cpu()
+        seq = seq.cpu()
+        margin = min(self.margin, 1.0)
+        left, right = 0.0, 1.0 - margin  # a = 0: the most firing, 1 - margin: the least
+        best = (left, math.inf)
+        for _ in range(self._ROUNDS):
+            a = torch.linspace(left, right, self._GRID, dtype=torch.float64)
+            rates = self._simulate(seq, starts, finite, a, margin)  # [K], non-increasing in a
+            error = (rates - self.target_rate).abs()
+            k = int(error.argmin())
+            if float(error[k]) < best[1]:
+                best = (float(a[k]), float(error[k]))
+            above = (rates >= self.target_rate).nonzero()
+            i = int(above[-1]) if above.numel() else 0  # the last placement still firing at least the target
+            left, right = float(a[i]), float(a[min(i + 1, self._GRID - 1)])
+            if right <= left:
+                break
+        lo, hi = self._thresholds(finite, torch.tensor([best[0]], dtype=torch.float64), margin)
+        self.lo.fill_(float(lo[0]))
+        self.hi.fill_(float(hi[0]))
+
+    @staticmethod
+    def _thresholds(finite: torch.Tensor, a: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.cat([a, (a + margin).clamp(max=1.0)]).to(torch.float64)
+        values = torch.quantile(finite.cpu().double(), q)
+        return values[: a.numel()], values[a.numel():]
+
+    def _simulate(self, seq: torch.Tensor, starts: torch.Tensor, finite: torch.Tensor, a: torch.Tensor,
+                  margin: float) -> torch.Tensor:
+        """Firing rate of the dual-threshold rule over ``seq: [N, T]`` for each placement ``a: [K]``."""
+        lo, hi = self._thresholds(finite, a, margin)
+        lo, hi = lo.float().unsqueeze(1), hi.float().unsqueeze(1)  # [K, 1]
+        last = torch.ones(a.numel(), seq.shape[0], dtype=torch.bool)
+        fired = torch.zeros(a.numel(), seq.shape[0])
+        for t in range(seq.shape[1]):
+            last = last | starts[:, t]
+            s = seq[:, t]
+            last = (s > hi) | ((s >= lo) & last)
+            fired += last
+        return fired.sum(1).double() / seq.numel()
 
 
 class ARS(TriggerPolicy):

@@ -149,9 +149,12 @@ def test_greedy_evaluation_reports_the_trigger_rate():
 def test_meco_dual_threshold_and_calibration():
     meco = MeCo(target_rate=0.3, margin=0.2)
     assert math.isinf(meco.hi)  # uncalibrated: every step fires
-    scores = torch.arange(1000, dtype=torch.float32) / 999
+    scores = torch.rand(64, 500, generator=torch.Generator().manual_seed(0))  # i.i.d. uniform
     meco.calibrate(scores)
-    assert meco.lo.item() == pytest.approx(0.6, abs=1e-3) and meco.hi.item() == pytest.approx(0.8, abs=1e-3)
+    # i.i.d. scores: the two-threshold chain fires at p_up / (p_up + p_down), p_up = 1 - F(hi), p_down = F(lo);
+    # with margin m of the mass in the band that is target r for hi = F^-1(1 - r (1 - m)), lo = F^-1((1 - r)(1 - m))
+    assert meco.lo.item() == pytest.approx(0.56, abs=0.02) and meco.hi.item() == pytest.approx(0.76, abs=0.02)
+    assert meco.hi.item() - meco.lo.item() == pytest.approx(0.2, abs=0.01)
     state = {"trigger_last": torch.tensor([True, False, True, False])}
     score = torch.tensor([0.9, 0.9, 0.7, 0.7])
     fire, state = meco.decide(None, score, state)
@@ -307,11 +310,13 @@ def test_meco_calibrates_on_each_rollout_while_training(tmp_path):
     agent = build_agent(INFINITY, ENV, {"policy": "meco", "probe": "hidden_var", "target_rate": 0.4})
     seen = []
     original = agent.after_rollout
-    agent.after_rollout = lambda data: (seen.append(data["trigger_score"].clone()), original(data))
+    agent.after_rollout = lambda data: (seen.append(data.select("trigger_score", "is_init").clone()), original(data))
     RecurrentPPO(agent, ENV, PPOConfig(**SMALL), tmp_path, total_frames=128, progress_bar=False).train()
     meco = agent.memory.policy
-    expected = torch.quantile(seen[-1].flatten(), torch.tensor([0.5, 0.7]))
-    torch.testing.assert_close(torch.stack([meco.lo, meco.hi]), expected)
+    fresh = MeCo(probe="hidden_var", target_rate=0.4)
+    fresh.calibrate(seen[-1]["trigger_score"], seen[-1]["is_init"].reshape(seen[-1].batch_size))
+    assert math.isfinite(meco.lo) and meco.lo <= meco.hi
+    torch.testing.assert_close(torch.stack([meco.lo, meco.hi]), torch.stack([fresh.lo, fresh.hi]))
 
 
 @pytest.mark.parametrize("memory, own", [("darmt", "coproc"), ("stm", "refine"), ("cmrn", "top_k")])
