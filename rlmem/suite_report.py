@@ -3,11 +3,21 @@
 Every number comes from the runs' own ``metrics.json`` and TensorBoard events. The score of a train_rl run
 is its greedy ``eval_success`` (``eval_return`` for envs without a success flag), of a train_lm run its
 ``eval_accuracy``; ``frames`` counts env steps (train_rl) or trained tokens (train_lm).
+
+How the results are made to read honestly:
+
+- a score is shown beside the env's own chance and optimal levels (:func:`score_bounds`): success plots
+  have the fixed y axis ``[chance, optimal]``, and every score plot draws both levels as horizontal lines;
+- in a table row, only a *unique* best mean that is *above chance* is bold: when several agents share the
+  best value none is bold (a tie is no winner), and a best at or below chance is no result either;
+- one seed is written as what it is (``seed 0``, no ``± std``); several as ``mean ± std over seeds ..``;
+- agents whose curves overlap stay visible: each has its own marker and line style, drawn semi-transparent.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -32,6 +42,109 @@ CURVE_TAGS = {"train_rl": ("charts/eval_success", "charts/eval_return"), "train_
 
 def knob_text(knobs: Sequence[tuple[str, Any]]) -> str:
     return " ".join(f"{k}={v}" for k, v in knobs) or "-"
+
+
+#: episodes of the uniformly random policy behind a success score's chance level (when not exact)
+CHANCE_EPISODES = 1000
+#: steps after which that measurement gives up (an env whose random episodes do not end)
+CHANCE_MAX_STEPS = 100_000
+#: per agent in a plot: a marker and a line style of its own, so overlapping curves stay visible
+MARKERS = "osD^vP*Xh<>"
+LINESTYLES = ("-", "--", "-.", ":")
+#: the levels' line style in the plots
+CHANCE_STYLE = {"color": "firebrick", "linestyle": "--", "linewidth": 1, "alpha": 0.8}
+OPTIMAL_STYLE = {"color": "forestgreen", "linestyle": "--", "linewidth": 1, "alpha": 0.8}
+
+
+def _env_config(env: str, knobs: str) -> dict[str, Any]:
+    """The env config a suite run uses: ``rlmem/conf/env/<env>.yaml`` with the run's knobs (``knob_text``)."""
+    from importlib import resources
+
+    import yaml
+
+    cfg = yaml.safe_load((resources.files("rlmem.conf") / "env" / f"{env}.yaml").read_text())
+    for item in ("" if knobs in ("", "-") else knobs).split():
+        key, _, value = item.partition("=")
+        cfg[key] = yaml.safe_load(value)
+    return cfg
+
+
+@functools.cache
+def score_bounds(script: str, env: str, knobs: str, score_name: str) -> tuple[float, float] | None:
+    """``(chance, optimal)`` of a score in its own units, from the env, or None when the env does not say.
+
+    ``eval_return``: the task's ``chance_return()`` and ``optimal_return()``. ``eval_success`` (an episode
+    succeeds at the optimal return, :func:`rlmem.env_factory.success_threshold`): optimal 1; chance the success
+    rate of the uniformly random policy. The env documents its chance *return*, not that rate: when the random
+    policy's episodes end either at the optimal return or at one other return ``f`` (DelayedCue: 1 or 0), the
+    rate is exact, ``(chance_return - f) / (optimal - f)``; otherwise it is measured over ``CHANCE_EPISODES``
+    random episodes (seed 0). Only rlmem tasks (``rlmem/...`` ids) know these levels; LM scores have none here.
+    """
+    if script not in ("train_rl", "sb3_reference") or score_name not in ("eval_return", "eval_success"):
+        return None
+    try:
+        cfg = _env_config(env, knobs)
+    except (OSError, ValueError):  # an env outside rlmem/conf/env: nothing known
+        return None
+    import gymnasium as gym
+
+    from rlmem.envs.core import TaskVectorEnv
+    from rlmem.env_factory import split_env_config
+
+    env_id, kwargs = split_env_config(cfg)
+    if not env_id.startswith("rlmem/"):
+        return None
+    vec_cls = gym.envs.registration.load_env_creator(gym.spec(env_id).vector_entry_point)
+    if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
+        return None
+    task = vec_cls.task_cls(num_envs=1, **kwargs)
+    chance, optimal = float(task.chance_return()), float(task.optimal_return())
+    if score_name == "eval_return":
+        return chance, optimal
+    return _chance_success(vec_cls, kwargs, chance, optimal), 1.0
+
+
+def _chance_success(vec_cls, kwargs: dict[str, Any], chance_return: float, optimal: float) -> float:
+    """The success rate of the uniformly random policy (see :func:`score_bounds`)."""
+    n = CHANCE_EPISODES
+    vec = vec_cls(num_envs=n, **kwargs)
+    vec.reset(seed=0)
+    rng = np.random.default_rng(0)
+    returns, done = np.zeros(n), np.zeros(n, dtype=bool)
+    for _ in range(CHANCE_MAX_STEPS):
+        _, reward, terminated, truncated, _ = vec.step(rng.integers(vec.single_action_space.n, size=n))
+        returns += np.where(done, 0.0, reward)  # each row's first episode only
+        done |= terminated | truncated
+        if done.all():
+            break
+    returns = returns[done]
+    success = returns >= optimal - 1e-6
+    failures = np.unique(returns[~success])
+    if success.any() and len(failures) == 1 and optimal != failures[0]:  # two outcomes: exact from the env
+        return float((chance_return - failures[0]) / (optimal - failures[0]))
+    return float(success.mean()) if len(returns) else 0.0
+
+
+def seeds_text(seeds: Sequence[Any]) -> str:
+    """``seed 0`` for one seed, ``mean ± std over seeds 0, 1, 2`` for several."""
+    seeds = sorted(set(seeds), key=str)
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return f"mean ± std over seeds {', '.join(map(str, seeds))}"
+
+
+def best_to_bold(means: dict[str, float], chance: float | None) -> str | None:
+    """The agent whose mean is bold in a table row: the unique best, and only above chance; else None.
+
+    A tie at the best value (every DelayedCue run of ``suite=smoke`` scored 0.1875) bolds no one: a shared
+    best is no winner. A best at or below the env's chance level bolds no one either."""
+    if not means:
+        return None
+    best = max(means.values())
+    at_best = [a for a, m in means.items() if math.isclose(m, best, rel_tol=1e-9, abs_tol=1e-12)]
+    if len(at_best) > 1 or (chance is not None and best <= chance + 1e-9):
+        return None
+    return at_best[0]
 
 
 def result_row(run: SuiteRun, suite_dir: Path, failed: bool = False) -> dict[str, Any]:
@@ -156,22 +269,25 @@ def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float | N
         group_rows = [r for r in rows if r["group"] == group]
         agents = list(dict.fromkeys(r["agent"] for r in group_rows))
         score_name = next((r["score_name"] for r in group_rows if r.get("score_name")), "score")
-        seeds = sorted({r["seed"] for r in group_rows})
-        lines += [f"## {group}: {score_name} (mean ± std over seeds {', '.join(map(str, seeds))})", "",
-                  "| env | knobs | " + " | ".join(agents) + " |", "|---|---|" + "---|" * len(agents)]
+        script = next((r["script"] for r in group_rows if r.get("script")), "")
+        lines += [f"## {group}: {score_name} ({seeds_text([r['seed'] for r in group_rows])})", "",
+                  "Bold: the unique best mean of a row, if above chance (a tie or a best at chance is not bold).", "",
+                  "| env | knobs | chance | optimal | " + " | ".join(agents) + " |",
+                  "|---|---|---|---|" + "---|" * len(agents)]
         for env, knobs in dict.fromkeys((r["env"], r["knobs"]) for r in group_rows):
             cells = {a: by_group[group].get((env, knobs, a)) for a in agents}
-            means = {a: np.mean(v) for a, v in cells.items() if v}
-            best = max(means.values()) if means else None
+            bounds = score_bounds(script, env, knobs, score_name)
+            bold = best_to_bold({a: float(np.mean(v)) for a, v in cells.items() if v}, bounds and bounds[0])
             texts = []
             for a in agents:
                 if not cells[a]:
                     texts.append("-")
                     continue
                 mean, std = _mean_std(cells[a])
-                text = f"{mean:.3g} ± {std:.2g}"
-                texts.append(f"**{text}**" if math.isclose(mean, best) else text)
-            lines.append(f"| {env} | {knobs} | " + " | ".join(texts) + " |")
+                text = f"{mean:.3g} ± {std:.2g}" if len(cells[a]) > 1 else f"{mean:.3g}"  # one seed has no std
+                texts.append(f"**{text}**" if a == bold else text)
+            levels = " | ".join(f"{v:.3g}" for v in bounds) if bounds else "- | -"
+            lines.append(f"| {env} | {knobs} | {levels} | " + " | ".join(texts) + " |")
         lines.append("")
         found = horizon(rows, group)
         if found:
@@ -198,7 +314,24 @@ def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float | N
 
 
 def _fmt(value: float | None) -> str:
-    return "none" if value is None else f"{value:g}"
+    return "not solved" if value is None else f"{value:g}"
+
+
+def _style(i: int) -> dict[str, Any]:
+    """Plot style of the i-th agent: its own marker and line style, semi-transparent."""
+    return {"marker": MARKERS[i % len(MARKERS)], "linestyle": LINESTYLES[i % len(LINESTYLES)], "alpha": 0.8,
+            "markersize": 4}
+
+
+def _draw_levels(ax, bounds: tuple[float, float] | None, fix_axis: bool) -> None:
+    """Horizontal chance and optimal lines; ``fix_axis``: the y axis is exactly ``[chance, optimal]``."""
+    if bounds is None:
+        return
+    chance, optimal = bounds
+    ax.axhline(chance, label=f"chance {chance:.3g}", **CHANCE_STYLE)
+    ax.axhline(optimal, label=f"optimal {optimal:.3g}", **OPTIMAL_STYLE)
+    if fix_axis and optimal > chance:
+        ax.set_ylim(chance, optimal)
 
 
 def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, path: Path) -> bool:
@@ -210,29 +343,36 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
     from matplotlib.ticker import EngFormatter
 
     curves: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = defaultdict(lambda: defaultdict(list))
-    tag = None
+    panel_env: dict[str, tuple[str, str, str]] = {}
+    tag, seeds = None, set()
     for run in runs:
         if run.group != group:
             continue
         found = learning_curve(run, suite_dir)
         if found is not None and len(found[1]):
             tag = found[0]
-            curves[f"{run.env} {knob_text(run.knobs)}".strip(" -")][run.label].append(found[1:])
+            panel = f"{run.env} {knob_text(run.knobs)}".strip(" -")
+            curves[panel][run.label].append(found[1:])
+            panel_env[panel] = (run.script, run.env, knob_text(run.knobs))
+            seeds.add(run.seed)
     if not curves:
         return False
+    score_name = tag.split("/")[-1]
+    many = len(seeds) > 1
     n = len(curves)
     cols = min(n, 4)
     # at least 6 inches wide: the title fits above a single panel
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(max(4 * cols, 6), 3 * math.ceil(n / cols)),
                              squeeze=False)
     for ax, (panel, by_agent) in zip(axes.flat, curves.items()):
-        for agent, seeds in by_agent.items():
-            length = min(len(x) for x, _ in seeds)  # seeds of one setting evaluate at the same frames
-            x = seeds[0][0][:length]
-            ys = np.stack([y[:length] for _, y in seeds])
-            ax.plot(x, ys.mean(0), label=agent)
-            if len(seeds) > 1:
-                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
+        for i, (agent, found) in enumerate(by_agent.items()):
+            length = min(len(x) for x, _ in found)  # seeds of one setting evaluate at the same frames
+            x = found[0][0][:length]
+            ys = np.stack([y[:length] for _, y in found])
+            (line,) = ax.plot(x, ys.mean(0), label=agent, **_style(i))
+            if len(found) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.15, color=line.get_color())
+        _draw_levels(ax, score_bounds(*panel_env[panel], score_name), fix_axis=score_name == "eval_success")
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel("frames" if tag.startswith("charts") else "steps")
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 100k, 1M: frame counts fit under a small panel
@@ -241,7 +381,9 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"{group}: learning curves (mean over seeds, band = min..max)", fontsize=10)
+    what = f"mean over seeds {', '.join(map(str, sorted(seeds, key=str)))}, band = min..max" if many else \
+        seeds_text(seeds)
+    fig.suptitle(f"{group}: learning curves ({what})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -259,22 +401,38 @@ def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, thresho
     import matplotlib.pyplot as plt
 
     knob, curves = found
-    score_name = next((r["score_name"] for r in rows if r["group"] == group and r.get("score_name")), "score")
+    group_rows = [r for r in rows if r["group"] == group]
+    score_name = next((r["score_name"] for r in group_rows if r.get("score_name")), "score")
+    many = len({r["seed"] for r in group_rows}) > 1
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for agent, curve in curves.items():
+    for i, (agent, curve) in enumerate(curves.items()):
         xs = sorted(curve)
         means = np.array([curve[x][0] for x in xs])
         stds = np.array([curve[x][1] for x in xs])
-        ax.plot(xs, means, marker="o", label=f"{agent} (solved up to {_fmt(largest_solved(curve, threshold))})")
-        ax.fill_between(xs, means - stds, means + stds, alpha=0.15)
+        solved = largest_solved(curve, threshold)
+        label = f"{agent} (not solved)" if solved is None else f"{agent} (solved up to {solved:g})"
+        (line,) = ax.plot(xs, means, label=label, **_style(i))
+        if many:
+            ax.fill_between(xs, means - stds, means + stds, alpha=0.15, color=line.get_color())
     ax.axhline(threshold, color="gray", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
     values = sorted({x for curve in curves.values() for x in curve})
+    # the levels of every swept value: one pair of lines when the sweep leaves them alone (a delay), else steps
+    env_knobs = {float(r["knobs"].split("=")[1]): (r["script"], r["env"], r["knobs"]) for r in group_rows}
+    bounds = {v: score_bounds(*env_knobs[v], score_name) for v in values if v in env_knobs}
+    if bounds and None not in bounds.values() and len(set(bounds.values())) == 1:
+        _draw_levels(ax, next(iter(bounds.values())), fix_axis=score_name == "eval_success")
+    elif bounds and None not in bounds.values():
+        xs = sorted(bounds)
+        ax.plot(xs, [bounds[x][0] for x in xs], drawstyle="steps-mid", label="chance", **CHANCE_STYLE)
+        ax.plot(xs, [bounds[x][1] for x in xs], drawstyle="steps-mid", label="optimal", **OPTIMAL_STYLE)
+        if score_name == "eval_success":
+            ax.set_ylim(min(b[0] for b in bounds.values()), max(b[1] for b in bounds.values()))
+    ax.set_xscale("log")
     ax.set_xticks(values, [f"{v:g}" for v in values])
     ax.minorticks_off()
     ax.set_xlabel(knob)
     ax.set_ylabel(score_name)
-    ax.set_title(f"{group}: memory horizon", fontsize=10)
+    ax.set_title(f"{group}: memory horizon ({seeds_text([r['seed'] for r in group_rows])})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -287,10 +445,12 @@ def plot_return_vs_compute(rows: Sequence[dict[str, Any]], group: str, path: Pat
     """Eval return vs memory FLOPs per eval episode, a point per agent (mean over seeds, std as error bars),
     a panel per env; only for groups whose runs report compute."""
     points: dict[str, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    env_bounds: dict[str, tuple[float, float] | None] = {}
     for row in rows:
         if row["group"] == group and row["status"] == "finished" and row.get("eval_episode_flops") not in (None, ""):
             env = f"{row['env']} {row['knobs']}".strip(" -")
             points[env][row["agent"]].append((float(row["eval_episode_flops"]), float(row["eval_return"])))
+            env_bounds[env] = score_bounds(row["script"], row["env"], row["knobs"], "eval_return")
     if not points:
         return False
     import matplotlib
@@ -305,6 +465,7 @@ def plot_return_vs_compute(rows: Sequence[dict[str, Any]], group: str, path: Pat
             flops, returns = np.array(values).T
             ax.errorbar(flops.mean() / 1e6, returns.mean(), xerr=flops.std() / 1e6, yerr=returns.std(),
                         fmt=markers[i % len(markers)], markersize=9 - 0.5 * (i % 6), alpha=0.8, capsize=3, label=agent)
+        _draw_levels(ax, env_bounds.get(env), fix_axis=False)
         ax.set(title=env, xlabel="memory MFLOPs per eval episode", ylabel="eval return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
