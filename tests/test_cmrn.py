@@ -198,8 +198,8 @@ def test_router_picks_the_top_k_logits_and_renormalizes_their_gates():
         expert.core.register_forward_hook(lambda m, i, o, e=e: calls.append((e, o)))
     x = torch.randn(1, 1, D_IN, dtype=torch.float64)
     y, _ = memory(x, memory.initial_state(1), torch.ones(1, 1, dtype=torch.bool))
-    # a single step runs every core on the batch (cheaper than a gather); only the chosen ones count:
-    # recompute the output with the gates softmax([3, 2]) from the recorded outputs of experts 1 and 2
+    assert sorted(e for e, _ in calls) == [1, 2]
+    # recompute the output with the gates softmax([3, 2]) from the recorded expert outputs
     out = dict(calls)
     g1, g2 = torch.softmax(torch.tensor([3.0, 2.0], dtype=torch.float64), 0)
     moe = g1 * out[1] + g2 * out[2]
@@ -363,7 +363,7 @@ def test_ppo_adds_the_aux_loss_and_logs_the_diagnostics(tmp_path, monkeypatch):
 
 def lm_cfg(model, steps=3):
     return {"model": model, "task": {"name": "copy_memory", "n_items": 3, "delay": 2, "vocab_size": 6},
-            "steps": steps, "batch_size": 4, "eval_every": steps, "eval_batches": 1, "checkpoint_every": steps,
+            "steps": steps, "batch_size": 4, "eval_interval": steps, "eval_batches": 1, "checkpoint_interval": steps,
             "progress_bar": False}
 
 

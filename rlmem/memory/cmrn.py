@@ -36,10 +36,10 @@ that both compute the same outputs, states, aux losses and gradients in float64)
   a zero slot]`` in one matmul; a loop over time follows only which candidate each slot holds and the
   usage stamps (the LRU: read refresh, then the write into the least-recently-used slot); the reads are
   one masked softmax over the held candidates and one matmul; no host syncs inside;
-- a single step (acting) runs every expert core on the whole batch, gated (zero gates where not chosen:
-  cheaper than gathering rows at this size). Over a slice, ``dispatch="sparse"`` (the default) runs each
-  core only on the tokens that chose it (one gather per expert); ``dispatch="dense"`` runs every core on
-  every token, gated: the same numbers.
+- ``dispatch="sparse"`` (the default) runs each expert core only on the tokens that chose it (one gather
+  per expert and call), so the trigger's extra experts cost FLOPs only where it fires, also while acting;
+  ``dispatch="dense"`` runs every core on every token, gated (zero gates where not chosen): the same
+  numbers, no gathers (no host syncs), more FLOPs.
 
 **Auxiliary losses** of the last ``forward`` (``aux_loss()``), over its ``N`` tokens (rows x steps):
 Switch-style load balance ``E * sum_e f_e P_e`` (``f_e`` the fraction of routed assignments that went to
@@ -253,11 +253,12 @@ class CMRN(MemorySystem):
         router_noise: scale of the noisy gating in training mode (0: none; module docstring on PPO).
         balance_coef: weight of the load-balance loss in ``aux_loss()`` (>= 0).
         z_coef: weight of the router z-loss in ``aux_loss()`` (>= 0).
-        dispatch: ``sparse`` (over a slice, each core only on the tokens that chose it) or ``dense`` (every
-            core on every token, gated); the same numbers.
+        dispatch: ``sparse`` (each core only on the tokens that chose it) or ``dense`` (every core on every
+            token, gated); the same numbers.
 
-    Cost of a step (acting): the ``L`` GRU cells and the ``E`` expert cores on every row (gated), the
-    router, per expert an ``O(S d_key + S d)`` read and an ``O(d_key + d)`` write. Over a slice of ``T``
+    Cost of a step (acting): the ``L`` GRU cells on every row, the router, per row the ``k`` chosen expert
+    cores (all ``E`` with ``dispatch="dense"``), per expert an ``O(S d_key + S d)`` read and an
+    ``O(d_key + d)`` write. Over a slice of ``T``
     steps the reads cost ``O(T (S + T) (d_key + d))`` per expert and row (scores against every candidate
     slot), a few hundred small ops in all plus ~15 integer ops per step for the LRU.
     State: ``L d + E S (d_key + d + 1) + 1`` numbers per row.
@@ -552,12 +553,12 @@ class CMRN(MemorySystem):
         return holder, used, torch.stack(held, 2), torch.stack(useds, 2)
 
     def _cores(self, z, read, gate_e, hit_e):
-        """``sum_e gate_e o_e`` with ``o_e = core_e([z; read_e])``: ``[B, T, d]``. Sparse dispatch over a slice:
-        each core on the tokens that chose it (one gather per expert); dense, and every single step: each
-        core on every row, weighted by its gate (0 where not chosen)."""
+        """``sum_e gate_e o_e`` with ``o_e = core_e([z; read_e])``: ``[B, T, d]``. Sparse dispatch: each core on
+        the tokens that chose it (one gather per expert), so a trigger that fires fewer experts saves their
+        FLOPs, also while acting; dense: each core on every token, weighted by its gate (0 where not chosen)."""
         B, T, d = z.shape
         moe = torch.zeros_like(z)
-        if self.dispatch == "sparse" and T > 1:
+        if self.dispatch == "sparse":
             zf, gf, moe = z.reshape(B * T, d), gate_e.reshape(B * T, -1), moe.view(B * T, d)
             for e, expert in enumerate(self.experts):
                 rows = hit_e[..., e].reshape(-1).nonzero().squeeze(1)
