@@ -88,16 +88,19 @@ def score_bounds(script: str, env: str, knobs: str, score_name: str) -> tuple[fl
         return None
     import gymnasium as gym
 
-    from rlmem.envs.core import TaskVectorEnv
     from rlmem.env_factory import split_env_config
+    from rlmem.envs.core import TaskVectorEnv
 
-    env_id, kwargs = split_env_config(cfg)
-    if not env_id.startswith("rlmem/"):
+    try:
+        env_id, kwargs = split_env_config(cfg)
+        if not env_id.startswith("rlmem/"):
+            return None
+        vec_cls = gym.envs.registration.load_env_creator(gym.spec(env_id).vector_entry_point)
+        if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
+            return None
+        task = vec_cls.task_cls(num_envs=1, **kwargs)
+    except (ValueError, TypeError, gym.error.Error):  # a report never fails for want of a level: none is drawn
         return None
-    vec_cls = gym.envs.registration.load_env_creator(gym.spec(env_id).vector_entry_point)
-    if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
-        return None
-    task = vec_cls.task_cls(num_envs=1, **kwargs)
     chance, optimal = float(task.chance_return()), float(task.optimal_return())
     if score_name == "eval_return":
         return chance, optimal
@@ -328,14 +331,24 @@ def _draw_levels(ax, bounds: tuple[float, float] | None, fix_axis: bool) -> None
     if bounds is None:
         return
     chance, optimal = bounds
-    ax.axhline(chance, label=f"chance {chance:.3g}", **CHANCE_STYLE)
-    ax.axhline(optimal, label=f"optimal {optimal:.3g}", **OPTIMAL_STYLE)
+    below = {}  # agents with values under chance: outside a [chance, optimal] axis, so named in the panel
+    for line in ax.get_lines():
+        y = np.asarray(line.get_ydata(), dtype=float)
+        if not line.get_label().startswith("_") and len(y) and y.min() < chance - 1e-9:
+            below[line.get_label().split(" (")[0]] = y.min()
+    # drawn over the axes' frame (clip_on=False), so a level on the axis' edge stays visible
+    ax.axhline(chance, label=f"chance {chance:.3g}", clip_on=False, zorder=5, **CHANCE_STYLE)
+    ax.axhline(optimal, label=f"optimal {optimal:.3g}", clip_on=False, zorder=5, **OPTIMAL_STYLE)
     if fix_axis and optimal > chance:
         ax.set_ylim(chance, optimal)
+        if below:
+            ax.text(0.01, 0.02, "below chance: " + ", ".join(f"{a} (min {v:.3g})" for a, v in below.items()),
+                    transform=ax.transAxes, fontsize=7, color=CHANCE_STYLE["color"])
 
 
 def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, path: Path) -> bool:
-    """One panel per env setting of ``group``, a line per agent (mean over seeds, band = min..max)."""
+    """One panel per env setting of ``group``, a line per agent (mean over seeds, band = min..max), the env's
+    chance and optimal levels as horizontal lines; success panels span exactly ``[chance, optimal]``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,7 +404,8 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
 
 
 def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, threshold: float) -> bool:
-    """Score vs the swept knob (log scale), a line per agent, legend with the largest value solved."""
+    """Score vs the swept knob (log scale), a line per agent, legend with the largest value solved ("not
+    solved" when none), the env's chance and optimal levels; a success plot spans exactly ``[chance, optimal]``."""
     found = horizon(rows, group)
     if found is None or not any(found[1].values()):
         return False
