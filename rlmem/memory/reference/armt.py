@@ -82,7 +82,7 @@ def _attend(layer, h: torch.Tensor, keys: torch.Tensor, first: int) -> torch.Ten
     ``keys: [first+Q, d]`` (the layer inputs at positions 0 .. first+Q-1) -> the layer's output ``[Q, d]``.
     Causal: position p attends to positions j <= p, with relative distance p - j."""
     Q, n = h.shape[0], keys.shape[0]
-    dist = (first + torch.arange(Q)).unsqueeze(1) - torch.arange(n)  # [Q, n]
+    dist = (first + torch.arange(Q, device=h.device)).unsqueeze(1) - torch.arange(n, device=h.device)  # [Q, n]
     allowed = dist >= 0
     return layer(h[None], keys[None], allowed[None], dist.clamp(min=0))[0]
 
@@ -133,9 +133,7 @@ def _row(memory, x: torch.Tensor, state: TensorDict, is_init: torch.Tensor) -> t
             A[i], z[i] = write(mem, m, A[i], z[i])  # after the layer, from its memory-token outputs
         segment, pos = [[] for _ in range(L)], 0
     # next state: the running segment's layer inputs right-aligned in the cache, zeros elsewhere
-    cache = torch.zeros_like(state["cache"])  # [L, S-1, d]
-    for i in range(L):
-        for j, h in enumerate(segment[i]):
-            cache = cache.index_put((torch.tensor(i), torch.tensor(S - 1 - pos + j)), h)
+    empty = torch.zeros_like(state["cache"][0])  # [S-1, d]
+    cache = torch.stack([torch.cat([empty[: S - 1 - pos], *(h[None] for h in segment[i])]) for i in range(L)])
     return torch.stack(ys), {"A": torch.stack(A), "z": torch.stack(z), "cache": cache,
-                             "pos": torch.tensor(pos, dtype=state["pos"].dtype)}
+                             "pos": torch.tensor(pos, dtype=state["pos"].dtype, device=x.device)}
