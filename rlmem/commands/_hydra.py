@@ -73,8 +73,8 @@ def qualified(err: Exception, group: str, keys: Sequence[str]) -> Exception:
     (``delay must be in [0, inf]`` -> ``env.delay must be in [0, inf]``); other errors unchanged."""
     if not isinstance(err, ValueError) or len(err.args) != 1 or not isinstance(err.args[0], str):
         return err
-    message = err.args[0]
-    for key in sorted(keys, key=len, reverse=True):
+    head, sep, message = err.args[0].partition(": ") if ": " in err.args[0][:40] else ("", "", err.args[0])
+    for key in sorted(keys, key=len, reverse=True):  # "gru: hidden_size must ..." -> "gru: agent.hidden_size must ..."
         if message.startswith((f"{key} ", f"{key}=")):
-            return ValueError(f"{group}.{message}")
+            return ValueError(f"{head}{sep}{group}.{message}")
     return err
