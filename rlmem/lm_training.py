@@ -270,6 +270,12 @@ class LMTrainer:
         return self.step >= self.tc.steps or self.stopped_by is not None
 
     def train(self) -> dict[str, Any]:
+        """Train to ``steps`` (or until a callback / ``stop_at`` ends the run); returns the metrics (also in
+        ``run_dir/metrics.json``)."""
+        with self.run.console():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         metrics_path = self.run.metrics_path
         if self.finished and metrics_path.exists():
             metrics = json.loads(metrics_path.read_text())
@@ -283,6 +289,9 @@ class LMTrainer:
             metrics = self._train()
             self.callbacks.on_train_end(self)
         self.run.write_metrics(metrics)
+        why = f" (ended by {self.stopped_by})" if self.stopped_by else ""
+        log.info("done%s: step=%d eval_accuracy=%.4f eval_loss=%.4f tokens/s=%.0f", why, self.step,
+                 metrics["eval_accuracy"], metrics["eval_loss"], metrics["tokens_per_s"])
         return metrics
 
     def _evaluate(self, eval_set, losses: list[float]) -> tuple[dict[str, float], bool]:

@@ -351,6 +351,10 @@ class RecurrentPPO:
         :class:`~rlmem.run_io.NonFiniteError` (keeping the last good checkpoint) on a non-finite memory
         state, parameter or loss.
         """
+        with self.run.console():
+            return self._train()
+
+    def _train(self) -> dict[str, Any]:
         metrics_path = self.run.metrics_path
         if self.finished:
             if metrics_path.exists():

@@ -95,7 +95,7 @@ class CSVLog:
                             self.rows.append(row)
                     except (KeyError, ValueError):
                         continue
-        self.dirty = False
+        self.dirty = purge_after is not None  # rewritten without the purged rows
 
     def add(self, step: int, values: Mapping[str, float]) -> None:
         if not self.rows or str(self.rows[-1][self.step_key]) != str(step):
@@ -213,7 +213,6 @@ class Run:
         self.csv = CSVLog(self.csv_path, self.unit, start if start else None) if self.csv_enabled else None
         show_bar = self.verbose >= 1 and self.progress_bar and sys.stderr.isatty()
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_console_logging(self.verbose))
             self.stop = stack.enter_context(GracefulStop(on_request=self._stopping))
             stack.enter_context(logging_redirect_tqdm())
             self.bar = stack.enter_context(tqdm(total=total, initial=start, unit=self.unit, desc=desc,
@@ -225,6 +224,11 @@ class Run:
                 if writer is None:
                     self.writer.close()
                 self.writer = self.csv = None
+
+    def console(self) -> contextlib.AbstractContextManager:
+        """Around a trainer's ``train()``: with ``verbose`` >= 1 and no logging configured (the Python API),
+        rlmem's INFO lines go to stderr as the command line's do; with ``verbose=0`` nothing is added."""
+        return _console_logging(self.verbose)
 
     def _stopping(self, signum: int, name: str) -> None:
         log.warning("stopping: %s received, checkpointing at the next safe point (a second one stops at once)", name)

@@ -60,3 +60,17 @@ def test_large_rewards_are_clipped_and_state_round_trips():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="num_envs=3"):
         ReturnScaler(3, 0.99)(torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_a_loaded_state_keeps_the_statistics_and_restarts_the_running_returns():
+    """A resumed run's envs start fresh episodes: the aborted episodes' partial returns must not carry over."""
+    scaler = ReturnScaler(2, gamma=0.9)
+    scaler.update(torch.ones(2, 5), torch.zeros(2, 5, dtype=torch.bool))
+    assert torch.all(scaler.returns > 0)
+    resumed = ReturnScaler(2, gamma=0.9)
+    resumed.load_state_dict(scaler.state_dict())
+    assert torch.count_nonzero(resumed.returns) == 0
+    assert (resumed.count, resumed.mean, resumed.var) == (scaler.count, scaler.mean, scaler.var)
+    undo = ReturnScaler(2, gamma=0.9)  # the trainer's in-process undo of a discarded update keeps everything
+    undo.load_full_state_dict(scaler.full_state_dict())
+    torch.testing.assert_close(undo.returns, scaler.returns)
