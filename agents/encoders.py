@@ -6,8 +6,10 @@ any number of leading batch dims (``[N]`` while acting, ``[B, T]`` when PPO repl
 - flat ``Box`` (rank 1 or 2, flattened) and ``MultiBinary``: Linear + Tanh (rlmem's original encoder);
 - image ``Box`` (rank 3): a small CNN (:class:`ImageEncoder`), channels found by :func:`image_layout`;
 - ``Discrete``: an embedding (the Linear of a one-hot) + Tanh;
+- ``MultiDiscrete`` (1-d): each component one-hot, concatenated, Linear + Tanh (:class:`MultiDiscreteEncoder`);
 - ``Dict``: one encoder per key (recursively), features concatenated in the space's key order; the
-  observation is then a ``TensorDict`` (TorchRL) or a dict of arrays (Gymnasium) holding those keys.
+  observation is then a ``TensorDict`` (TorchRL) or a dict of arrays (Gymnasium) holding those keys. A
+  ``Tuple`` observation arrives as a ``Dict`` keyed ``"0"``, ``"1"``, ... (``rlmem.env_factory.TupleAsDict``).
 
 Integer-typed ``Box`` observations (uint8 images, byte vectors) are scaled by ``1 / 255`` when their
 bounds are ``[0, 255]`` and cast to float otherwise; the scale follows the *space*, so an observation
@@ -15,6 +17,8 @@ that already arrives as float (``torch.as_tensor(obs, dtype=torch.float32)``) is
 """
 
 from __future__ import annotations
+
+import math
 
 import gymnasium as gym
 import numpy as np
@@ -25,7 +29,7 @@ from rlmem.env_factory import as_observation  # noqa: F401  (where it was: agent
 
 #: what :func:`build_encoder` accepts (the error for anything else names these)
 SUPPORTED_OBSERVATIONS = ("Box with 1 to 3 dims (rank 3 = image [H, W, C] or [C, H, W])", "Discrete",
-                          "MultiBinary", "Dict of those")
+                          "MultiDiscrete (1-d)", "MultiBinary", "Dict or Tuple of those")
 
 
 class ToFloat(nn.Module):
@@ -103,6 +107,23 @@ class DiscreteEncoder(nn.Module):
         return torch.tanh(self.embed(x.long()))
 
 
+class MultiDiscreteEncoder(nn.Module):
+    """``MultiDiscrete(nvec)`` values ``[*batch, k]`` -> ``[*batch, out_dim]``: the Linear of the concatenated
+    one-hots of the components (an embedding table of ``sum(nvec)`` rows, the component's rows summed) + Tanh."""
+
+    def __init__(self, nvec, out_dim: int):
+        super().__init__()
+        nvec = torch.as_tensor(np.asarray(nvec, dtype=np.int64))
+        self.embed = nn.Embedding(int(nvec.sum()), out_dim)
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        bound = 1.0 / math.sqrt(len(nvec))  # as nn.Linear's init with k ones in the input
+        nn.init.uniform_(self.embed.weight, -bound, bound)
+        self.register_buffer("offsets", torch.cumsum(torch.cat([nvec.new_zeros(1), nvec[:-1]]), 0), persistent=False)
+
+    def forward(self, x):
+        return torch.tanh(self.embed(x.long() + self.offsets).sum(-2) + self.bias)
+
+
 def _integer_scale(space: gym.spaces.Box) -> float:
     """1/255 for a byte-valued space, else 1 (an integer Box with other bounds is cast, not rescaled)."""
     if np.issubdtype(space.dtype, np.floating):
@@ -127,6 +148,12 @@ def build_encoder(space: gym.Space | int, out_dim: int, where: str = "observatio
         if space.start != 0:
             raise ValueError(f"{where}: Discrete observations must start at 0, got {space}")
         return DiscreteEncoder(int(space.n), out_dim), out_dim
+    if isinstance(space, gym.spaces.MultiDiscrete) and len(space.shape) == 1:
+        if np.any(space.start != 0):
+            raise ValueError(f"{where}: MultiDiscrete observations must start at 0, got {space}")
+        return MultiDiscreteEncoder(space.nvec, out_dim), out_dim
+    if isinstance(space, gym.spaces.Tuple) and space.spaces:  # as the Dict rlmem's envs turn it into
+        return build_encoder(gym.spaces.Dict({str(i): s for i, s in enumerate(space.spaces)}), out_dim, where)
     if isinstance(space, gym.spaces.MultiBinary) and len(space.shape) == 1:
         return nn.Sequential(ToFloat(), nn.Linear(space.shape[0], out_dim), nn.Tanh()), out_dim
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 3:

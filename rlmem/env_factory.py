@@ -8,8 +8,14 @@ An id may name the module that registers it, Gymnasium's ``"my_module:MyEnv-v0"`
 is imported first (from ``sys.path`` or the working directory).
 
 Spaces (:func:`check_spaces`): actions ``Discrete``, ``MultiDiscrete`` or a 1-d float ``Box`` with finite
-bounds; observations a ``Box`` of rank 1-3 (rank 3 = an image), ``Discrete``, ``MultiBinary`` or a ``Dict``
-of those. TorchRL's ``GymWrapper`` writes a ``Dict`` observation's entries as top-level keys of the
+bounds; observations a ``Box`` of rank 1-3 (rank 3 = an image), ``Discrete``, ``MultiDiscrete`` (1-d),
+``MultiBinary``, or a ``Dict`` / ``Tuple`` of those. A ``Tuple`` observation reaches the agent as a ``Dict``
+with keys ``"0"``, ``"1"``, ... (:class:`TupleAsDict`, wrapped around each env).
+
+Infos: rlmem reads nothing from an env's ``info``, and TorchRL's ``GymWrapper`` turns every info key into a
+tensordict entry, which fails on keys that are not numbers (strings, objects) or come and go (a key of the
+``reset()`` info that ``step()`` lacks: a KeyError from the final-observation reader). So the infos of the
+Gymnasium envs rlmem wraps are dropped (:class:`IgnoreInfo`): an env's info content never stops a run. TorchRL's ``GymWrapper`` writes a ``Dict`` observation's entries as top-level keys of the
 tensordict; :func:`make_torchrl_env` nests them under ``"observation"`` (a ``RenameTransform``), so
 ``td["observation"]`` is the whole observation for every space (a tensor, or a sub-tensordict with the
 Dict's keys) and the primer, the PPO bootstrap and the encoders need no case of their own.
@@ -31,6 +37,7 @@ from torchrl.envs.libs.gym import GymWrapper
 import rlmem.envs  # noqa: F401  (registers rlmem/ ids)
 from rlmem.envs.core import TaskVectorEnv
 from rlmem.user_code import import_module
+from rlmem.validate import suggest
 
 
 class MissingDependencyError(ImportError):
@@ -55,9 +62,61 @@ def resolve_env_id(env_id: str) -> str:
         env_id = name
     if env_id not in gym.registry:
         rlmem_ids = sorted(i for i in gym.registry if i.startswith("rlmem/"))
-        raise ValueError(f"unknown env id {env_id!r}; rlmem ids: {rlmem_ids} (or any registered Gymnasium id, "
-                         "or 'my_module:MyEnv-v0' to import the module that registers it)")
+        raise ValueError(f"unknown env id {env_id!r}{suggest(env_id, gym.registry)}; rlmem ids: {rlmem_ids} (or any "
+                         "registered Gymnasium id, or 'my_module:MyEnv-v0' to import the module that registers it)")
     return env_id
+
+
+class IgnoreInfo(gym.Wrapper):
+    """An env whose ``reset()`` and ``step()`` infos are empty (see the module docstring: rlmem reads no
+    info, and TorchRL fails on info keys that are not numbers or not present on every step)."""
+
+    def reset(self, **kwargs):
+        obs, _ = self.env.reset(**kwargs)
+        return obs, {}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = self.env.step(action)
+        return obs, reward, terminated, truncated, {}
+
+
+def _tuple_as_dict(space: gym.Space) -> gym.Space:
+    if isinstance(space, gym.spaces.Tuple):
+        return gym.spaces.Dict({str(i): _tuple_as_dict(sub) for i, sub in enumerate(space.spaces)})
+    if isinstance(space, gym.spaces.Dict):
+        return gym.spaces.Dict({k: _tuple_as_dict(sub) for k, sub in space.spaces.items()})
+    return space
+
+
+def _has_tuple(space: gym.Space) -> bool:
+    if isinstance(space, gym.spaces.Tuple):
+        return True
+    return isinstance(space, gym.spaces.Dict) and any(_has_tuple(s) for s in space.spaces.values())
+
+
+class TupleAsDict(gym.ObservationWrapper):
+    """A ``Tuple`` observation (anywhere in the space) as a ``Dict`` keyed ``"0"``, ``"1"``, ...: what
+    TorchRL's ``GymWrapper`` and rlmem's encoders take (a Tuple of unlike spaces cannot be stacked)."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = _tuple_as_dict(env.observation_space)
+
+    def observation(self, observation):
+        return self._convert(observation, self.env.observation_space)
+
+    def _convert(self, obs, space):
+        if isinstance(space, gym.spaces.Tuple):
+            return {str(i): self._convert(o, sub) for i, (o, sub) in enumerate(zip(obs, space.spaces, strict=True))}
+        if isinstance(space, gym.spaces.Dict):
+            return {k: self._convert(obs[k], sub) for k, sub in space.spaces.items()}
+        return obs
+
+
+def _wrap(env: gym.Env) -> gym.Env:
+    """Each Gymnasium env rlmem wraps (not rlmem's own): infos dropped, Tuple observations as Dicts."""
+    env = IgnoreInfo(env)
+    return TupleAsDict(env) if _has_tuple(env.observation_space) else env
 
 
 def make_vector_env(env_cfg: Mapping[str, Any], num_envs: int, *, for_torchrl: bool = True) -> gym.vector.VectorEnv:
@@ -72,7 +131,7 @@ def make_vector_env(env_cfg: Mapping[str, Any], num_envs: int, *, for_torchrl: b
                                autoreset_mode=mode, **kwargs)
         else:
             vec = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                               vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, **kwargs)
+                               vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, wrappers=[_wrap], **kwargs)
     except gym.error.DependencyNotInstalled as err:
         raise MissingDependencyError(f"{env_id} needs an optional dependency: {err}") from None
     check_spaces(env_id, vec)

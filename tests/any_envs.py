@@ -14,6 +14,12 @@ with ``env.id=tests.any_envs:AnyEnvTest/ImageCue-v0`` (run from the repository r
   query); action ``Discrete(2)``.
 - ``MultiCue``: observation a flat one-hot of the cue per dim (then zeros, then a query flag); the cue is
   ``len(nvec)`` values, action ``MultiDiscrete(nvec)``; reward 1 only when every dim is named right.
+- ``MultiDiscreteObsCue``: observation ``MultiDiscrete([3, 3])``: ``[cue + 1 at t = 0 else 0, phase]``;
+  action ``Discrete(2)``.
+- ``TupleCue``: observation ``Tuple((Discrete(3) phase, Box(2) one-hot cue at t = 0, MultiDiscrete([3])
+  the cue + 1 at t = 0))``; action ``Discrete(2)``.
+- ``InfoCue``: a flat-Box cue whose ``reset()`` info holds keys its ``step()`` info does not (a numpy string
+  array, a number) and whose step info holds a string and a nested dict.
 - ``Unsupported``: any given spaces (for the error tests).
 """
 
@@ -112,6 +118,54 @@ class MultiCueEnv(CueTask):
         return bool(np.all(np.asarray(action) == self.cue))
 
 
+class MultiDiscreteObsCueEnv(ImageCueEnv):
+    observation_space = gym.spaces.MultiDiscrete([3, 3])
+
+    def __init__(self, delay: int = 2):
+        super().__init__(delay)
+        self.observation_space = gym.spaces.MultiDiscrete([3, 3])
+
+    def _observe(self):
+        return np.array([self.cue + 1 if self.phase == 0 else 0, self.phase], dtype=np.int64)
+
+
+class TupleCueEnv(ImageCueEnv):
+    def __init__(self, delay: int = 2):
+        super().__init__(delay)
+        self.observation_space = gym.spaces.Tuple((
+            gym.spaces.Discrete(3),
+            gym.spaces.Box(0.0, 1.0, (2,), dtype=np.float32),
+            gym.spaces.MultiDiscrete([3]),
+        ))
+
+    def _observe(self):
+        onehot = np.zeros(2, dtype=np.float32)
+        if self.phase == 0:
+            onehot[self.cue] = 1.0
+        return self.phase, onehot, np.array([self.cue + 1 if self.phase == 0 else 0], dtype=np.int64)
+
+
+class InfoCueEnv(ImageCueEnv):
+    def __init__(self, delay: int = 2):
+        super().__init__(delay)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, (4,), dtype=np.float32)
+
+    def _observe(self):
+        obs = np.zeros(4, dtype=np.float32)
+        if self.phase == 0:
+            obs[self.cue] = 1.0
+        obs[2 + (self.phase == 2)] = 1.0
+        return obs
+
+    def reset(self, *, seed=None, options=None):
+        obs, _ = super().reset(seed=seed, options=options)
+        return obs, {"level": np.array(["easy", "hard"]), "seed_used": 7}
+
+    def step(self, action):
+        obs, reward, terminated, truncated, _ = super().step(action)
+        return obs, reward, terminated, truncated, {"note": "stepped", "stats": {"t": self.t}, "t": self.t}
+
+
 class UnsupportedEnv(gym.Env):
     def __init__(self, observation_space=None, action_space=None):
         self.observation_space = observation_space or gym.spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
@@ -126,6 +180,8 @@ class UnsupportedEnv(gym.Env):
 
 
 for _name, _cls, _steps in [("ImageCue", ImageCueEnv, 50), ("DictCue", DictCueEnv, 50),
-                            ("MultiCue", MultiCueEnv, 50), ("Unsupported", UnsupportedEnv, 10)]:
+                            ("MultiCue", MultiCueEnv, 50), ("MultiDiscreteObsCue", MultiDiscreteObsCueEnv, 50),
+                            ("TupleCue", TupleCueEnv, 50), ("InfoCue", InfoCueEnv, 50),
+                            ("Unsupported", UnsupportedEnv, 10)]:
     if f"AnyEnvTest/{_name}-v0" not in gym.registry:
         gym.register(f"AnyEnvTest/{_name}-v0", entry_point=_cls, max_episode_steps=_steps)

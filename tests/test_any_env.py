@@ -210,7 +210,8 @@ def test_pendulum_documented_returns_are_the_monte_carlo_means():
 
 
 @pytest.mark.parametrize("observation, action, match", [
-    (gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Discrete(3)]), None, "unsupported observation space"),
+    (gym.spaces.Tuple([gym.spaces.Discrete(2), gym.spaces.Text(3)]), None, r"observation\['1'\]"),
+    (gym.spaces.MultiDiscrete([[2, 3], [2, 3]]), None, "unsupported observation space"),
     (gym.spaces.Text(8), None, "unsupported observation space"),
     (gym.spaces.Graph(gym.spaces.Box(0, 1, (2,)), None), None, "unsupported observation space"),
     (gym.spaces.Box(0, 1, (2, 3, 4, 5)), None, "unsupported observation space"),
@@ -230,3 +231,56 @@ def test_unsupported_spaces_raise_clear_errors(observation, action, match, tmp_p
     with pytest.raises(ValueError, match=match):  # before anything is trained or written
         trainer_for(env_cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+# -- MultiDiscrete and Tuple observations, info content, id suggestions ---------------------------------
+
+@pytest.mark.parametrize("env_id", ["AnyEnvTest/MultiDiscreteObsCue-v0", "AnyEnvTest/TupleCue-v0",
+                                    "AnyEnvTest/InfoCue-v0"])
+def test_more_observation_spaces_and_any_info_train_4096_frames(env_id, tmp_path):
+    """MultiDiscrete observations (one-hot per component), Tuple observations of supported spaces, and an env
+    whose reset info holds a string-array key its step info does not: RecurrentPPO trains 4,096 frames."""
+    env_cfg = {"id": env_id}
+    ppo = PPOConfig(num_envs=16, rollout_len=32, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
+    trainer = RecurrentPPO(build_agent(AGENT, env_cfg, seed=0), env_cfg, ppo, tmp_path, total_frames=4096,
+                           progress_bar=False)
+    metrics = trainer.train()
+    assert metrics["frames"] == 4096 and math.isfinite(metrics["eval_return"])
+    assert all(torch.isfinite(v).all() for v in trainer.agent.state_dict().values())
+
+
+def test_multidiscrete_and_tuple_observations_are_encoded_per_component():
+    from rlmem.agents.encoders import MultiDiscreteEncoder
+
+    space = gym.spaces.MultiDiscrete([3, 2])
+    encoder, dim = build_encoder(space, 5)
+    assert isinstance(encoder, MultiDiscreteEncoder) and dim == 5
+    x = torch.tensor([[0, 1], [2, 0]])
+    onehot = torch.tensor([[1.0, 0, 0, 0, 1], [0, 0, 1, 1, 0]])  # one-hot of each component, concatenated
+    linear = encoder.embed.weight  # [sum(nvec), out]: the Linear of the concatenated one-hots
+    torch.testing.assert_close(encoder(x), torch.tanh(onehot @ linear + encoder.bias))
+    assert encoder(x.unsqueeze(0).expand(4, 2, 2)).shape == (4, 2, 5)  # any batch dims
+    obs_space, _, _ = env_spaces({"id": "AnyEnvTest/TupleCue-v0"})
+    assert isinstance(obs_space, gym.spaces.Dict) and list(obs_space.spaces) == ["0", "1", "2"]
+    vec = make_vector_env({"id": "AnyEnvTest/TupleCue-v0"}, 2, for_torchrl=False)
+    obs, info = vec.reset(seed=0)
+    assert set(obs) == {"0", "1", "2"} and info == {}
+    vec.close()
+
+
+def test_env_info_content_never_breaks_an_env():
+    env = make_torchrl_env({"id": "AnyEnvTest/InfoCue-v0"}, 3)
+    td = env.rollout(10, break_when_any_done=False)
+    assert td["next", "observation"].shape == (3, 10, 4)
+    for key in ("level", "seed_used", "note", "stats"):
+        assert key not in td.keys(True, True) and key not in td["next"].keys(True, True)
+    env.close()
+
+
+def test_a_misspelled_env_id_suggests_the_registered_one():
+    from rlmem.env_factory import resolve_env_id
+
+    with pytest.raises(ValueError, match="did you mean 'CartPole-v1'"):
+        resolve_env_id("CartPol-v1")
+    with pytest.raises(ValueError, match="did you mean 'rlmem/DelayedCue-v0'"):
+        resolve_env_id("rlmem/DelayedCeu-v0")
