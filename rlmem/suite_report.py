@@ -9,7 +9,8 @@ How the results are made to read honestly:
 - a score is shown beside the env's own chance and optimal levels (:func:`score_bounds`): success plots
   have the fixed y axis ``[chance, optimal]``, and every score plot draws both levels as horizontal lines;
 - in a table row, only a *unique* best mean that is *above chance* is bold: when several agents share the
-  best value none is bold (a tie is no winner), and a best at or below chance is no result either;
+  best value none is bold (a tie is no winner), and a best at chance (within ``CHANCE_MARGIN`` of the
+  chance-to-optimal range above it) is no result either;
 - one seed is written as what it is (``seed 0``, no ``± std``); several as ``mean ± std over seeds ..``;
 - agents whose curves overlap stay visible: each has its own marker and line style, drawn semi-transparent.
 """
@@ -44,6 +45,8 @@ def knob_text(knobs: Sequence[tuple[str, Any]]) -> str:
     return " ".join(f"{k}={v}" for k, v in knobs) or "-"
 
 
+#: a best mean below chance + CHANCE_MARGIN * (optimal - chance) is "at chance": not bold (:func:`best_to_bold`)
+CHANCE_MARGIN = 0.1
 #: episodes of the uniformly random policy behind a success score's chance level (when not exact)
 CHANCE_EPISODES = 1000
 #: steps after which that measurement gives up (an env whose random episodes do not end)
@@ -136,16 +139,21 @@ def seeds_text(seeds: Sequence[Any]) -> str:
     return f"mean ± std over seeds {', '.join(map(str, seeds))}"
 
 
-def best_to_bold(means: dict[str, float], chance: float | None) -> str | None:
+def best_to_bold(means: dict[str, float], bounds: tuple[float, float] | None) -> str | None:
     """The agent whose mean is bold in a table row: the unique best, and only above chance; else None.
 
     A tie at the best value (every DelayedCue run of ``suite=smoke`` scored 0.1875) bolds no one: a shared
-    best is no winner. A best at or below the env's chance level bolds no one either."""
+    best is no winner. A best at chance bolds no one either: at chance means below ``chance + CHANCE_MARGIN *
+    (optimal - chance)`` (``bounds = (chance, optimal)``; DelayedCue with 4 cues: 0.325), since a greedy eval
+    of a few dozen episodes scatters that much around chance (0.297 = 19 of 64 is one standard error above
+    0.25)."""
     if not means:
         return None
     best = max(means.values())
     at_best = [a for a, m in means.items() if math.isclose(m, best, rel_tol=1e-9, abs_tol=1e-12)]
-    if len(at_best) > 1 or (chance is not None and best <= chance + 1e-9):
+    if len(at_best) > 1:
+        return None
+    if bounds is not None and best < bounds[0] + CHANCE_MARGIN * (bounds[1] - bounds[0]) - 1e-12:
         return None
     return at_best[0]
 
@@ -274,13 +282,14 @@ def markdown(suite: str, rows: Sequence[dict[str, Any]], wall_seconds: float | N
         score_name = next((r["score_name"] for r in group_rows if r.get("score_name")), "score")
         script = next((r["script"] for r in group_rows if r.get("script")), "")
         lines += [f"## {group}: {score_name} ({seeds_text([r['seed'] for r in group_rows])})", "",
-                  "Bold: the unique best mean of a row, if above chance (a tie or a best at chance is not bold).", "",
+                  "Bold: the unique best mean of a row, if above chance (a tie, or a best within "
+                  f"{CHANCE_MARGIN:.0%} of the chance-to-optimal range above chance, is not bold).", "",
                   "| env | knobs | chance | optimal | " + " | ".join(agents) + " |",
                   "|---|---|---|---|" + "---|" * len(agents)]
         for env, knobs in dict.fromkeys((r["env"], r["knobs"]) for r in group_rows):
             cells = {a: by_group[group].get((env, knobs, a)) for a in agents}
             bounds = score_bounds(script, env, knobs, score_name)
-            bold = best_to_bold({a: float(np.mean(v)) for a, v in cells.items() if v}, bounds and bounds[0])
+            bold = best_to_bold({a: float(np.mean(v)) for a, v in cells.items() if v}, bounds)
             texts = []
             for a in agents:
                 if not cells[a]:
