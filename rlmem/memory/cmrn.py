@@ -526,8 +526,10 @@ class CMRN(MemorySystem):
         S = used.shape[-1]
         zero = C - 1
         holder = torch.arange(S, device=used.device).expand(B, E, S)
-        active = hit_e.transpose(1, 2).unsqueeze(-1)  # [B, E, T, 1]
-        stamps = (cnt + 1).view(B, 1, T, 1).expand(B, E, T, 1)
+        # per-step views taken once (each indexing op in the loop costs as much as a small computation)
+        actives = hit_e.transpose(1, 2).unsqueeze(-1).unbind(2)  # T x [B, E, 1]
+        stamps = (cnt + 1).view(B, 1, T, 1).expand(B, E, T, 1).unbind(2)
+        step_scores = scores.unbind(2)  # T x [B, E, C]
         resets = is_init.any(0).tolist() if T > 1 else [True]
         fmin = torch.finfo(scores.dtype).min
         held, useds = [], []
@@ -538,18 +540,18 @@ class CMRN(MemorySystem):
                 holder = holder.masked_fill(r, zero)
             held.append(holder)
             useds.append(used)
-            written = used > 0
-            w = torch.softmax(scores[:, :, t].gather(-1, holder).masked_fill(~written, fmin), -1) * written
-            top = w.argmax(-1, keepdim=True)
-            stamp = stamps[:, :, t]
-            # an unwritten memory has used == 0 everywhere: its "refresh" writes 0 (no change)
-            new_used = used.scatter(-1, top, stamp * written.any(-1, keepdim=True))
+            unwritten = used == 0
+            # the read's weights are softmax(scores) over the written slots (exactly 0 elsewhere): their argmax
+            top = torch.softmax(step_scores[t].gather(-1, holder).masked_fill(unwritten, fmin), -1).argmax(
+                -1, keepdim=True)
+            stamp = stamps[t]
+            # refresh the slot read most strongly; an unwritten memory has nothing to refresh
+            new_used = used.scatter(-1, top, stamp.masked_fill(unwritten.all(-1, keepdim=True), 0))
             slot = new_used.argmin(-1, keepdim=True)  # first minimum: deterministic tie-break
             new_used = new_used.scatter(-1, slot, stamp)
             new_holder = holder.scatter(-1, slot, S + t)
-            a = active[:, :, t]
-            used = torch.where(a, new_used, used)
-            holder = torch.where(a, new_holder, holder)
+            used = torch.where(actives[t], new_used, used)
+            holder = torch.where(actives[t], new_holder, holder)
         return holder, used, torch.stack(held, 2), torch.stack(useds, 2)
 
     def _cores(self, z, read, gate_e, hit_e):
