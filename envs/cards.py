@@ -146,6 +146,11 @@ class RepeatPreviousTask(CardTask):
     def targets(self, idx):
         return self.episode["cards"][idx][:, self._asked]
 
+    @property
+    def memory_horizon(self) -> int:
+        """The card shown k steps before the one that asks for it: k + 1 steps."""
+        return self.k + 1
+
 
 class RepeatFirstTask(CardTask):
     presets = {"easy": {"num_decks": 1}, "medium": {"num_decks": 8}, "hard": {"num_decks": 16}}

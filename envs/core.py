@@ -56,6 +56,15 @@ class MemoryTask:
         """Advance every row by one step: ``action: [N]`` -> ``(reward [N], terminated [N], truncated [N])``."""
         raise NotImplementedError
 
+    @property
+    def memory_horizon(self) -> int | None:
+        """Steps spanned by the longest dependency the task asks for (from the step whose observation must be
+        remembered to the step that needs it, both included); None when unknown. Default: the episode
+        length, when the task has one (what is shown first may be asked for last). PPO learns a dependency
+        only from replayed slices of at least this many steps (``rlmem.env_factory.horizon_warning``)."""
+        length = getattr(self, "episode_length", None)
+        return None if length is None else int(length)
+
     def optimal_return(self) -> float:
         """Expected return of the best policy (documented, tested with an oracle)."""
         raise NotImplementedError

@@ -47,6 +47,11 @@ class MemoryLengthTask(MemoryTask):
         self.action_space = gym.spaces.Discrete(2)
         self._rows = np.arange(num_envs)
 
+    @property
+    def memory_horizon(self) -> int:
+        """The context at t = 0, the query at t = memory_length."""
+        return self.memory_length + 1
+
     def sample_episode(self, rng):
         # bits[0] is the context, bits[1:] the noise shown afterwards
         bits = rng.integers(2, size=(self.memory_length + 1, self.num_bits), dtype=np.int8)

@@ -219,6 +219,49 @@ def success_threshold(env_cfg: Mapping[str, Any]) -> float | None:
     return spec.reward_threshold
 
 
+def memory_horizon(env_cfg: Mapping[str, Any]) -> int | None:
+    """The memory horizon of an rlmem env (``MemoryTask.memory_horizon``: steps from what must be remembered
+    to where it is needed, both included), None for other envs or when the task does not know it."""
+    env_id, kwargs = split_env_config(env_cfg)
+    if not env_id.startswith("rlmem/"):
+        return None
+    spec = gym.spec(env_id)
+    if spec.vector_entry_point is None:
+        return None
+    vec_cls = gym.envs.registration.load_env_creator(spec.vector_entry_point)
+    if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
+        return None
+    horizon = getattr(vec_cls.task_cls(num_envs=1, **kwargs), "memory_horizon", None)
+    return None if horizon is None else int(horizon)
+
+
+def horizon_warning(env_cfg: Mapping[str, Any], seq_len: int, rollout_len: int | None = None) -> str | None:
+    """A warning when PPO's replayed slices are shorter than the env's memory horizon, else None.
+
+    PPO learns a dependency only when both of its ends fall in one replayed slice of ``ppo.seq_len`` steps
+    (the gradient runs through the state between them), inside a rollout of ``ppo.rollout_len`` steps; with
+    ``env.delay=100`` on DelayedCue (horizon 102) and the default ``ppo.seq_len=64`` no slice connects the cue
+    to the query and the run cannot learn. The text names the settings to change: ``ppo.seq_len`` and
+    ``ppo.rollout_len`` >= the horizon, and the values ``rlmem.suite.long_episode_overrides`` would pick
+    (a power of two >= 2 horizons, fewer envs for about 2048 frames per iteration). Meant to be printed
+    before training starts; envs of unknown horizon (any non-rlmem env) give None.
+    """
+    horizon = memory_horizon(env_cfg)
+    if horizon is None:
+        return None
+    short = [f"ppo.{name}={value}" for name, value in (("seq_len", seq_len), ("rollout_len", rollout_len))
+             if value is not None and int(value) < horizon]
+    if not short:
+        return None
+    length = 1 << (2 * horizon - 1).bit_length()
+    env_id, _ = split_env_config(env_cfg)
+    return (f"{env_id} needs memory over {horizon} steps (its memory horizon: from what must be remembered to "
+            f"where it is asked for), but {' and '.join(short)} is shorter: PPO replays slices of ppo.seq_len "
+            f"steps, so no slice holds both ends and the agent cannot learn the task. Set ppo.seq_len and "
+            f"ppo.rollout_len >= {horizon}, e.g. ppo.rollout_len={length} ppo.seq_len={length} "
+            f"ppo.num_envs={max(4, 2048 // length)} (what the benchmark suites use for long episodes).")
+
+
 def as_observation(obs, batch: bool = False):
     """A Gymnasium observation (array, or dict of arrays for a ``Dict`` space) as what the encoders take:
     a tensor, or a ``TensorDict`` of tensors; ``batch=True`` adds a leading dim of 1 (a single env's obs).
