@@ -35,10 +35,10 @@ def test_readme_own_memory_and_env_commands_work(tmp_path):
     assert check[0] == "python"
     out = subprocess.run([sys.executable, *check[1:]], cwd=folder, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert train[1] == "path/to/rlmem/scripts/train_rl.py"
-    args = [a for a in train[2:] if not a.startswith("total_frames=")]
+    assert train[0] == "rlmem-train"  # the console script: the same main() as python -m rlmem.commands.train_rl
+    args = [a for a in train[1:] if not a.startswith("total_frames=")]
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_rl.py"), *args, "total_frames=256", *SMALL,
+    out = subprocess.run([sys.executable, "-m", "rlmem.commands.train_rl", *args, "total_frames=256", *SMALL,
                           f"hydra.run.dir={run_dir}"], cwd=folder, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
