@@ -11,3 +11,4 @@ paths against them in float64. Nothing here is registered as a memory system.
 # reference.mamba: Mamba's causal conv and selective scan -- tests/test_mamba.py
 # reference.armt: ARMT's step and sequence modes -- tests/test_armt.py
 # reference.cmrn: CMRN's per-step loop (CMRNReference, same parameters as rlmem.memory.cmrn.CMRN) -- tests/test_cmrn_fast.py
+# reference.stm: STM's step loop, Diffuser and HF generator call (STMReference, same parameters as rlmem.memory.stm.STM) -- tests/test_stm_fast.py
