@@ -5,8 +5,8 @@ reported as firing on every step (it was: 1.0, from ``rlmem.evaluate.greedy_epis
 from __future__ import annotations
 
 import pytest
-from rlmem.agents import build_agent
 
+from rlmem.agents import build_agent
 from rlmem.evaluate import evaluate_greedy
 
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 3}

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rlmem.agents import build_agent
 from torch import nn
+
+from rlmem.agents import build_agent
 
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 3}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import gymnasium as gym
 import pytest
-from rlmem.envs import ENV_IDS
-from rlmem.envs.core import TaskVectorEnv
 
 from rlmem.env_factory import horizon_warning, memory_horizon
+from rlmem.envs import ENV_IDS
+from rlmem.envs.core import TaskVectorEnv
 from rlmem.suite import long_episode_overrides
 
 

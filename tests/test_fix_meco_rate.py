@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from rlmem.agents.triggers import MeCo
 
 N, T = 64, 256

@@ -53,7 +53,8 @@ import copy
 import io
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as _field
 
 import torch
 from tensordict import TensorDict, TensorDictBase
@@ -106,8 +107,8 @@ class CheckResult:
 
     name: str
     passed: bool
-    comparisons: list[Comparison] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    comparisons: list[Comparison] = _field(default_factory=list)
+    notes: list[str] = _field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -132,7 +133,7 @@ class MemoryCheckReport:
     in order; ``report["triggers"]`` is the result of one check by name."""
 
     memory: str
-    results: list[CheckResult] = field(default_factory=list)
+    results: list[CheckResult] = _field(default_factory=list)
 
     @property
     def passed(self) -> bool:
