@@ -144,8 +144,9 @@ class RecurrentPPO:
     line). ``callbacks``: :class:`rlmem.callbacks.Callback` hooks (``on_step``, ``on_eval``, ``on_checkpoint``;
     returning False ends the run cleanly); ``stop_at``: e.g. ``{"eval_success": 0.95, "evals": 2}`` ends
     the run at the 2nd consecutive evaluation with ``eval_success >= 0.95`` (:class:`rlmem.callbacks.StopAt`).
-    ``csv``: also write the logged scalars to ``run_dir/progress.csv``. ``config``: the resolved run config,
-    recorded in ``metrics.json`` and TensorBoard. ``collector``: where the envs step (:mod:`rlmem.collectors`;
+    ``csv``: also write the logged scalars to ``run_dir/progress.csv`` (default true). ``config``: the resolved
+    run config, recorded in ``metrics.json`` and TensorBoard; its ``logger.stop_at`` and ``logger.csv`` apply
+    where ``stop_at`` / ``csv`` are not given. ``collector``: where the envs step (:mod:`rlmem.collectors`;
     default ``{"type": "sync"}``, the trainer's own process). ``device``: where the agent learns (``"cpu"`` or
     ``"cuda[:i]"``); elsewhere than the CPU, ``acting_agent`` is a CPU copy that collects and evaluates.
 
@@ -171,12 +172,16 @@ class RecurrentPPO:
         verbose: int = 1,
         callbacks: list[Callback] | None = None,
         stop_at: Mapping[str, Any] | None = None,
-        csv: bool = True,
+        csv: bool | None = None,
         config: Mapping[str, Any] | None = None,
         collector: Mapping[str, Any] | None = None,
         device: str | torch.device = "cpu",
     ):
         check_agent(agent)
+        # train_rl's builder passes the resolved config: its logger settings fill what it does not pass itself
+        logger_cfg = (config or {}).get("logger") or {}
+        stop_at = stop_at if stop_at is not None else logger_cfg.get("stop_at")
+        csv = csv if csv is not None else logger_cfg.get("csv", True)
         check_int("seed", seed, low=0)
         check_int("total_frames", total_frames, low=1)
         check_int("logger.log_interval", log_interval, low=1)

@@ -41,10 +41,6 @@ from rlmem.run_io import _atomic_write, flatten, load_checkpoint, run_dir_holds_
 
 log = logging.getLogger(__name__)
 
-# TorchRL logs INFO lines (with ANSI colours) to stdout through its own handler: they are about its own spec
-# checks, not the run, and stdout is where the commands print their JSON results
-logging.getLogger("torchrl").setLevel(logging.WARNING)
-
 
 class RunDirError(FileExistsError):
     """A run dir that holds another run (``resume=false``) or a run with other settings."""
@@ -70,7 +66,7 @@ def check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path: 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

@@ -14,6 +14,7 @@ so a run killed mid-write leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import pickle
@@ -25,6 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 from tensordict import TensorDictBase
+
+# TorchRL logs INFO lines (with ANSI colours) to stdout through its own handler: they are about its own spec
+# checks, not the run, and stdout is where the commands print their JSON results. Set here, where both
+# trainers and rlmem.agents (whose build_agent checks the env specs) import from.
+logging.getLogger("torchrl").setLevel(logging.WARNING)
 
 
 def _atomic_write(path: Path, write) -> None:

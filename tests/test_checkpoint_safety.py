@@ -15,7 +15,7 @@ from rlmem.run_io import CheckpointError, load_checkpoint, save_checkpoint
 
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 2}
 AGENT = {"memory": "gru", "encoder_dim": 8, "hidden_size": 8}
-SMALL = dict(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
+SMALL = {"num_envs": 4, "rollout_len": 16, "seq_len": 8, "minibatches": 2, "epochs": 1, "eval_episodes": 4}
 
 
 class Payload:
@@ -81,5 +81,5 @@ def test_a_trained_run_resumes_and_evaluates_from_its_weights_only_checkpoint(tm
     trainer.train()
     ckpt = torch.load(trainer.checkpoint_path, weights_only=True)  # nothing allow-listed
     assert ckpt["frames"] == 64 and ckpt["identity"]["agent"] == AGENT and ckpt["progress"] == 64
-    agent, read = load_trained_agent(tmp_path)
+    _agent, read = load_trained_agent(tmp_path)
     assert read["frames"] == 64 and read_checkpoint(tmp_path)["frames"] == 64

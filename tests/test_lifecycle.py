@@ -26,11 +26,12 @@ from rlmem.memory import MemorySystem
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.run import RunDirError, identity_diff
 from rlmem.run_io import load_checkpoint
+import itertools
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 2}
 GRU = {"memory": "gru", "encoder_dim": 8, "hidden_size": 8}
-SMALL = dict(num_envs=4, rollout_len=16, seq_len=8, minibatches=2, epochs=1, eval_episodes=4)
+SMALL = {"num_envs": 4, "rollout_len": 16, "seq_len": 8, "minibatches": 2, "epochs": 1, "eval_episodes": 4}
 FPB = 4 * 16  # frames per batch of SMALL
 
 
@@ -169,7 +170,7 @@ def test_a_longer_total_frames_continues_the_learning_rate_without_a_jump(tmp_pa
            if row["charts/learning_rate"]]  # (the row of the evaluation at frames 0 has none)
     assert len(lrs) == 6
     assert lrs[3] == pytest.approx(lrs[2])  # the extension starts where the run ended (1e-3 / 3) ...
-    assert all(b <= a * (1 + 1e-9) for a, b in zip(lrs, lrs[1:])), lrs  # ... and never jumps back up
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(lrs)), lrs  # ... and never jumps back up
     assert lrs[-1] > 0 and any("anneals from its current" in r.getMessage() for r in caplog.records)
 
 
@@ -261,3 +262,18 @@ for verbose in (0, 1):
     assert silent.strip() == ""
     assert f"{2 * FPB}/{2 * FPB} frames (100%)" in verbose and "frames/s ETA" in verbose and "done: " in verbose
     assert "\x1b[" not in proc.stdout and "\x1b[" not in proc.stderr and proc.stdout.strip() == ""
+
+
+def test_train_rl_stop_at_from_the_command_line_and_a_rerun_reports_it(tmp_path):
+    args = [sys.executable, str(ROOT / "scripts" / "train_rl.py"), "agent=gru", "agent.hidden_size=8",
+            "agent.encoder_dim=8", "env=delayed_cue", "env.delay=2", "total_frames=20000", "ppo.num_envs=4",
+            "ppo.rollout_len=16", "ppo.seq_len=8", "ppo.minibatches=2", "ppo.epochs=1", "ppo.eval_episodes=4",
+            f"ppo.eval_interval={FPB}", "logger.stop_at={eval_return:-1000,evals:2}", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopping: stop_at (eval_return>=-1000 at 2 consecutive evaluations) ended the run at frames=64" \
+        in proc.stderr
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["frames"] == FPB
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "already finished (ended by stop_at" in again.stderr
