@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlmem.adapters import inject_memory, quantize_memory
 from rlmem.causal_lm import lm_labels, load_causal_lm, pretrain_causal_lm, tiny_causal_lm
-from rlmem.lm_tasks.grid import mean_std
+from rlmem.commands.lm_grid import mean_std
 from rlmem.lm_tasks.tasks import IGNORE_INDEX, LMBatch, LMTask, build_task
 
 log = logging.getLogger("adapter_compare")

@@ -56,7 +56,7 @@ def train_lm_tokens_per_s(task: str, steps: int, batch_size: int) -> dict:
         cmd = [
             sys.executable, str(ROOT / "scripts" / "train_lm.py"), "model=gru", "model.d_model=64",
             "model.hidden_size=64", f"task={task}", *overrides, f"steps={steps}", f"batch_size={batch_size}",
-            f"eval_every={steps}", "eval_batches=1", "threads=1", f"hydra.run.dir={out}",
+            f"eval_interval={steps}", "eval_batches=1", "threads=1", f"hydra.run.dir={out}",
         ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:

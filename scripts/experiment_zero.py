@@ -27,8 +27,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import rlmem  # noqa: F401  (registers the memory systems)
-from rlmem.lm_tasks.grid import grid_runs, mean_std, summarize, train_grid, write_csv
-from rlmem.lm_tasks.training import ConfigError, setup
+from rlmem.commands.lm_grid import grid_runs, mean_std, summarize, train_grid, write_csv
+from rlmem.lm_training import ConfigError, setup
 
 log = logging.getLogger("experiment_zero")
 

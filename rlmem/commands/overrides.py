@@ -189,6 +189,15 @@ def _valid_knobs(group: str, choice: str, config: dict[str, Any], args_values: d
     return None  # suite: nested groups, checked by rlmem.suite.plan
 
 
+def _renamed(command: str) -> dict[str, str]:
+    """Options of earlier versions and their new names."""
+    if command != "train_lm":
+        return {}
+    from rlmem.lm_training import RENAMED
+
+    return dict(RENAMED)
+
+
 def check_env_id(env_id: Any) -> None:
     """``env.id`` must be a registered Gymnasium id or ``module:Id`` (imported when the run is built)."""
     import gymnasium as gym
@@ -226,6 +235,9 @@ def check_overrides(command: str, args: Sequence[str]) -> list[str]:
             continue
         if not rest:
             if not prefix and key not in groups and key not in top:
+                renamed = _renamed(command)
+                if key in renamed:
+                    raise ValueError(f"{key} is now {renamed[key]} ({renamed[key]}={value})")
                 valid = sorted(top | set(groups))
                 raise ValueError(f"{key} is not an option of {command}{suggest(key, valid)}; valid: "
                                  f"{', '.join(valid)} (config groups: {', '.join(groups)})")

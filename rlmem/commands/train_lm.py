@@ -5,7 +5,7 @@ Embedding -> memory system (sequence mode) -> LM head, cross-entropy on answer p
 on held-out batches of another seed. Writes TensorBoard events (lm/train_loss, lm/eval_accuracy),
 metrics.json, checkpoints/last.pt and train_lm.log into the Hydra run dir
 (``outputs/train_lm/<model>-<task>/<time>``, or ``hydra.run.dir=...``), and prints the main metrics as JSON on
-stdout. The pieces live in rlmem.lm_tasks.training. Also ``python -m rlmem.commands.train_lm`` and, in a
+stdout. The pieces live in rlmem.lm_training. Also ``python -m rlmem.commands.train_lm`` and, in a
 checkout, ``python scripts/train_lm.py``.
 """
 
@@ -22,7 +22,7 @@ from rlmem.commands._hydra import run_hydra
 
 def build_trainer(cfg: DictConfig, run_dir: Path):
     import rlmem  # noqa: F401  (registers the memory systems)
-    from rlmem.lm_tasks.training import LMTrainer
+    from rlmem.lm_training import LMTrainer
 
     return LMTrainer(OmegaConf.to_container(cfg, resolve=True), run_dir)
 

@@ -1,6 +1,6 @@
 """A grid of LM trainings (models x tasks x seeds) run into one directory, then tabulated.
 
-Each run is an ordinary :func:`rlmem.lm_tasks.training.run` in ``<out_dir>/runs/<name>``, so a grid that is
+Each run is an ordinary :func:`rlmem.lm_training.run` in ``<out_dir>/runs/<name>``, so a grid that is
 stopped (Ctrl-C, kill) and started again resumes every unfinished run and reports finished ones without
 retraining them. Runs go ``workers`` at a time in separate processes (one torch thread each by default; each writes its
 log to ``runs/<name>/train_lm.log``, and the grid logs a line as each run finishes).
@@ -18,7 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from rlmem.lm_tasks.training import run, setup
+from rlmem.lm_training import run, setup
 
 log = logging.getLogger(__name__)
 
