@@ -49,6 +49,14 @@ def test_suite_runs_use_one_torch_thread_unless_their_overrides_say_otherwise():
     assert "threads=1" not in default[0].arguments()  # the settings a run dir records are unchanged
 
 
+def test_suite_runs_are_the_installed_commands_not_script_paths():
+    """``python -m rlmem.commands.<script>``: a suite works from a non-editable install, in any directory."""
+    rl, ref = plan(group(agents=["gru", "sb3_recurrent_ppo"], seeds=[0]))
+    lm = plan({"lm": {"script": "train_lm", "agents": ["gru"], "env": "copy_memory"}})[0]
+    for run, module in ((rl, "train_rl"), (ref, "sb3_reference"), (lm, "train_lm")):
+        assert run.command(Path("/s"))[:3] == [sys.executable, "-m", f"rlmem.commands.{module}"]
+
+
 def test_long_episodes_get_a_rollout_that_holds_two_episodes():
     runs = plan(group(agents=["gru", "transformer"], sweep={"delay": [10, 100]},
                       long_episodes={"knob": "delay", "extra_steps": 2}))
@@ -67,7 +75,7 @@ def test_the_reference_agent_runs_sb3_recurrent_ppo_with_the_overrides_it_knows(
     assert ref.arguments() == ["env=delayed_cue", "env.delay=5", "seed=0", "total_frames=2048"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([*ref.command(tmp_path)[:-1], "eval_interval=1024", "eval_episodes=4",
-                           f"hydra.run.dir={ref.run_dir(tmp_path)}"], cwd=ROOT, env=env, capture_output=True,
+                           f"hydra.run.dir={ref.run_dir(tmp_path)}"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert finished(ref, tmp_path)
@@ -132,9 +140,10 @@ def test_results_tables_from_run_dirs(tmp_path):
     assert knob == "delay" and curves["gru"][300.0] == pytest.approx((0.85, 0.05))
     assert largest_solved(curves["gru"], 0.9) == 100 and largest_solved(curves["mlp"], 0.9) is None
     text = markdown("test", rows, 60.0, 2, 0.9, ["horizon_h.png"])
-    assert "| delayed_cue | delay=10 | **0.95 ± 0.05** | 0.25 ± 0 |" in text
-    assert "| delayed_cue | delay=1000 | **0.25 ± 0.05** | 0.225 ± 0.025 |" in text
-    assert "Largest `delay` with mean eval_success >= 0.9: gru 100, mlp none" in text
+    # columns: chance, optimal, then the agents; the best is bold only above chance
+    assert "| delayed_cue | delay=10 | 0.25 | 1 | **0.95 ± 0.05** | 0.25 ± 0 |" in text
+    assert "| delayed_cue | delay=1000 | 0.25 | 1 | 0.25 ± 0.05 | 0.225 ± 0.025 |" in text
+    assert "Largest `delay` with mean eval_success >= 0.9: gru 100, mlp not solved" in text
     assert "seed 9 (missing)" in text and "![horizon_h](horizon_h.png)" in text
 
 
@@ -179,19 +188,15 @@ def test_smoke_suite_end_to_end_with_a_stop_and_a_rerun(tmp_path):
     assert "jobs=2" in text and "hydra.run.dir" not in text  # the command as typed, without the run dir
 
 
-def test_publish_writes_a_section_per_suite_and_the_index(tmp_path, monkeypatch):
-    import importlib.util
+def test_publish_writes_a_section_per_suite_and_the_index(tmp_path):
+    from rlmem.commands.benchmark import publish
 
-    spec = importlib.util.spec_from_file_location("benchmark_script", ROOT / "scripts" / "benchmark.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "ROOT", tmp_path)
     for suite in ("horizon", "smoke"):
         suite_dir = tmp_path / "runs" / suite
         suite_dir.mkdir(parents=True)
         (suite_dir / "results.md").write_text(f"# Benchmark suite `{suite}`\n\n## g: table\n\n![h](horizon_g.png)\n")
         (suite_dir / "horizon_g.png").write_bytes(b"png")
-        bench.publish(suite, suite_dir)
+        publish(suite, suite_dir, root=tmp_path)
     index = (tmp_path / "docs" / "results.md").read_text()
     assert index.startswith("# Benchmark results")
     assert "## Benchmark suite `horizon`" in index and "## Benchmark suite `smoke`" in index
