@@ -233,7 +233,6 @@ def test_own_code_errors_are_one_line(user_project, tmp_path, override, expected
         ("agent.hidden_size=0", "agent.hidden_size"),
         ("+agent.no_such_param=3", "valid"),
         ("env=gym env.id=NoSuchEnv-v0", "unknown env id"),
-        ("env=gym env.id=Blackjack-v1", "Blackjack-v1: observation: unsupported observation space Tuple.*supported: Box"),
         ("imports=[no_such_module_xyz]", "cannot import module 'no_such_module_xyz'"),
         ("compile=maybe", "compile must be true or false"),
         ("device=tpu", r"device='tpu' is not a device of this machine.*valid: \['cpu'"),
