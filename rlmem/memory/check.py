@@ -259,8 +259,7 @@ def _compare(actual: torch.Tensor, expected: torch.Tensor, what: str, *, rtol: f
         close = torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
     else:
         close = actual == expected
-    diff = (actual.double() - expected.double()).abs().nan_to_num(float("inf")) if actual.numel() \
-        else torch.zeros(0, dtype=torch.float64)
+    diff = (actual.double() - expected.double()).abs().nan_to_num(float("inf"))
     # equal NaNs count as equal (equal_nan above), not as an infinite difference
     both_nan = torch.isnan(actual) & torch.isnan(expected) if actual.is_floating_point() else None
     if both_nan is not None:
