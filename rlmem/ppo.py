@@ -409,8 +409,10 @@ class RecurrentPPO:
 
     def _snapshot(self) -> dict[str, Any]:
         """What an iteration changes before and during its update, to undo a partial update."""
+        # frozen parameters (a pretrained LM inside a memory) never change in an update: not copied
+        frozen = {name for name, p in self.agent.named_parameters(remove_duplicate=False) if not p.requires_grad}
         return {
-            "agent": copy.deepcopy(self.agent.state_dict()),
+            "agent": {k: v.detach().clone() for k, v in self.agent.state_dict().items() if k not in frozen},
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "frames": self.frames, "iteration": self.iteration, "metrics": copy.deepcopy(self.metrics),
             "reward_scaler": None if self.reward_scaler is None else self.reward_scaler.full_state_dict(),
@@ -418,7 +420,9 @@ class RecurrentPPO:
         }
 
     def _restore(self, snap: Mapping[str, Any]) -> None:
-        self.agent.load_state_dict(snap["agent"])
+        missing = self.agent.load_state_dict(snap["agent"], strict=False).missing_keys
+        frozen = {name for name, p in self.agent.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        assert set(missing) <= frozen, missing
         self.optimizer.load_state_dict(snap["optimizer"])
         self._sync_acting_agent()
         self.frames, self.iteration, self.metrics = snap["frames"], snap["iteration"], snap["metrics"]

@@ -46,6 +46,10 @@ class RunDirError(FileExistsError):
     """A run dir that holds another run (``resume=false``) or a run with other settings."""
 
 
+class SettingsDiffer(RunDirError, ValueError):
+    """A checkpoint written with other settings than the run's (the message names the keys that differ)."""
+
+
 def identity_diff(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``["agent.hidden_size: 8 -> 16", "env.delay: (unset) -> 5"]``: the flattened keys whose values differ."""
     a, b = flatten(stored), flatten(current)
@@ -59,7 +63,7 @@ def check_identity(stored: Mapping[str, Any], current: Mapping[str, Any], path: 
     diff = identity_diff(stored, current)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
-        raise RunDirError(f"resume: checkpoint {path} was written with other settings ({shown}; checkpoint -> "
+        raise SettingsDiffer(f"resume: checkpoint {path} was written with other settings ({shown}; checkpoint -> "
                           "now); use another run dir (hydra.run.dir=...) or the checkpoint's settings")
 
 
