@@ -17,7 +17,18 @@ State (all in the TensorDict):
 - ``valid: [B]`` (int64): how many of those slots belong to the running episode (``0 .. window - 1``).
 
 Sequence mode (T > 1) runs all T windows as one LM batch of ``B * T`` sequences of ``window`` tokens;
-step mode is the same computation with T = 1.
+step mode is the same computation with T = 1. For LLaMA- and GPT-2-style base models the LM is run by
+:func:`rlmem.adapters.fast.window_hidden`, exact rewrites of that computation (the last layer at the last
+position only, LLaMA's layer-0 norm and q/k/v once per token); :mod:`rlmem.memory.reference.adapter` is the
+plain ``transformers`` forward it equals (tests/test_adapter_fast.py).
+
+``mode="streaming"`` is a different, cheaper model: each step's token runs through the LM once, and every
+layer attends to its own cached keys/values of the previous ``window - 1`` steps (computed when those
+steps arrived, as a causal LM's KV cache holds them). State: ``k, v: [B, n_layers, window - 1, kv_heads,
+head_dim]`` (unrotated keys, values; zeros in slots older than the episode start) and ``valid: [B]``. Slots
+before the episode start attend to the padding embedding's keys/values, recomputed each call from the current
+weights. It equals window mode at the first step of every episode and, for a one-layer LLaMA-style model, at
+every step; otherwise the two differ (:func:`rlmem.adapters.fast.stream_hidden`, docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -29,10 +40,15 @@ from tensordict import TensorDict
 from torch import nn
 
 from rlmem.adapters import MemoryAdapterConfig, inject_memory
+from rlmem.adapters import fast
 from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
 from rlmem.validate import check_int
 from rlmem.memory.base import MemorySystem, check_inputs
+from rlmem.memory.reference import adapter as reference
 from rlmem.memory.registry import register_memory
+
+#: how the LM reads the window (see the module docstring)
+MODES = ("window", "streaming")
 
 
 @register_memory("adapter")
@@ -47,20 +63,24 @@ class AdapterMemory(MemorySystem):
             ``save_pretrained`` directory (then those four are ignored). Never downloaded.
         window: steps the LM reads (the current one and ``window - 1`` earlier ones, kept in the state); >= 2.
         hidden_size, n_layers, n_heads, base_seed: the tiny base LM.
+        mode: ``"window"`` (every step runs the LM over its whole window) or ``"streaming"`` (each step's token
+            runs once per layer against cached keys/values of the window; cheaper, a different model: see the
+            module docstring). Streaming needs a LLaMA- or GPT-2-style base and routing that decides per token
+            (``num_chapters=1``, or ``routing_train=routing_inference="token"``).
         **adapter: :class:`rlmem.adapters.MemoryAdapterConfig` fields (``num_memory_tokens``, ``variant``,
             ``placement``, ``sharing``, ``num_chapters``, ``lora_rank``, ...).
 
     Trainable: ``W_in``, the padding embedding, the memory adapters and LoRA; the LM's weights are frozen, and
     the LM stays in eval mode whatever ``train()`` says (no dropout from its config: acting and the PPO
     replay compute the same features; :meth:`rlmem.adapters.MemoryAdaptedLM.train`).
-    Cost of a step: one LM pass over ``window`` tokens per row.
+    Cost of a step: one LM pass over ``window`` tokens per row (window mode), one token per row (streaming).
     """
 
     test_kwargs = {"hidden_size": 16, "n_layers": 2, "n_heads": 2, "window": 4, "num_memory_tokens": 4,
                    "num_heads": 2, "lora_rank": 2}
 
     def __init__(self, d_in: int, source: str = "tiny", window: int = 16, hidden_size: int = 64, n_layers: int = 2,
-                 n_heads: int = 4, base_seed: int = 0, **adapter: Any):
+                 n_heads: int = 4, base_seed: int = 0, mode: str = "window", **adapter: Any):
         super().__init__()
         name = self.registry_name
         self.d_in = check_int(f"{name}: d_in", d_in, low=1)
@@ -69,7 +89,14 @@ class AdapterMemory(MemorySystem):
             cfg = MemoryAdapterConfig.from_dict(adapter)
         except ValueError as e:
             raise ValueError(f"{name}: {e} (and the memory system's own: source, window, hidden_size, n_layers, "
-                             "n_heads, base_seed)") from None
+                             "n_heads, base_seed, mode)") from None
+        if mode not in MODES:
+            raise ValueError(f"{name}: mode must be one of {list(MODES)}, got {mode!r}")
+        self.mode = mode
+        if mode == "streaming" and cfg.memory and cfg.num_chapters > 1 and \
+                (cfg.routing_train, cfg.routing_inference) != ("token", "token"):
+            raise ValueError(f"{name}: mode=streaming computes each token once, so chapter routing must decide per "
+                             "token: set routing_train=token and routing_inference=token (or num_chapters=1)")
         self.source = str(source)
         if self.source in TINY_SOURCES:
             base_seed = check_int(f"{name}: base_seed", base_seed, low=0)
@@ -86,16 +113,30 @@ class AdapterMemory(MemorySystem):
         if positions is not None and self.window > positions:
             raise ValueError(f"{name}: window={self.window} is longer than the base LM's {positions} positions")
         self.lm = inject_memory(lm, cfg)
+        self._fast = fast.supported(self.lm) is not None
+        if mode == "streaming" and not self._fast:
+            raise ValueError(f"{name}: mode=streaming needs a LLaMA- or GPT-2-style base model, got "
+                             f"{getattr(config, 'model_type', type(lm).__name__)!r}")
+        self._n_layers = int(config.num_hidden_layers)
+        self._kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        self._head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
         hidden = int(config.hidden_size)
         self.d_out = self.hidden = hidden
         self.embed = nn.Linear(self.d_in, hidden)
         self.pad = nn.Parameter(torch.zeros(hidden))
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_out={self.d_out}, window={self.window}, source={self.source!r} (frozen)"
+        return (f"d_in={self.d_in}, d_out={self.d_out}, window={self.window}, mode={self.mode}, "
+                f"source={self.source!r} (frozen)")
 
     def initial_state(self, batch_size, device=None):
         dtype = self.embed.weight.dtype
+        if self.mode == "streaming":
+            shape = (batch_size, self._n_layers, self.window - 1, self._kv_heads, self._head_dim)
+            return TensorDict({"k": torch.zeros(shape, device=device, dtype=dtype),
+                               "v": torch.zeros(shape, device=device, dtype=dtype),
+                               "valid": torch.zeros(batch_size, dtype=torch.long, device=device)},
+                              batch_size=[batch_size])
         return TensorDict(
             {
                 "window": torch.zeros(batch_size, self.window - 1, self.d_in, device=device, dtype=dtype),
@@ -104,27 +145,45 @@ class AdapterMemory(MemorySystem):
             batch_size=[batch_size],
         )
 
+    def _episode(self, is_init: torch.Tensor, valid: torch.Tensor):
+        """``(start [B, T], live [B, T, W])``: the first step of each step's episode on a time axis where the
+        state's slots are ``-(W-1) .. -1``, and which slots of each step's window belong to it."""
+        T, W, dev = is_init.shape[1], self.window, is_init.device
+        t = torch.arange(T, device=dev)
+        last_reset = torch.where(is_init, t, -1).cummax(1).values  # [B, T]
+        start = torch.where(last_reset >= 0, last_reset, -valid.unsqueeze(1))
+        slot_time = t.unsqueeze(1) - (W - 1) + torch.arange(W, device=dev)  # [T, W]
+        return start, slot_time.unsqueeze(0) >= start.unsqueeze(-1)
+
+    def _keep(self, start: torch.Tensor, T: int):
+        """The next state's ``valid: [B]`` and which of its ``W - 1`` slots belong to the running episode."""
+        W = self.window
+        valid = (T - start[:, -1]).clamp(max=W - 1)
+        return valid, torch.arange(W - 1, device=start.device) >= (W - 1 - valid).unsqueeze(1)  # [B, W-1]
+
     def forward(self, x: torch.Tensor, state: TensorDict, is_init: torch.Tensor) -> tuple[torch.Tensor, TensorDict]:
         check_inputs(self, x, state, is_init)
+        if self.mode == "streaming":
+            return self._stream(x, state, is_init)
+        if not self._fast:
+            return reference.forward(self, x, state, is_init)
         B, T, _ = x.shape
-        W, dev = self.window, x.device
-        t = torch.arange(T, device=dev)
-        # first step of each step's episode, on a time axis where the state's slots are -(W-1) .. -1
-        last_reset = torch.where(is_init, t, -1).cummax(1).values  # [B, T]
-        start = torch.where(last_reset >= 0, last_reset, -state["valid"].unsqueeze(1))
+        start, live = self._episode(is_init, state["valid"])
         full = torch.cat([state["window"], x], 1)  # [B, W - 1 + T, d_in]: time -(W-1) .. T-1
-        emb = self.embed(full)  # [B, W - 1 + T, hidden]
-        windows = emb.unfold(1, W, 1).transpose(-1, -2)  # [B, T, W, hidden]: window of step t is times t-W+1 .. t
-        slot_time = t.unsqueeze(1) - (W - 1) + torch.arange(W, device=dev)  # [T, W]
-        live = slot_time.unsqueeze(0) >= start.unsqueeze(-1)  # [B, T, W]
-        windows = torch.where(live.unsqueeze(-1), windows, self.pad)
-        h = self.lm.hidden_states(inputs_embeds=windows.reshape(B * T, W, self.hidden))  # [B*T, W, hidden]
-        y = h[:, -1].view(B, T, self.hidden)
-        # next state: the last W-1 inputs, of which min(W-1, T - start) belong to the running episode
-        valid = (T - start[:, -1]).clamp(max=W - 1)
-        keep = torch.arange(W - 1, device=dev) >= (W - 1 - valid).unsqueeze(1)  # [B, W-1]
+        y = fast.window_hidden(self.lm, self.embed(full), live, self.pad)
+        valid, keep = self._keep(start, T)
         window = full[:, T:] * keep.unsqueeze(-1).to(full.dtype)
         return y, TensorDict({"window": window, "valid": valid}, batch_size=state.batch_size)
+
+    def _stream(self, x, state, is_init):
+        T, W = x.shape[1], self.window
+        start, live = self._episode(is_init, state["valid"])
+        pad_k, pad_v = fast.pad_cache(self.lm, self.pad, W)
+        y, k, v = fast.stream_hidden(self.lm, self.embed(x), live, state["k"], state["v"], pad_k, pad_v)
+        valid, keep = self._keep(start, T)
+        keep = keep.view(keep.shape[0], 1, W - 1, 1, 1).to(k.dtype)
+        return y, TensorDict({"k": k[:, :, T:] * keep, "v": v[:, :, T:] * keep, "valid": valid},
+                             batch_size=state.batch_size)
 
     def aux_loss(self) -> torch.Tensor | None:
         return self.lm.aux_loss()

@@ -12,3 +12,4 @@ paths against them in float64. Nothing here is registered as a memory system.
 # reference.armt: ARMT's step and sequence modes -- tests/test_armt.py
 # reference.cmrn: CMRN's per-step loop (CMRNReference, same parameters as rlmem.memory.cmrn.CMRN) -- tests/test_cmrn_fast.py
 # reference.stm: STM's step loop, Diffuser and HF generator call (STMReference, same parameters as rlmem.memory.stm.STM) -- tests/test_stm_fast.py
+# reference.adapter: the adapter memory system's window mode through transformers' forward -- tests/test_adapter_fast.py

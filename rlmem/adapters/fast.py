@@ -1,0 +1,287 @@
+"""The decoder stack of a memory-adapted LLaMA or GPT-2, written out for the ``adapter`` memory system.
+
+:class:`rlmem.memory.adapter.AdapterMemory` runs the frozen LM over one window of ``W`` tokens per step.
+Going through ``transformers``' forward (with the adapter's hooks and ``peft``'s LoRA layers) computes
+every layer at every position of every window; the functions here compute the same numbers with less
+work, on the same modules and weights (nothing is copied, so gradients reach the same parameters):
+
+- **window mode** (:func:`window_hidden`, exact):
+    - the last layer is computed at the last position only (its keys/values at every position): the only
+      position the memory system reads. Used when that layer's memory read has no chapter router (a
+      router's decisions and losses would cover the other positions too); otherwise the last layer runs
+      at every position;
+    - LLaMA-style (rotary) models: layer 0's input norm and q/k/v projections (with LoRA) are computed
+      once per *token* (``W - 1 + T`` per row) instead of once per window slot (``W T``) and gathered into
+      the windows; rotary is applied after the projection, with the slot's position, so this is exact.
+      GPT-2 adds its absolute position embedding to the input before layer 0, so there the projections
+      depend on the slot and are computed per slot;
+    - the attention, norms, LoRA and memory reads are called directly (no ``transformers`` masks or
+      caches, no hooks, no ``peft`` dispatch).
+- **streaming mode** (:func:`stream_hidden`, a different model): each token is computed once per layer
+  when it arrives; every layer attends from it to its own cached keys/values of the previous ``W - 1``
+  tokens (kept in the recurrent state), as a causal LM with a KV cache does. See :func:`stream_hidden` for
+  when it equals window mode.
+
+Only LLaMA (``model_type="llama"``) and GPT-2 are written out (:func:`supported`); other models use the
+``transformers`` forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlmem.causal_lm import decoder_layers
+
+
+def supported(lm) -> str | None:
+    """``"llama"`` or ``"gpt2"`` when :func:`window_hidden` / :func:`stream_hidden` can run ``lm`` (a
+    :class:`~rlmem.adapters.MemoryAdaptedLM`), else None."""
+    config = lm.model.config
+    kind = getattr(config, "model_type", None)
+    if kind == "llama":
+        return kind
+    if kind == "gpt2" and not getattr(config, "scale_attn_by_inverse_layer_idx", False) \
+            and not getattr(config, "add_cross_attention", False):
+        return kind
+    return None
+
+
+def _lin(module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a linear layer, computing a ``peft`` LoRA layer's ``base(x) + s B A drop(x)``
+    directly (what its forward does when the adapters are active, unmerged and not DoRA)."""
+    base = getattr(module, "base_layer", None)
+    if base is None or module.merged or module.disable_adapters or any(module.use_dora.get(a, False)
+                                                                       for a in module.active_adapters):
+        return module(x)
+    y = base(x)
+    for a in module.active_adapters:
+        if a in module.lora_A:
+            y = y + module.lora_B[a](module.lora_A[a](module.lora_dropout[a](x))) * module.scaling[a]
+    return y
+
+
+class Stack:
+    """The per-layer pieces of a supported model, looked up once per forward."""
+
+    def __init__(self, lm):
+        self.lm, self.kind = lm, supported(lm)
+        model = lm.model
+        self.layers = decoder_layers(model)
+        self.adapter = lm.adapter
+        self.sites = {} if self.adapter is None else {i: s for s, i in enumerate(self.adapter.layer_indices)}
+        config = model.config
+        self.n_heads = int(config.num_attention_heads)
+        if self.kind == "llama":
+            self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.n_heads)
+            self.n_kv = int(config.num_key_value_heads)
+            self.final_norm = model.model.norm
+            self.rotary = model.model.rotary_emb
+        else:
+            self.head_dim = int(config.hidden_size) // self.n_heads
+            self.n_kv = self.n_heads
+            self.final_norm = model.transformer.ln_f
+            self.wpe = model.transformer.wpe
+            self.rotary = None
+
+    # -- pieces -----------------------------------------------------------------------------------------
+
+    def qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s normed input and q/k/v (no rotary): ``x: [..., D] -> ([..., H, dh], [..., Hkv, dh] x 2)``."""
+        layer, dh = self.layers[i], self.head_dim
+        if self.kind == "llama":
+            attn = layer.self_attn
+            xn = layer.input_layernorm(x)
+            q, k, v = _lin(attn.q_proj, xn), _lin(attn.k_proj, xn), _lin(attn.v_proj, xn)
+        else:
+            xn = layer.ln_1(x)
+            q, k, v = _lin(layer.attn.c_attn, xn).split(self.n_heads * dh, dim=-1)
+        shape = x.shape[:-1]
+        return q.view(*shape, -1, dh), k.view(*shape, -1, dh), v.view(*shape, -1, dh)
+
+    def rope(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos, sin of positions ``0 .. n-1``: ``[n, 1, dh]`` each (None without rotary)."""
+        if self.rotary is None:
+            return None
+        pos = torch.arange(n, device=like.device).unsqueeze(0)
+        cos, sin = self.rotary(like, pos)
+        return cos[0].unsqueeze(-2), sin[0].unsqueeze(-2)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        if cs is None:
+            return x
+        cos, sin = cs
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+        """``q: [N, Tq, H, dh]``, ``k, v: [N, Tk, Hkv, dh]`` -> ``[N, Tq, H * dh]`` (scaled dot product)."""
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=-2)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=-2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, scale=self.scale(q))
+        return out.transpose(1, 2).flatten(-2)
+
+    def scale(self, q: torch.Tensor) -> float:
+        layer = self.layers[0]
+        return float(layer.self_attn.scaling if self.kind == "llama" else layer.attn.scaling)
+
+    def finish(self, i: int, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The rest of layer ``i`` after its attention's heads: output projection, memory read, MLP.
+        ``h``: the layer's input (at the positions computed), ``attn_out: [..., H * dh]``."""
+        layer, site = self.layers[i], self.sites.get(i)
+        variant_a = site is not None and self.adapter.cfg.variant == "A"
+        if self.kind == "llama":
+            a = _lin(layer.self_attn.o_proj, attn_out)
+            if variant_a:
+                a = a + self.adapter.read(site, h + a)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        else:
+            a = layer.attn.resid_dropout(_lin(layer.attn.c_proj, attn_out))
+            if variant_a:
+                a = a + self.adapter.read(site, h + a)
+            h = h + a
+            h = h + layer.mlp(layer.ln_2(h))
+        if site is not None and self.adapter.cfg.variant == "B":
+            h = h + self.adapter.read(site, h)
+            h = self.adapter.mlps[site](h)
+        return h
+
+    def last_only(self) -> bool:
+        """Whether the last layer may be computed at the last position only: its read (if any) has no
+        chapter router, whose decisions and losses would cover every position."""
+        site = self.sites.get(len(self.layers) - 1)
+        return site is None or self.adapter.reads[site].router is None
+
+    def full_layer(self, i: int, h: torch.Tensor, cs, qkv=None, keep_kv: bool = False):
+        """Layer ``i`` at every position of ``h: [N, W, D]`` (causal). ``qkv``: precomputed unrotated
+        q/k/v. Returns ``h`` (and the unrotated k, v with ``keep_kv``)."""
+        q, k, v = self.qkv(i, h) if qkv is None else qkv
+        out = self.attend(self.rotate(q, cs), self.rotate(k, cs), v, causal=True)
+        h = self.finish(i, h, out)
+        return (h, k, v) if keep_kv else h
+
+    def last_layer(self, i: int, h: torch.Tensor, cs, qkv=None) -> torch.Tensor:
+        """Layer ``i`` at the last position of ``h: [N, W, D]`` only -> ``[N, 1, D]``."""
+        q, k, v = self.qkv(i, h) if qkv is None else qkv
+        last = None if cs is None else (cs[0][-1:], cs[1][-1:])
+        out = self.attend(self.rotate(q[:, -1:], last), self.rotate(k, cs), v, causal=False)
+        return self.finish(i, h[:, -1:], out)
+
+
+def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """The last position's final hidden state of every window: what ``lm.hidden_states(inputs_embeds=
+    windows)[:, -1]`` gives, for the windows ``where(live, unfold(emb), pad)``.
+
+    ``emb: [B, W - 1 + T, D]`` (the embedded inputs, oldest first), ``live: [B, T, W]`` (slot s of step t's
+    window holds ``emb[:, t + s]`` where True, ``pad: [D]`` where False) -> ``[B, T, D]``.
+    """
+    st = Stack(lm)
+    B, T, W = live.shape
+    D = emb.shape[-1]
+    n = len(st.layers)
+    if lm.adapter is not None:
+        lm.adapter.begin(None)
+    try:
+        cs = st.rope(W, emb)
+        mask = live.unsqueeze(-1)
+
+        def gather(per_token: torch.Tensor, per_pad: torch.Tensor) -> torch.Tensor:
+            """``[B, W - 1 + T, F]``, ``[F]`` -> windows ``[B * T, W, F]``."""
+            win = per_token.unfold(1, W, 1).transpose(-1, -2)  # [B, T, W, F]
+            return torch.where(mask, win, per_pad).reshape(B * T, W, -1)
+
+        qkv = None
+        if st.kind == "llama":  # layer 0's norm and q/k/v once per token (and once for the padding)
+            tokens = torch.cat([emb, pad.expand(B, 1, D)], 1)
+            q, k, v = st.qkv(0, tokens)
+            feats = torch.cat([tokens, q.flatten(-2), k.flatten(-2), v.flatten(-2)], -1)
+            win = gather(feats[:, :-1], feats[0, -1])
+            sizes = [D, q.shape[-2] * st.head_dim, k.shape[-2] * st.head_dim, v.shape[-2] * st.head_dim]
+            h, q, k, v = win.split(sizes, -1)
+            qkv = (q.unflatten(-1, (-1, st.head_dim)), k.unflatten(-1, (-1, st.head_dim)),
+                   v.unflatten(-1, (-1, st.head_dim)))
+        else:  # GPT-2: absolute positions enter before layer 0
+            h = gather(emb, pad) + st.wpe.weight[:W].to(emb.dtype)
+            h = lm.model.transformer.drop(h)
+        last_only = st.last_only()
+        for i in range(n):
+            if i == n - 1 and last_only:
+                h = st.last_layer(i, h, cs, qkv)
+            else:
+                h = st.full_layer(i, h, cs, qkv)
+            qkv = None
+        return st.final_norm(h[:, -1]).view(B, T, D)
+    finally:
+        if lm.adapter is not None:
+            lm.adapter._now.mask = None
+
+
+def pad_cache(lm, pad: torch.Tensor, W: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the unrotated keys and values of a window of ``W - 1`` padding tokens (what the slots
+    before an episode start hold in window mode): ``[W - 1, Hkv, dh]`` each."""
+    st = Stack(lm)
+    h = pad.expand(1, W - 1, pad.shape[-1])
+    if st.kind == "gpt2":
+        h = h + st.wpe.weight[:W - 1].to(pad.dtype)
+    cs = st.rope(W - 1, pad)
+    ks, vs = [], []
+    for i in range(len(st.layers)):
+        h, k, v = st.full_layer(i, h, cs, keep_kv=True)
+        ks.append(k[0])
+        vs.append(v[0])
+    return ks, vs
+
+
+def stream_hidden(lm, emb: torch.Tensor, live: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                  pad_k: list[torch.Tensor], pad_v: list[torch.Tensor]):
+    """Streaming: every token computed once per layer, attending at each layer to that layer's cached
+    keys/values of the previous ``W - 1`` tokens.
+
+    ``emb: [B, T, D]`` (this call's embedded inputs), ``live: [B, T, W]`` (as in :func:`window_hidden`: slot s
+    of step t's window is live where True; else it holds the padding's keys/values ``pad_k[l][s]``),
+    ``cache_k, cache_v: [B, L, W - 1, Hkv, dh]`` (unrotated keys / values of the previous W - 1 tokens, oldest
+    first) -> ``(y: [B, T, D], keys [B, L, W - 1 + T, Hkv, dh], values)`` (the caller keeps the last W - 1).
+
+    A token is placed at the window's last position (rotary: keys of slot s rotated to position s, the
+    query to W - 1; GPT-2: its position embedding is that of position W - 1 when it arrives). Equal to window
+    mode at the first step of an episode (it attends to the padding's own keys/values, as the window does);
+    after that, window mode recomputes the earlier tokens of each window in the current window (layer
+    l >= 1 keys/values of a token depend on what precedes it in the window, and with GPT-2 on its slot),
+    streaming keeps those computed when the token arrived. One-layer LLaMA-style models: equal at every
+    step (layer 0's keys/values are per-token, rotary is relative).
+    """
+    st = Stack(lm)
+    B, T, W = live.shape
+    D = emb.shape[-1]
+    if lm.adapter is not None:
+        lm.adapter.begin(None)
+    try:
+        cs = st.rope(W, emb)
+        q_cs = None if cs is None else (cs[0][-1:], cs[1][-1:])
+        h = emb
+        if st.kind == "gpt2":
+            h = lm.model.transformer.drop(h + st.wpe.weight[W - 1].to(emb.dtype))
+        mask = live.unsqueeze(-1).unsqueeze(-1)  # [B, T, W, 1, 1]
+        keys, values = [], []
+        for i in range(len(st.layers)):
+            q, k, v = st.qkv(i, h)  # [B, T, H(kv), dh]
+            k_all = torch.cat([cache_k[:, i], k], 1)  # [B, W - 1 + T, Hkv, dh]
+            v_all = torch.cat([cache_v[:, i], v], 1)
+            keys.append(k_all)
+            values.append(v_all)
+            pk = torch.cat([pad_k[i], k.new_zeros(1, *k.shape[2:])], 0)  # slot W - 1 is always live
+            pv = torch.cat([pad_v[i], v.new_zeros(1, *v.shape[2:])], 0)
+            kw = torch.where(mask, k_all.unfold(1, W, 1).permute(0, 1, 4, 2, 3), pk)  # [B, T, W, Hkv, dh]
+            vw = torch.where(mask, v_all.unfold(1, W, 1).permute(0, 1, 4, 2, 3), pv)
+            qr = st.rotate(q, q_cs).reshape(B * T, 1, *q.shape[2:])
+            out = st.attend(qr, st.rotate(kw, cs).reshape(B * T, W, *k.shape[2:]), vw.reshape(B * T, W, *v.shape[2:]),
+                            causal=False)
+            h = st.finish(i, h, out.view(B, T, -1))
+        return st.final_norm(h), torch.stack(keys, 1), torch.stack(values, 1)
+    finally:
+        if lm.adapter is not None:
+            lm.adapter._now.mask = None
