@@ -52,6 +52,15 @@ memory trains.
 
 State: ``buffer: [B, K + 1, d]`` (slot 0 is the mode slot). An episode starts from a learned buffer
 (``initial_state`` depends on parameters; at init a random mode slot and empty content slots).
+
+**Fast paths** (same maths as the readable :mod:`rlmem.memory.reference.stm`, checked in float64 by
+``tests/test_stm_fast.py``): everything of the write that depends only on the inputs (``W_k e``, ``W_v e``,
+the gate's input part, and the query-key products folded into ``W_q^T W_k e``) is computed for all steps
+in a few matmuls before the loop, so a step of the write recurrence is LayerNorm, one batched matmul,
+softmax, sigmoid and one ``lerp``; the mode slot, which only resets change, is not carried through the
+loop; a LLaMA generator is read by :func:`rlmem.memory.stm_generator.fused_last_hidden` (merged q/k/v and
+gate/up matmuls from the HF weights, cached rotary tables, no mask building, the last layer at the last
+position only); other generators go through their ``transformers`` forward.
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
 from rlmem.validate import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
+from rlmem.memory.stm_generator import _RotaryCache, fused_last_hidden, supports_fused
 
 
 def parameters_to_buffers(module: nn.Module) -> nn.Module:
@@ -114,6 +124,35 @@ class SlotWriter(nn.Module):
     def forward(self, slots: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         w = self.write_weights(slots, e)
         return slots + w * (self.value(e).unsqueeze(1) - slots)
+
+    def prepare(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything of the write that depends only on the inputs, for all steps at once.
+
+        ``e: [..., d]`` -> ``(M: [..., d, 2], Z: [..., K, 2], v: [..., 1, d])`` such that for slots ``s: [..., K, d]``
+        ``LN(s) @ M + Z`` holds the address logits (column 0: ``(W_q LN(s_k) + b_q + p_k) . W_k e / sqrt(d)``, as
+        ``LN(s_k) . (W_q^T W_k e) + (b_q + p_k) . W_k e``, scaled) and the gate logits (column 1:
+        ``W_g [LN(s_k); e] + b_g``), and ``v = W_v e``. See :meth:`step`.
+        """
+        d = e.shape[-1]
+        K = self.slot_keys.shape[0]
+        g_w = self.gate.weight  # [1, 2d]: LN(s) part, then e part
+        weight = torch.cat([self.key.weight, self.value.weight, g_w[:, d:]], 0)  # [2d + 1, d]
+        bias = torch.cat([self.key.bias, self.value.bias, self.gate.bias], 0)
+        k, v, g = F.linear(e, weight, bias).split((d, d, 1), -1)
+        # query . key = LN(s) . (W_q^T k) + (b_q + p_k) . k: one matmul for both, scaled
+        fold = torch.cat([self.query.weight, (self.slot_keys + self.query.bias).t()], 1) * self.scale  # [d, d + K]
+        uc = k @ fold  # [..., d + K]
+        u, c = uc.split((d, K), -1)
+        M = torch.stack([u, g_w[0, :d].expand_as(u)], -1)  # [..., d, 2]
+        Z = torch.stack([c, g.expand_as(c)], -1)  # [..., K, 2]
+        return M, Z, v.unsqueeze(-2)
+
+    def step(self, slots: torch.Tensor, M: torch.Tensor, Z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One write from :meth:`prepare`'s ``M: [B, d, 2]``, ``Z: [B, K, 2]``, ``v: [B, 1, d]``; ``slots: [B, K, d]``."""
+        h = F.layer_norm(slots, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
+        z = torch.baddbmm(Z, h, M)  # [B, K, 2]: address logits, gate logits
+        w = torch.softmax(z[..., 0], -1) * torch.sigmoid(z[..., 1])  # g_k a_k
+        return torch.lerp(slots, v, w.unsqueeze(-1))  # s + w (v - s)
 
 
 class Diffuser(nn.Module):
@@ -281,6 +320,9 @@ class STM(MemorySystem):
         self.to_generator = nn.Linear(d_model, hidden) if hidden != d_model else nn.Identity()
         self.from_generator = nn.Linear(hidden, d_model) if hidden != d_model else nn.Identity()
         self._aux = _LastAux()
+        # a LLaMA generator is read by the fused forward (same numbers; rlmem/memory/stm_generator.py)
+        self._fused_read = supports_fused(self.generator)
+        self._rotary = _RotaryCache()
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_model={self.d_model}, n_slots={self.n_slots}, n_refine={self.n_refine}, "
@@ -321,6 +363,8 @@ class STM(MemorySystem):
     def read(self, buf: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """The generator on ``[mode | content | e]``: ``buf: [N, K+1, d]``, ``e: [N, d]`` -> ``[N, d]``."""
         tokens = self.to_generator(torch.cat([buf, e.unsqueeze(1)], 1)) * self.input_scale  # [N, K+2, hidden]
+        if self._fused_read:
+            return self.from_generator(fused_last_hidden(self.generator, tokens, self._rotary))
         hidden = self.generator(inputs_embeds=tokens, use_cache=False).last_hidden_state
         return self.from_generator(hidden[:, -1])
 
@@ -351,18 +395,36 @@ class STM(MemorySystem):
         e = self.encoder(x)  # [B, T, d]
         buf = state["buffer"]
         resets = is_init.any(0).tolist()  # one host sync: which steps need the initial buffer
-        init = self.initial_state(B, x.device)["buffer"] if any(resets) else None
-        bufs = []
-        for t in range(T):
-            if resets[t]:
-                buf = torch.where(is_init[:, t].view(B, 1, 1), init, buf)
-            buf = self.write(buf, e[:, t])
-            if self.persist_refinement:
+        any_reset = any(resets)
+        init = self.init_buffer.to(x.device) if any_reset else None
+        # the inputs' part of every step's write, computed for all steps before the loop, time-major so that
+        # a step's slices are contiguous
+        M, Z, v = self.writer.prepare(e.transpose(0, 1))  # [T, B, d, 2], [T, B, K, 2], [T, B, 1, d]
+        if self.persist_refinement:  # the refined buffer is the next state: write and refine in the loop
+            bufs = []
+            for t in range(T):
+                if resets[t]:
+                    buf = torch.where(is_init[:, t].view(B, 1, 1), init, buf)
+                buf = torch.cat([buf[:, :1], self.writer.step(buf[:, 1:], M[t], Z[t], v[t])], 1)
                 buf = self.refine(buf, None if refine is None else refine[:, t])
-            bufs.append(buf)
-        seen = torch.stack(bufs, 1).flatten(0, 1)  # [B * T, K+1, d]
-        if not self.persist_refinement:  # the refined view is read only: all steps in one batch
-            seen = self.refine(seen, None if refine is None else refine.flatten())
+                bufs.append(buf)
+            seen = torch.stack(bufs, 1).flatten(0, 1)  # [B * T, K+1, d]
+        else:
+            # only resets change the mode slot: the loop carries the content slots alone
+            slots = buf[:, 1:]
+            written = []
+            for t in range(T):
+                if resets[t]:
+                    slots = torch.where(is_init[:, t].view(B, 1, 1), init[1:], slots)
+                slots = self.writer.step(slots, M[t], Z[t], v[t])
+                written.append(slots)
+            mode = buf[:, :1].unsqueeze(1)  # [B, 1, 1, d]
+            if any_reset:  # the initial mode slot from a row's first reset on
+                mode = torch.where(is_init.cummax(1).values.view(B, T, 1, 1), init[:1], mode)
+            content = torch.stack(written, 1)  # [B, T, K, d]
+            seen = torch.cat([mode.expand(B, T, 1, self.d_model), content], 2)  # [B, T, K+1, d]
+            buf = seen[:, -1]
+            seen = self.refine(seen.flatten(0, 1), None if refine is None else refine.flatten())
         y = self.read(seen, e.flatten(0, 1)).view(B, T, self.d_model)
         self._aux.value = None
         if self.aux_coef > 0 and self.diffuser is not None and self.training and torch.is_grad_enabled():
