@@ -27,6 +27,11 @@ from typing import Any
 
 import gymnasium as gym
 import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase, TensorDictSequential
+from torch import nn
+from torchrl.modules import ProbabilisticActor
+
 from rlmem.agents.actions import action_head
 from rlmem.agents.encoders import as_observation, build_encoder
 from rlmem.agents.triggers import (
@@ -36,18 +41,13 @@ from rlmem.agents.triggers import (
     build_trigger_policy,
     trigger_cost_settings,
 )
-from tensordict import TensorDictBase
-from tensordict.nn import TensorDictModuleBase, TensorDictSequential
-from torch import nn
-from torchrl.modules import ProbabilisticActor
-
 from rlmem.compute import PathCost, measure_path_flops
-from rlmem.env_factory import SPACE_CHECKS, env_spaces
-from rlmem.validate import check_int
+from rlmem.env_factory import env_spaces
 from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
 from rlmem.memory import build_memory
 from rlmem.run_io import load_checkpoint
 from rlmem.torchrl_wrapper import MemoryModule
+from rlmem.validate import check_int
 
 #: the trigger of an agent built without one: the gated path (if any) on every step, as without triggers
 DEFAULT_TRIGGER = {"policy": "always"}
@@ -58,9 +58,6 @@ def check_agent_spaces(observation: gym.Space, action: gym.Space) -> None:
     action_head(action)
     build_encoder(observation, 1)
 
-
-if check_agent_spaces not in SPACE_CHECKS:
-    SPACE_CHECKS.append(check_agent_spaces)  # every env rlmem builds is checked against what agents support
 
 
 class Apply(TensorDictModuleBase):
@@ -226,7 +223,7 @@ def build_agent(agent_cfg: Mapping[str, Any], env_cfg: Mapping[str, Any],
     ``compile``: ``torch.compile`` its memory (``nn.Module.compile``: the first calls of each shape compile);
     ``seed``: seeds torch first, so the initial weights follow it (a fresh process starts torch's RNG from a
     random seed; None leaves the RNG as it is)."""
-    spaces = env_spaces(env_cfg)  # bad env names/values fail here, before any seeding
+    spaces = env_spaces(env_cfg, check_agent_spaces)  # bad env names/values/spaces fail here, before any seeding
     if seed is not None:
         torch.manual_seed(check_int("seed", seed, low=0))
     return ActorCritic(*spaces, agent_cfg, trigger, compile)

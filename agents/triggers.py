@@ -44,16 +44,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from rlmem.validate import check_float, check_int
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType, exploration_type
 from torchrl.modules.distributions.utils import has_analytic_entropy
 
 from rlmem.memory.base import MemorySystem, check_inputs, check_trigger
+from rlmem.registry import Registry
 from rlmem.torchrl_wrapper import STATE_KEY, MemoryModule
+from rlmem.validate import check_float, check_int, check_keys
 
-TRIGGER_POLICIES = ("learned", "meco", "ars", "always", "never")
+#: every trigger policy by name (``trigger=<name>``)
+TRIGGER_POLICIES: Registry[type[TriggerPolicy]] = Registry("trigger policy", "trigger.policy")
 PROBES = ("entropy", "max_prob", "hidden_var")
 COST_KEYS = ("cost_coef", "cost", "cost_warmup")
 _PREV = "trigger_prev_y"
@@ -78,6 +80,7 @@ class TriggerPolicy(nn.Module):
         raise NotImplementedError
 
 
+@TRIGGER_POLICIES.register("always")
 class Always(TriggerPolicy):
     name = "always"
 
@@ -85,6 +88,7 @@ class Always(TriggerPolicy):
         return torch.ones(context.shape[0], dtype=torch.bool, device=context.device), state
 
 
+@TRIGGER_POLICIES.register("never")
 class Never(TriggerPolicy):
     name = "never"
 
@@ -92,6 +96,7 @@ class Never(TriggerPolicy):
         return torch.zeros(context.shape[0], dtype=torch.bool, device=context.device), state
 
 
+@TRIGGER_POLICIES.register("learned")
 class Learned(TriggerPolicy):
     """A Bernoulli head ``logit = w . context + b``; samples while exploring (the collector's
     ``ExplorationType.RANDOM``), fires where ``logit > 0`` otherwise (greedy evaluation). ``init_bias`` 3
@@ -122,6 +127,7 @@ class Learned(TriggerPolicy):
         return (self.choose(self.logits(context)) if forced is None else forced), state
 
 
+@TRIGGER_POLICIES.register("meco")
 class MeCo(TriggerPolicy):
     """Dual threshold on a probe score: fire above ``hi``, not below ``lo``, else as at the previous step.
     ``lo``/``hi`` are buffers set by :meth:`calibrate`; until then every step fires."""
@@ -214,6 +220,7 @@ class MeCo(TriggerPolicy):
         return fired.sum(1).double() / seq.numel()
 
 
+@TRIGGER_POLICIES.register("ars")
 class ARS(TriggerPolicy):
     """Checkpointed certainty with a tightening suppression threshold (see the module docstring)."""
 
@@ -259,17 +266,15 @@ def build_trigger_policy(cfg: Mapping[str, Any], d_context: int) -> TriggerPolic
     belong to the cost, see :func:`trigger_cost_settings`)."""
     cfg = dict(cfg)
     name = cfg.pop("policy", None)
-    classes = {"learned": Learned, "meco": MeCo, "ars": ARS, "always": Always, "never": Never}
-    if name not in classes:
-        raise ValueError(f"trigger.policy={name!r} is not a trigger policy; valid: {list(TRIGGER_POLICIES)}")
-    cls = classes[name]
+    if name not in TRIGGER_POLICIES:
+        raise ValueError(TRIGGER_POLICIES.unknown(name))
+    cls = TRIGGER_POLICIES.get(name)
     for key in COST_KEYS:
         cfg.pop(key, None)
     knobs = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "d_context")]
-    unknown = sorted(set(cfg) - set(knobs))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for trigger={name}; valid: {sorted(knobs + list(COST_KEYS))}")
-    return cls(d_context, **cfg) if cls is Learned else cls(**cfg)
+    check_keys("trigger", cfg, knobs + list(COST_KEYS), of=f"trigger={name}")
+    takes_context = "d_context" in inspect.signature(cls.__init__).parameters
+    return cls(d_context, **cfg) if takes_context else cls(**cfg)
 
 
 def trigger_cost_settings(cfg: Mapping[str, Any]) -> tuple[float, float | None, int]:

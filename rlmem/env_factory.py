@@ -119,8 +119,10 @@ def _wrap(env: gym.Env) -> gym.Env:
     return TupleAsDict(env) if _has_tuple(env.observation_space) else env
 
 
-def make_vector_env(env_cfg: Mapping[str, Any], num_envs: int, *, for_torchrl: bool = True) -> gym.vector.VectorEnv:
-    """A Gymnasium vector env; invalid ids or kwargs raise before anything is trained."""
+def make_vector_env(env_cfg: Mapping[str, Any], num_envs: int, *, for_torchrl: bool = True,
+                    space_check: SpaceCheck | None = None) -> gym.vector.VectorEnv:
+    """A Gymnasium vector env; invalid ids or kwargs raise before anything is trained, and so do spaces
+    ``space_check`` refuses (see :func:`check_spaces`)."""
     env_id, kwargs = split_env_config(env_cfg)
     spec = gym.spec(env_id)
     native = spec.vector_entry_point is not None and env_id.startswith("rlmem/")
@@ -134,7 +136,7 @@ def make_vector_env(env_cfg: Mapping[str, Any], num_envs: int, *, for_torchrl: b
                                vector_kwargs={"autoreset_mode": AutoresetMode.SAME_STEP}, wrappers=[_wrap], **kwargs)
     except gym.error.DependencyNotInstalled as err:
         raise MissingDependencyError(f"{env_id} needs an optional dependency: {err}") from None
-    check_spaces(env_id, vec)
+    check_spaces(env_id, vec, space_check)
     return vec
 
 
@@ -152,19 +154,19 @@ def effective_env_kwargs(env_cfg: Mapping[str, Any]) -> dict[str, Any]:
         vec.close()
 
 
-#: ``check(observation_space, action_space)`` functions raising ValueError for spaces their agents cannot use;
-#: ``rlmem.agents`` registers its own when imported (the env layer does not import the agents)
-SPACE_CHECKS: list[Callable[[gym.Space, gym.Space], None]] = []
+#: ``check(observation_space, action_space)`` raising a ValueError for spaces an agent cannot use (the agent
+#: builder passes its own: this layer does not know the agents)
+SpaceCheck = Callable[[gym.Space, gym.Space], None]
 
 
-def check_spaces(env_id: str, vec: gym.vector.VectorEnv) -> None:
-    """Raise a ValueError naming the supported spaces unless the registered agents (:data:`SPACE_CHECKS`)
-    can act in and observe ``vec``, before TorchRL's ``GymWrapper`` meets a space it cannot wrap."""
-    try:
-        for check in SPACE_CHECKS:
-            check(vec.single_observation_space, vec.single_action_space)
-    except ValueError as err:
-        raise ValueError(f"{env_id}: {err}") from None
+def check_spaces(env_id: str, vec: gym.vector.VectorEnv, space_check: SpaceCheck | None = None) -> None:
+    """Raise a ValueError naming the supported spaces unless ``space_check`` accepts ``vec``'s spaces and
+    TorchRL's ``GymWrapper`` can wrap them."""
+    if space_check is not None:
+        try:
+            space_check(vec.single_observation_space, vec.single_action_space)
+        except ValueError as err:
+            raise ValueError(f"{env_id}: {err}") from None
     obs = vec.single_observation_space
     if isinstance(obs, gym.spaces.Dict) and {"observation", "state"} & set(obs.spaces):
         # GymWrapper renames a "state" entry to "observation": both would collide with the nesting below
@@ -172,9 +174,10 @@ def check_spaces(env_id: str, vec: gym.vector.VectorEnv) -> None:
                          f"supported (rlmem nests the entries under 'observation'); got keys {list(obs.spaces)}")
 
 
-def env_spaces(env_cfg: Mapping[str, Any]):
-    """``(observation space, action space, TorchRL action spec)`` of one env: what an agent is built from."""
-    probe = make_torchrl_env(env_cfg, 1)
+def env_spaces(env_cfg: Mapping[str, Any], space_check: SpaceCheck | None = None):
+    """``(observation space, action space, TorchRL action spec)`` of one env: what an agent is built from
+    (``space_check``: the builder's check of the spaces, run before TorchRL wraps them)."""
+    probe = make_torchrl_env(env_cfg, 1, space_check=space_check)
     try:
         vec = probe.base_env._env  # the Gymnasium vector env GymWrapper wraps
         return vec.single_observation_space, vec.single_action_space, probe.action_spec_unbatched
@@ -182,11 +185,12 @@ def env_spaces(env_cfg: Mapping[str, Any]):
         probe.close()
 
 
-def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None, extra=()) -> TransformedEnv:
+def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None, extra=(),
+                     space_check: SpaceCheck | None = None) -> TransformedEnv:
     """The collector's env: GymWrapper + InitTracker (``is_init``) + RewardSum + the memory primer + the
     ``extra`` transforms (after RewardSum: the episode return stays the env's); float64 observations as
     float32; a Dict observation's entries nested under ``"observation"``."""
-    vec = make_vector_env(env_cfg, num_envs)
+    vec = make_vector_env(env_cfg, num_envs, space_check=space_check)
     base = GymWrapper(vec, categorical_action_encoding=True, device="cpu")
     transforms = [InitTracker(), RewardSum()]
     obs_space = vec.single_observation_space

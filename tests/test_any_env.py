@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import any_envs  # noqa: F401  (registers AnyEnvTest/ ids)
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -17,8 +18,7 @@ from torchrl.collectors import Collector
 from torchrl.envs.utils import check_env_specs
 from torchrl.modules import set_recurrent_mode
 
-import any_envs  # noqa: F401  (registers AnyEnvTest/ ids)
-from rlmem.agents import build_agent, ActorCritic
+from rlmem.agents import ActorCritic, build_agent, check_agent_spaces
 from rlmem.agents.encoders import DictEncoder, ImageEncoder, build_encoder
 from rlmem.env_factory import env_spaces, make_torchrl_env, make_vector_env
 from rlmem.evaluate import evaluate_greedy
@@ -226,7 +226,7 @@ def test_pendulum_documented_returns_are_the_monte_carlo_means():
 def test_unsupported_spaces_raise_clear_errors(observation, action, match, tmp_path):
     env_cfg = {"id": "AnyEnvTest/Unsupported-v0", "observation_space": observation, "action_space": action}
     with pytest.raises(ValueError, match=match) as err:
-        make_vector_env(env_cfg, 2)
+        make_vector_env(env_cfg, 2, space_check=check_agent_spaces)  # what the agent builder passes
     assert "supported" in str(err.value) and "AnyEnvTest/Unsupported-v0" in str(err.value)
     with pytest.raises(ValueError, match=match):  # before anything is trained or written
         trainer_for(env_cfg, tmp_path / "run")
