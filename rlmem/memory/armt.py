@@ -182,7 +182,6 @@ class ARMT(MemorySystem):
                  gate_bias: float = 2.0, residual: str = "gated", correction: bool = False, rule: str = "armt"):
         super().__init__()
         name = self.registry_name  # "armt", or a subclass's name: errors name the system that was built
-        d_in = check_int(f"{name}: d_in", d_in, low=1)
         d_model = check_int(f"{name}: d_model", d_model, low=1)
         n_layers = check_int(f"{name}: n_layers", n_layers, low=1)
         n_heads = check_int(f"{name}: n_heads", n_heads, low=1)

@@ -348,7 +348,6 @@ class MambaMemory(ResidualScanStack):
 
     def __init__(self, d_in: int, d_model: int = 64, n_layers: int = 1, d_state: int = 16, d_conv: int = 4,
                  expand: int = 2, dt_rank: int | None = None):
-        d_in = check_int("mamba: d_in", d_in, low=1)
         d_model = check_int("mamba: d_model", d_model, low=1)
         n_layers = check_int("mamba: n_layers", n_layers, low=1)
         d_state = check_int("mamba: d_state", d_state, low=1)

@@ -270,7 +270,7 @@ def _step_loop_backward(ctx, grad_r, grad_final):
     c_fd, c_mom, c_a = (coefs[:, :, :2, None, None].unbind(0), coefs[:, :, 4, None, None].unbind(0),
                         coefs[:, :, 5, None, None].unbind(0))
     neg_lr_ = neg_lr.unbind(0)
-    go, go_t, go_pred = GO.unbind(0), GO.transpose(2, 3).unbind(0), GO[:, :, 1].view(T, N, 2, dh).unbind(0)
+    go_t, go_pred = GO.transpose(2, 3).unbind(0), GO[:, :, 1].view(T, N, 2, dh).unbind(0)
     go_pred_d = GO[:, :, 1, dh:].unbind(0)
     gk_, uk, uk2, uk_d = GK.unbind(0), UK.unbind(0), UK.view(T, N, 2, dh).unbind(0), UK[:, :, 0, dh:].unbind(0)
     inner_, inner4 = INNER.unbind(0), INNER.view(T, N, 4).unbind(0)
@@ -329,7 +329,6 @@ class DualTierMiras(MemorySystem):
                  surprise_threshold: float = 0.5, lr_fast: float = 0.5, lr_deep: float = 0.5, decay: float = 0.01,
                  momentum: float = 0.5, temperature: float = 0.1, chunk: int = 1):
         super().__init__()
-        d_in = check_int("miras: d_in", d_in, low=1)
         d_model = check_int("miras: d_model", d_model, low=1)
         mem_slots = check_int("miras: mem_slots", mem_slots, low=1)
         n_heads = check_int("miras: n_heads", n_heads, low=1)
