@@ -7,7 +7,7 @@ seeded ``s``), so a recorded episode ``i`` (a single env seeded ``s + i``) repla
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,14 @@ from rlmem.run_io import load_checkpoint
 CHECKPOINT_KEYS = ("agent", "agent_cfg", "env_cfg", "frames")
 
 
+class EvaluationStopped(Exception):
+    """``should_stop()`` became true during an evaluation (a trainer's Ctrl-C / SIGTERM)."""
+
+
 @torch.no_grad()
 def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int,
-                    max_steps: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    max_steps: int = 100_000,
+                    should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run one greedy episode in each of ``n_episodes`` parallel envs (env ``i`` seeded ``seed + i``).
 
     Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64, fired [n_episodes] int64)``:
@@ -41,6 +46,9 @@ def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
     lengths = np.zeros(n_episodes, dtype=np.int64)
     fired = np.zeros(n_episodes, dtype=np.int64)
     for _ in range(max_steps):
+        if should_stop is not None and should_stop():
+            vec.close()
+            raise EvaluationStopped
         action, state = agent.act_greedy(as_observation(obs), state, is_init)
         is_init = torch.zeros_like(is_init)
         obs, reward, terminated, truncated, _ = vec.step(action.numpy())
@@ -68,7 +76,7 @@ def summarize(returns: np.ndarray, lengths: np.ndarray, success_threshold: float
 
 def evaluate_greedy(
     agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int, success_threshold: float | None,
-    max_steps: int = 100_000,
+    max_steps: int = 100_000, should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
     """Run one greedy episode in each of ``n_episodes`` parallel envs.
 
@@ -76,7 +84,7 @@ def evaluate_greedy(
     ``success_threshold``, NaN when the env defines none), ``eval_length`` (mean steps) and
     ``eval_trigger_rate`` (fraction of steps on which the memory's gated path ran).
     """
-    returns, lengths, fired = greedy_episodes(agent, env_cfg, n_episodes, seed, max_steps)
+    returns, lengths, fired = greedy_episodes(agent, env_cfg, n_episodes, seed, max_steps, should_stop)
     return summarize(returns, lengths, success_threshold, fired)
 
 

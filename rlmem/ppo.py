@@ -20,8 +20,8 @@ weights-only checkpoints; a run resumes from its last one (TensorBoard events an
 it are purged, so curves stay one clean line); a finished run is reported rather than retrained; hooks
 (:mod:`rlmem.callbacks`, ``stop_at``) can end it.
 
-Ctrl-C / SIGTERM are checked between collection steps (``collector=sync``) and between the minibatches of an
-update: a stop during an update **discards the partial update** (the weights, optimizer, reward statistics
+Ctrl-C / SIGTERM are checked between collection steps (``collector=sync``), between evaluation steps and
+between the minibatches of an update: a stop during an update **discards the partial update** (the weights, optimizer, reward statistics
 and counters from before the rollout are restored and checkpointed), so a resumed run redoes that iteration
 with a fresh rollout; a stop during collection checkpoints the state after the last whole iteration.
 """
@@ -53,7 +53,7 @@ from rlmem.collectors import CollectorConfig, EnvFactory, WorkerWhere, build_col
 from rlmem.compute import ComputeMeter, TriggerCost
 from rlmem.devices import check_device
 from rlmem.env_factory import effective_env_kwargs, success_threshold
-from rlmem.evaluate import evaluate_greedy
+from rlmem.evaluate import EvaluationStopped, evaluate_greedy
 from rlmem.interrupts import TrainingInterrupted
 from rlmem.reward_scaling import ReturnScaler
 from rlmem.run import Run
@@ -578,8 +578,13 @@ class RecurrentPPO:
     def _evaluate(self) -> bool:
         """Greedy evaluation; returns False if a callback's ``on_eval`` (``stop_at``, ...) ends the run."""
         self.acting_agent.eval()
-        result = evaluate_greedy(self.acting_agent, self.env_cfg, self.ppo.eval_episodes, seed=10_000 + self.seed,
-                                 success_threshold=self.success_threshold)
+        try:
+            result = evaluate_greedy(self.acting_agent, self.env_cfg, self.ppo.eval_episodes, seed=10_000 + self.seed,
+                                     success_threshold=self.success_threshold, should_stop=self._stop_collecting)
+        except EvaluationStopped:  # a safe point: evaluating changes nothing; a resumed run evaluates again
+            self.acting_agent.train()
+            self._save_checkpoint()
+            raise self._interrupted(self.run.stop_requested) from None
         self.acting_agent.train()
         scalars = {"charts/eval_return": result["eval_return"]}
         if "eval_trigger_rate" in result and self.agent.path_cost is not None:

@@ -118,6 +118,25 @@ def test_sigterm_during_collection_stops_before_the_rollout_ends(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["frames"] == 0
 
 
+def test_sigterm_during_an_evaluation_stops_before_its_episodes_end(tmp_path):
+    t = trainer(tmp_path, env={**ENV, "delay": 30}, total_frames=4 * FPB)  # evaluation episodes of 33 steps
+    calls = []
+    act_greedy = t.acting_agent.act_greedy
+
+    def counted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return act_greedy(*args)
+
+    t.acting_agent.act_greedy = counted
+    with pytest.raises(TrainingInterrupted):
+        t.train()  # evaluates first, at frames 0
+    assert len(calls) < 30
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["frames"] == 0 and ckpt["next_eval"] == 0  # the resumed run evaluates again
+
+
 # --- bootstrap values -----------------------------------------------------------------------------------
 def test_bootstrap_values_run_under_the_collectors_exploration_type(tmp_path):
     """The last-column and truncation bootstrap values go through the trigger head too: it must sample as in
