@@ -143,11 +143,11 @@ def _memory_knobs(memory: Any) -> list[str] | None:
 def _trigger_knobs(policy: Any) -> list[str] | None:
     from rlmem.agents import triggers
 
-    classes = {"learned": triggers.Learned, "meco": triggers.MeCo, "ars": triggers.ARS,
-               "always": triggers.Always, "never": triggers.Never}
-    if policy not in classes:
+    if not isinstance(policy, str) or policy not in triggers.TRIGGER_POLICIES:
         return None
-    knobs = _params(classes[policy].__init__, ("d_context",))
+    cls = triggers.TRIGGER_POLICIES.get(policy)
+    defines = next(k for k in cls.__mro__ if "__init__" in vars(k))  # a policy without knobs inherits nn.Module's
+    knobs = _params(cls.__init__, ("d_context",)) if issubclass(defines, triggers.TriggerPolicy) else []
     return None if knobs is None else [*knobs, "policy", *triggers.COST_KEYS]
 
 
