@@ -67,6 +67,8 @@ def test_a_wrong_config_name_is_one_line_with_the_choices(main, args, expected, 
     (train_rl.main, ["ppo.lrr=0.1"], f"ppo.lrr is not an option of ppo=default (did you mean 'lr'?); valid: {PPO}"),
     (train_rl.main, ["agent=infinity", "trigger=learned", "trigger.cost_cof=1"], ("trigger.cost_cof is not an option "
      "of trigger=learned (did you mean 'cost_coef'?); valid: cost, cost_coef, cost_warmup, init_bias, policy")),
+    (train_rl.main, ["trigger=always", "trigger.init_bias=1"],
+     "trigger.init_bias is not an option of trigger=always; valid: cost, cost_coef, cost_warmup, policy"),
     (train_rl.main, ["collector=process", "collector.num_worker=2"], ("collector.num_worker is not an option of "
      "collector=process (did you mean 'num_workers'?); valid: num_workers, type")),
     (train_rl.main, ["total_frame=100"], ("total_frame is not an option of train_rl (did you mean 'total_frames'?); "
