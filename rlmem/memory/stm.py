@@ -150,8 +150,8 @@ class SlotWriter(nn.Module):
     def step(self, slots: torch.Tensor, M: torch.Tensor, Z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One write from :meth:`prepare`'s ``M: [B, d, 2]``, ``Z: [B, K, 2]``, ``v: [B, 1, d]``; ``slots: [B, K, d]``."""
         h = F.layer_norm(slots, self.norm.normalized_shape, self.norm.weight, self.norm.bias, self.norm.eps)
-        z = torch.baddbmm(Z, h, M)  # [B, K, 2]: address logits, gate logits
-        w = torch.softmax(z[..., 0], -1) * torch.sigmoid(z[..., 1])  # g_k a_k
+        address, gate = torch.baddbmm(Z, h, M).unbind(-1)  # [B, K] each: address logits, gate logits
+        w = torch.softmax(address, -1) * torch.sigmoid(gate)  # g_k a_k
         return torch.lerp(slots, v, w.unsqueeze(-1))  # s + w (v - s)
 
 
@@ -185,16 +185,24 @@ class Diffuser(nn.Module):
             nn.init.zeros_(out.bias)
 
     def forward(self, buf: torch.Tensor, level: int | torch.Tensor) -> torch.Tensor:
-        if isinstance(level, int):
-            c = self.levels.weight[level].view(1, 1, -1)
+        N, S, d = buf.shape
+        if isinstance(level, int):  # one level for all rows: folded into the LayerNorms' biases
+            c = self.levels.weight[level]
+            h = self._norm(self.norm_attn, buf, c)
         else:
             c = self.levels(level).unsqueeze(1)  # [N, 1, d]
-        N, S, d = buf.shape
-        h = self.norm_attn(buf) + c
+            h = self._norm(self.norm_attn, buf) + c
         q, k, v = self.qkv(h).view(N, S, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(q, k, v)  # [N, heads, S, d / heads], every slot sees every slot
-        buf = buf + _rms(buf) * self.out(attn.transpose(1, 2).reshape(N, S, d))
-        return buf + _rms(buf) * self.ff(self.norm_ff(buf) + c)
+        buf = torch.addcmul(buf, _rms(buf), self.out(attn.transpose(1, 2).reshape(N, S, d)))
+        h = self._norm(self.norm_ff, buf, c) if isinstance(level, int) else self._norm(self.norm_ff, buf) + c
+        return torch.addcmul(buf, _rms(buf), self.ff(h))
+
+    @staticmethod
+    def _norm(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """``norm(x) + shift`` (``shift: [d]``) in one LayerNorm call."""
+        bias = norm.bias if shift is None else norm.bias + shift
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, bias, norm.eps)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +370,12 @@ class STM(MemorySystem):
 
     def read(self, buf: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """The generator on ``[mode | content | e]``: ``buf: [N, K+1, d]``, ``e: [N, d]`` -> ``[N, d]``."""
-        tokens = self.to_generator(torch.cat([buf, e.unsqueeze(1)], 1)) * self.input_scale  # [N, K+2, hidden]
+        tokens = torch.cat([buf, e.unsqueeze(1)], 1)  # [N, K+2, d]
+        if isinstance(self.to_generator, nn.Linear):  # the input scale folded into the projection
+            lin = self.to_generator
+            tokens = F.linear(tokens, lin.weight * self.input_scale, lin.bias * self.input_scale)
+        else:
+            tokens = self.to_generator(tokens) * self.input_scale  # [N, K+2, hidden]
         if self._fused_read:
             return self.from_generator(fused_last_hidden(self.generator, tokens, self._rotary))
         hidden = self.generator(inputs_embeds=tokens, use_cache=False).last_hidden_state

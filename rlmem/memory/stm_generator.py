@@ -102,16 +102,17 @@ def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCac
         if i < last:
             w, b = _cat_weights((attn.q_proj, attn.k_proj, attn.v_proj))
             qkv = F.linear(x, w, b).view(N, S, n_q + 2 * n_kv, hd).transpose(1, 2)  # [N, heads, S, hd]
-            q, k, v = qkv.split((n_q, n_kv, n_kv), 1)
-            q = q * cos + _rotate_half(q) * sin
+            qk, v = qkv.split((n_q + n_kv, n_kv), 1)
+            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
+            q, k = qk.split((n_q, n_kv), 1)
         else:  # the last layer: keys and values everywhere, the query at the last position only
             w, b = _cat_weights((attn.k_proj, attn.v_proj))
             kv = F.linear(x, w, b).view(N, S, 2 * n_kv, hd).transpose(1, 2)
             k, v = kv.split((n_kv, n_kv), 1)
             q = attn.q_proj(x[:, -1:]).view(N, 1, n_q, hd).transpose(1, 2)
             q = q * cos[:, :, -1:] + _rotate_half(q) * sin[:, :, -1:]
+            k = k * cos + _rotate_half(k) * sin
             h = h[:, -1:]
-        k = k * cos + _rotate_half(k) * sin
         if n_kv != n_q:
             k = k.repeat_interleave(n_q // n_kv, 1)
             v = v.repeat_interleave(n_q // n_kv, 1)
