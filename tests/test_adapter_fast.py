@@ -173,3 +173,21 @@ def test_streaming_state_and_errors():
     with pytest.raises(ValueError, match="routing_train=token"):
         make(mode="streaming", num_chapters=2)
     make(mode="streaming", num_chapters=2, routing_train="token", routing_inference="token")
+
+
+@pytest.mark.parametrize("source", ["tiny", "tiny-gpt2"])
+@pytest.mark.parametrize("config", ["A", "B"])
+def test_streaming_step_mode_equals_sequence_mode_in_float64(source, config):
+    memory = make(source, mode="streaming", **CONFIGS[config])
+    x, is_init = inputs()
+    is_init[0, 0] = False  # row 0 continues an episode from the state carried in
+    state = memory.initial_state(3)
+    state["valid"][0] = 2
+    state["k"][0, :, 1:] = torch.randn_like(state["k"][0, :, 1:])
+    state["v"][0, :, 1:] = torch.randn_like(state["v"][0, :, 1:])
+    y, nxt = memory(x, state, is_init)
+    y2, nxt2 = stepwise(fast_forward, memory, x, state, is_init)
+    close(y2, y)
+    for key in ("k", "v"):
+        close(nxt2[key], nxt[key])
+    assert torch.equal(nxt2["valid"], nxt["valid"])
