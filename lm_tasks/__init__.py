@@ -2,9 +2,8 @@
 
 - :mod:`rlmem.lm_tasks.tasks`: batched seeded generators and the task registry (``build_task("assoc_recall", ...)``);
 - :mod:`rlmem.lm_tasks.solvers`: plain rule-based solvers that prove every target is determined by the input;
-- :mod:`rlmem.lm_tasks.training`: model wrapper, answer-only loss, evaluation and the loop of ``scripts/train_lm.py``.
-
-The same tasks are Gymnasium sequence envs in :mod:`rlmem.envs.lm_sequence` (``rlmem/CopyMemory-v0``, ...).
+The same tasks are Gymnasium sequence envs in :mod:`rlmem.envs.lm_sequence` (``rlmem/CopyMemory-v0``, ...) and
+the data of supervised training (:mod:`rlmem.lm_training`). This package holds data only: nothing of training.
 """
 
 from rlmem.lm_tasks.solvers import solve

@@ -368,7 +368,7 @@ def lm_cfg(model, steps=3):
 
 
 def test_train_lm_adds_the_aux_loss_and_logs_the_diagnostics(tmp_path, monkeypatch):
-    from rlmem.lm_tasks.training import run
+    from rlmem.lm_training import run
 
     seen = _spy_aux(monkeypatch)
     model = {**{k: v for k, v in TINY_AGENT.items() if k != "encoder_dim"}, "router_noise": 1.0}
@@ -392,7 +392,7 @@ class _DiagnosticsProbe(GRUMemory):
 
 
 def test_the_diagnostics_hook_is_generic(tmp_path, monkeypatch):
-    from rlmem.lm_tasks.training import run
+    from rlmem.lm_training import run
 
     monkeypatch.setitem(registry._REGISTRY, "_diagnostics_probe", _DiagnosticsProbe)  # this test only
     run(lm_cfg({"memory": "_diagnostics_probe", "d_model": 8, "hidden_size": 8}, steps=2), tmp_path, progress=False)

@@ -128,7 +128,7 @@ def test_a_resumed_run_acts_with_the_checkpointed_weights(tmp_path, monkeypatch)
 @pytest.mark.parametrize("script, args", [
     ("train_rl.py", ["agent=infinity", "ppo.num_envs=8", "ppo.rollout_len=16", "ppo.seq_len=8", "ppo.minibatches=2",
                      "ppo.eval_episodes=8", "total_frames=256"]),
-    ("train_lm.py", ["model=mamba", "task=assoc_recall", "steps=4", "eval_every=2", "eval_batches=1"]),
+    ("train_lm.py", ["model=mamba", "task=assoc_recall", "steps=4", "eval_interval=2", "eval_batches=1"]),
 ])
 def test_training_runs_on_cuda(tmp_path, script, args):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "device=cuda",
