@@ -40,6 +40,10 @@ def run(installed: Path, command: list[str], cwd: Path) -> subprocess.CompletedP
 def test_the_installed_commands_run_from_any_directory(installed, tmp_path):
     conf = installed / "rlmem" / "conf"
     assert (conf / "memory" / "darmt.yaml").is_file() and (conf / "agent" / "darmt.yaml").is_file()
+    for init in (p for top in ("rlmem", "envs", "agents", "lm_tasks") for p in (ROOT / top).rglob("__init__.py")):
+        package = init.parent.relative_to(ROOT)
+        package = package if package.parts[0] == "rlmem" else Path("rlmem", *package.parts)
+        assert (installed / package / "__init__.py").is_file(), f"{package} is not installed: list it in pyproject.toml"
     scripts = {p.name for p in (installed / "bin").iterdir()}
     assert {"rlmem-train", "rlmem-train-lm", "rlmem-evaluate", "rlmem-benchmark"} <= scripts, scripts
     where = run(installed, [sys.executable, "-c", "import rlmem; print(rlmem.__file__)"], tmp_path)
