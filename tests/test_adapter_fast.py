@@ -191,3 +191,24 @@ def test_streaming_step_mode_equals_sequence_mode_in_float64(source, config):
     for key in ("k", "v"):
         close(nxt2[key], nxt[key])
     assert torch.equal(nxt2["valid"], nxt["valid"])
+
+
+def test_streaming_acting_reuses_the_padding_cache_only_while_the_weights_are_unchanged():
+    memory = make(mode="streaming")
+    x, is_init = inputs()
+    state = memory.initial_state(3)
+    for change in (None, "pad", "lora", "load"):
+        if change == "pad":
+            with torch.no_grad():
+                memory.pad.add_(0.5)
+        elif change == "lora":
+            with torch.no_grad():
+                next(p for n, p in memory.named_parameters() if "lora_B" in n).add_(0.5)
+        elif change == "load":
+            other = make(mode="streaming", seed=3)
+            memory.load_state_dict(other.state_dict())
+        with torch.no_grad():
+            y_cached, _ = memory(x, state, is_init)  # the second call of a round reads the cache
+            y_cached, _ = memory(x, state, is_init)
+        y_fresh, _ = memory(x, state, is_init)  # with autograd: always recomputed
+        close(y_cached, y_fresh.detach())

@@ -178,12 +178,30 @@ class AdapterMemory(MemorySystem):
     def _stream(self, x, state, is_init):
         T, W = x.shape[1], self.window
         start, live = self._episode(is_init, state["valid"])
-        pad_k, pad_v = fast.pad_cache(self.lm, self.pad, W)
+        pad_k, pad_v = self._pad_cache()
         y, k, v = fast.stream_hidden(self.lm, self.embed(x), live, state["k"], state["v"], pad_k, pad_v)
         valid, keep = self._keep(start, T)
         keep = keep.view(keep.shape[0], 1, W - 1, 1, 1).to(k.dtype)
         return y, TensorDict({"k": k[:, :, T:] * keep, "v": v[:, :, T:] * keep, "valid": valid},
                              batch_size=state.batch_size)
+
+    def _pad_cache(self):
+        """The padding's per-layer keys/values (:func:`rlmem.adapters.fast.pad_cache`). Without autograd
+        (acting) they are reused while no parameter has changed (same storage, same in-place version)."""
+        if torch.is_grad_enabled():
+            self._pad_kv = None
+            return fast.pad_cache(self.lm, self.pad, self.window)
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in (self.pad, *self.lm.parameters()))
+        cached = getattr(self, "_pad_kv", None)
+        if cached is None or cached[0] != key:
+            cached = (key, fast.pad_cache(self.lm, self.pad, self.window))
+            self._pad_kv = cached
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_pad_kv", None)  # a cache, not part of the model (copies and pickles recompute it)
+        return state
 
     def aux_loss(self) -> torch.Tensor | None:
         return self.lm.aux_loss()
