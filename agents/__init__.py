@@ -12,10 +12,9 @@ policy head from the action space (:mod:`rlmem.agents.actions`: categorical, ind
 tanh-squashed Gaussian). A second flat config, the trigger (``rlmem/conf/trigger/<name>.yaml``), decides
 when a memory with a gated path runs it (:mod:`rlmem.agents.triggers`).
 
-The trainer (:class:`rlmem.ppo.RecurrentPPO`) takes the agent object :func:`build_agent` returns; it
-needs ``policy``, ``actor``, ``critic``, ``backbone``, ``memory_module``, ``act_greedy``, ``aux_loss``,
-``diagnostics``, ``config``, ``triggered``, ``cost_coef``, ``cost_warmup``, ``path_cost`` and
-``after_rollout``.
+The trainer (:class:`rlmem.ppo.RecurrentPPO`) takes the agent object :func:`build_agent` returns: an
+:class:`ActorCritic`, which implements :class:`rlmem.agent_protocol.TrainableAgent` (what a trainer may use
+of an agent, checked when the trainer is built).
 """
 
 from __future__ import annotations
@@ -186,18 +185,18 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def act_greedy(self, obs, state, is_init: torch.Tensor):
         """One greedy step outside TorchRL: ``obs: [N, *obs_shape]`` (tensor or array, a ``TensorDict`` or
-        dict of arrays for a Dict space), ``is_init: [N]`` -> ``(action [N, *action_shape], state)``.
-        ``self.last_trigger: [N]`` is the step's trigger (all True without a trigger policy)."""
+        dict of arrays for a Dict space), ``is_init: [N]`` -> ``(action [N, *action_shape], state, trigger)``;
+        ``trigger: [N]`` bool is whether the memory's gated path ran (None: the memory has no gated path)."""
         if not isinstance(obs, (torch.Tensor, TensorDictBase)):
             obs = as_observation(obs)
         x = self.encoder(obs).unsqueeze(1)
         if self.triggered:
             y, state, record = self.memory.run(x, state, is_init.unsqueeze(1))
-            self.last_trigger = record["trigger"][:, 0]
+            trigger = record["trigger"][:, 0]
         else:
             y, state = self.memory(x, state, is_init.unsqueeze(1))
-            self.last_trigger = torch.ones(x.shape[0], dtype=torch.bool)
-        return self.action_head.greedy(self.policy_params(y[:, 0])), state
+            trigger = None if self.path_cost is None else torch.ones(x.shape[0], dtype=torch.bool)
+        return self.action_head.greedy(self.policy_params(y[:, 0])), state, trigger
 
     @property
     def memory_module(self) -> MemoryModule:

@@ -29,13 +29,13 @@ class EvaluationStopped(Exception):
 @torch.no_grad()
 def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: int,
                     max_steps: int = 100_000,
-                    should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Run one greedy episode in each of ``n_episodes`` parallel envs (env ``i`` seeded ``seed + i``).
 
-    Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64, fired [n_episodes] int64)``:
-    ``fired`` counts the steps on which the memory's gated path ran (``agent.last_trigger``; every step
-    for an agent without a trigger policy). An episode still running after ``max_steps`` steps counts
-    with what it has so far.
+    Returns ``(returns [n_episodes] float64, lengths [n_episodes] int64, fired [n_episodes] int64 or None)``:
+    ``fired`` counts the steps on which the memory's gated path ran (``act_greedy``'s trigger), None for an
+    agent whose memory has no gated path. An episode still running after ``max_steps`` steps counts with
+    what it has so far.
     """
     vec = make_vector_env(env_cfg, n_episodes, for_torchrl=False)
     obs, _ = vec.reset(seed=seed)
@@ -44,17 +44,18 @@ def greedy_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
     done = np.zeros(n_episodes, dtype=bool)
     returns = np.zeros(n_episodes)
     lengths = np.zeros(n_episodes, dtype=np.int64)
-    fired = np.zeros(n_episodes, dtype=np.int64)
+    fired = np.zeros(n_episodes, dtype=np.int64) if getattr(agent, "path_cost", None) is not None else None
     for _ in range(max_steps):
         if should_stop is not None and should_stop():
             vec.close()
             raise EvaluationStopped
-        action, state = agent.act_greedy(as_observation(obs), state, is_init)
+        action, state, trigger = agent.act_greedy(as_observation(obs), state, is_init)
         is_init = torch.zeros_like(is_init)
         obs, reward, terminated, truncated, _ = vec.step(action.numpy())
         returns[~done] += reward[~done]
         lengths[~done] += 1
-        fired[~done] += getattr(agent, "last_trigger", torch.ones(n_episodes, dtype=torch.bool)).numpy()[~done]
+        if fired is not None:
+            fired[~done] += trigger.numpy()[~done]
         done |= terminated | truncated
         if done.all():
             break
@@ -188,7 +189,7 @@ def record_episodes(agent, env_cfg: Mapping[str, Any], n_episodes: int, seed: in
         is_init = torch.ones(1, dtype=torch.bool)
         frames = [env.render()]
         for _ in range(max_steps):
-            action, state = agent.act_greedy(as_observation(obs, batch=True), state, is_init)
+            action, state, _ = agent.act_greedy(as_observation(obs, batch=True), state, is_init)
             is_init = torch.zeros_like(is_init)
             obs, reward, terminated, truncated, _ = env.step(int(action[0]) if action.dim() == 1 else action[0].numpy())
             returns[i] += reward

@@ -119,7 +119,7 @@ def test_greedy_actions_are_the_deterministic_mode(kind):
     obs, _ = vec.reset(seed=0)
     state = agent.memory.initial_state(6)
     is_init = torch.ones(6, dtype=torch.bool)
-    action, _ = agent.act_greedy(obs, state, is_init)
+    action, _, _ = agent.act_greedy(obs, state, is_init)
     with torch.no_grad():  # by hand: the same step, then argmax / squashed loc
         from rlmem.agents.encoders import as_observation
 

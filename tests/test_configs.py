@@ -81,7 +81,7 @@ def test_agent_configs_build(agent):
 
     cfg = OmegaConf.to_container(compose_rl(f"agent={agent}").agent)
     agent_module = ActorCritic(5, 4, Categorical(4), cfg)  # a flat Box(5) observation, Discrete(4) actions
-    action, _ = agent_module.act_greedy(torch.zeros(3, 5), agent_module.memory.initial_state(3),
+    action, _, _ = agent_module.act_greedy(torch.zeros(3, 5), agent_module.memory.initial_state(3),
                                         torch.ones(3, dtype=torch.bool))
     assert action.shape == (3,)
 

@@ -4,16 +4,12 @@ reported as firing on every step (it was: 1.0, from ``rlmem.evaluate.greedy_epis
 
 from __future__ import annotations
 
-import pytest
-
 from rlmem.agents import build_agent
 from rlmem.evaluate import evaluate_greedy
 
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 3}
 
 
-@pytest.mark.xfail(strict=True, reason="needs the fix in rlmem/evaluate.py (greedy_episodes: fired=None when "
-                                       "agent.path_cost is None); owned by another engineer")
 def test_no_eval_trigger_rate_for_an_agent_without_a_gated_path():
     agent = build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, ENV)
     assert agent.path_cost is None
