@@ -22,6 +22,14 @@ from rlmem.run_io import load_checkpoint
 CHECKPOINT_KEYS = ("agent", "agent_cfg", "env_cfg", "frames")
 
 
+def evaluation_seed(train_seed: int) -> int:
+    """The seed of a run's evaluation episodes (episode ``i`` gets ``evaluation_seed(seed) + i``): drawn from
+    the training seed, so runs of different seeds evaluate on independent episodes (consecutive bases such
+    as ``10_000 + seed`` made seeds 0 and 1 share all but one of their episodes) and none replays a training
+    env's seed (``seed + i``, small numbers)."""
+    return int(np.random.SeedSequence([train_seed, 0x5EED_E7A1]).generate_state(1)[0] >> 1) + 1_000_000
+
+
 class EvaluationStopped(Exception):
     """``should_stop()`` became true during an evaluation (a trainer's Ctrl-C / SIGTERM)."""
 

@@ -52,8 +52,8 @@ from rlmem.callbacks import Callback, build_callbacks
 from rlmem.collectors import CollectorConfig, EnvFactory, WorkerWhere, build_collector, check_collector_supports
 from rlmem.compute import ComputeMeter, TriggerCost
 from rlmem.devices import check_device
-from rlmem.env_factory import effective_env_kwargs, success_threshold
-from rlmem.evaluate import EvaluationStopped, evaluate_greedy
+from rlmem.env_factory import effective_env_kwargs, horizon_warning, success_threshold
+from rlmem.evaluate import EvaluationStopped, evaluate_greedy, evaluation_seed
 from rlmem.interrupts import TrainingInterrupted
 from rlmem.reward_scaling import ReturnScaler
 from rlmem.run import Run
@@ -206,6 +206,9 @@ class RecurrentPPO:
         self.agent_cfg, self.trigger_cfg = dict(agent.config["agent"]), dict(agent.config["trigger"])
         self.success_threshold = success_threshold(self.env_cfg)
         self.env_kwargs = effective_env_kwargs(self.env_cfg)
+        horizon = horizon_warning(self.env_cfg, ppo.seq_len, ppo.rollout_len)
+        if horizon is not None:  # a run whose slices cannot connect what the env asks to remember
+            log.warning(horizon)
 
         self.loss_module = ClipPPOLoss(
             self.agent.actor,
@@ -579,7 +582,8 @@ class RecurrentPPO:
         """Greedy evaluation; returns False if a callback's ``on_eval`` (``stop_at``, ...) ends the run."""
         self.acting_agent.eval()
         try:
-            result = evaluate_greedy(self.acting_agent, self.env_cfg, self.ppo.eval_episodes, seed=10_000 + self.seed,
+            result = evaluate_greedy(self.acting_agent, self.env_cfg, self.ppo.eval_episodes,
+                                     seed=evaluation_seed(self.seed),
                                      success_threshold=self.success_threshold, should_stop=self._stop_collecting)
         except EvaluationStopped:  # a safe point: evaluating changes nothing; a resumed run evaluates again
             self.acting_agent.train()

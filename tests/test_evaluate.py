@@ -299,3 +299,16 @@ def test_delayed_cue_frames_show_the_hidden_cue_and_the_last_action():
     np.testing.assert_array_equal(obs_0, obs_1)
     assert state_0 == state_1  # the ignored action changed nothing in the env ...
     assert (frame_0 != frame_1).any()  # ... and is drawn
+
+
+def test_runs_of_different_seeds_evaluate_on_independent_episodes():
+    """Episode i of a run's evaluation is seeded evaluation_seed(seed) + i: for seeds 0..199 and 64 episodes
+    the seed ranges are disjoint (a base of 10_000 + seed made seeds 0 and 1 share 63 of 64 episodes) and
+    never those of the training envs (seed + i)."""
+    from rlmem.evaluate import evaluation_seed
+
+    n, seeds = 64, range(200)
+    ranges = sorted((evaluation_seed(s), evaluation_seed(s) + n) for s in seeds)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))
+    assert min(start for start, _ in ranges) > max(seeds) + 1024  # above any training env's seed
+    assert evaluation_seed(3) == evaluation_seed(3)  # a resumed run evaluates on the same episodes

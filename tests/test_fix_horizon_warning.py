@@ -49,3 +49,14 @@ def test_rlmem_tasks_know_their_memory_horizon():
         if isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv):
             horizon = memory_horizon({"id": env_id})
             assert horizon is None or horizon >= 1
+
+
+def test_the_trainer_warns_before_training(tmp_path, caplog):
+    from rlmem.agents import build_agent
+    from rlmem.ppo import PPOConfig, RecurrentPPO
+
+    env = {"id": "rlmem/DelayedCue-v0", "delay": 100}
+    agent = build_agent({"memory": "gru", "encoder_dim": 8, "hidden_size": 8}, env)
+    with caplog.at_level("WARNING", logger="rlmem"):
+        RecurrentPPO(agent, env, PPOConfig(num_envs=4), tmp_path / "run", total_frames=256, verbose=0)
+    assert any("ppo.seq_len and ppo.rollout_len >= 102" in r.getMessage() for r in caplog.records)
