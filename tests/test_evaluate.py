@@ -26,7 +26,7 @@ from torchrl.data import Categorical
 import rlmem  # noqa: F401  (registers the envs)
 from rlmem.agents import ActorCritic
 from rlmem.commands import evaluate as evaluate_command
-from rlmem.evaluate import evaluate_greedy, greedy_episodes, record_episodes, write_gif
+from rlmem.evaluate import evaluate_greedy, evaluation_seed, greedy_episodes, record_episodes, write_gif
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -97,16 +97,17 @@ def single_env_returns(agent, n_episodes: int, seed: int, **env_kwargs) -> tuple
 def test_evaluate_run_dir_matches_evaluate_greedy_and_the_runs_own_evaluation(run_dir, trained):
     agent, ckpt = trained
     result = evaluate_cli(f"checkpoint={run_dir}", f"episodes={TRAIN_EVAL_EPISODES}")
-    # default seed: the run's own evaluations' (10000 + training seed 0)
-    assert result["seed"] == 10_000
-    expected = evaluate_greedy(agent, ckpt["env_cfg"], TRAIN_EVAL_EPISODES, seed=10_000, success_threshold=1 - 1e-6)
+    # default seed: the run's own evaluations' (drawn from training seed 0)
+    assert result["seed"] == evaluation_seed(0) != evaluation_seed(1)
+    expected = evaluate_greedy(agent, ckpt["env_cfg"], TRAIN_EVAL_EPISODES, seed=evaluation_seed(0),
+                               success_threshold=1 - 1e-6)
     for key in ("eval_return", "eval_success", "eval_length"):
         assert result[key] == pytest.approx(expected[key]), key
     # the training run's last evaluation (same weights, seed and episodes) is reproduced
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert result["eval_return"] == pytest.approx(metrics["eval_return"])
     assert result["eval_success"] == pytest.approx(metrics["eval_success"])
-    returns, lengths = single_env_returns(agent, TRAIN_EVAL_EPISODES, 10_000, delay=DELAY)
+    returns, lengths = single_env_returns(agent, TRAIN_EVAL_EPISODES, evaluation_seed(0), delay=DELAY)
     assert result["returns"] == returns and result["lengths"] == lengths == [DELAY + 2] * TRAIN_EVAL_EPISODES
     assert result["memory"] == "gru" and result["trained_frames"] == ckpt["frames"] == 2048
     assert result["env_kwargs"] == {"delay": DELAY, "n_cues": N_CUES, "noise": 0.0}
@@ -132,7 +133,7 @@ def test_env_override_changes_the_evaluated_env(run_dir, trained, capsys):
     assert result["env_overrides"] == {"delay": 7}
     assert result["env_kwargs"]["delay"] == 7
     assert result["lengths"] == [7 + 2] * 6 and result["eval_length"] == 9.0
-    assert result["returns"] == single_env_returns(agent, 6, 10_000, delay=7)[0]
+    assert result["returns"] == single_env_returns(agent, 6, evaluation_seed(0), delay=7)[0]
     # written next to the run's own eval.json, not over it
     assert Path(result["out"]) == run_dir / "eval_delay=7.json"
 
@@ -305,8 +306,6 @@ def test_runs_of_different_seeds_evaluate_on_independent_episodes():
     """Episode i of a run's evaluation is seeded evaluation_seed(seed) + i: for seeds 0..199 and 64 episodes
     the seed ranges are disjoint (a base of 10_000 + seed made seeds 0 and 1 share 63 of 64 episodes) and
     never those of the training envs (seed + i)."""
-    from rlmem.evaluate import evaluation_seed
-
     n, seeds = 64, range(200)
     ranges = sorted((evaluation_seed(s), evaluation_seed(s) + n) for s in seeds)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))

@@ -34,6 +34,7 @@ from rlmem.commands._hydra import fail, run_hydra
 from rlmem.env_factory import effective_env_kwargs, success_threshold
 from rlmem.evaluate import (
     check_same_spaces,
+    evaluation_seed,
     greedy_episodes,
     make_render_env,
     override_env_config,
@@ -50,10 +51,11 @@ log = logging.getLogger("rlmem.evaluate")
 
 
 def default_seed(run_dir: Path) -> int:
-    """10000 + the run's training seed (what RecurrentPPO's evaluations use), 10000 if unknown."""
+    """The seed of the run's own evaluations (:func:`rlmem.evaluate.evaluation_seed` of its training seed,
+    from its ``metrics.json``; of seed 0 if unknown)."""
     metrics = run_dir / "metrics.json"
     seed = json.loads(metrics.read_text()).get("seed") if metrics.exists() else None
-    return 10_000 + (seed if isinstance(seed, int) else 0)
+    return evaluation_seed(seed if isinstance(seed, int) else 0)
 
 
 def default_out(run_dir: Path, video: Path | None, overrides: dict[str, Any]) -> Path:

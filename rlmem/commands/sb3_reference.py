@@ -4,7 +4,7 @@
 
 ``MlpLstmPolicy`` with sb3-contrib's other defaults (separate actor and critic LSTMs of
 ``lstm_hidden_size``), ``num_envs`` envs. Every ``eval_interval`` frames and at the end, ``eval_episodes``
-greedy episodes (``deterministic=True``, env seeds from 10000 + seed, as train_rl); the success threshold
+greedy episodes (``deterministic=True``, env seeds from ``evaluation_seed(seed)``, as train_rl); the success threshold
 is train_rl's. Writes ``metrics.json`` (frames, fps, wall_seconds, eval_return, eval_success, parameters)
 and TensorBoard events (``charts/eval_return``, ``charts/eval_success``) into the run dir, so a benchmark
 suite reads it like a train_rl run. Needs the ``dev`` extra (``stable-baselines3``, ``sb3-contrib``).
@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 import rlmem  # noqa: F401  (registers the rlmem envs)
 from rlmem.commands._hydra import run_hydra
 from rlmem.env_factory import effective_env_kwargs, split_env_config, success_threshold
+from rlmem.evaluate import evaluation_seed
 from rlmem.run_io import write_metrics
 
 log = logging.getLogger("sb3_reference")
@@ -55,7 +56,7 @@ def train(cfg: dict, run_dir: Path) -> dict:
     threshold = success_threshold(env_cfg)
     seed, n_eval = int(cfg["seed"]), int(cfg["eval_episodes"])
     venv = make_vec_env(lambda: gym.make(env_id, **kwargs), n_envs=int(cfg["num_envs"]), seed=seed)
-    eval_env = make_vec_env(lambda: gym.make(env_id, **kwargs), n_envs=min(n_eval, 8), seed=10_000 + seed)
+    eval_env = make_vec_env(lambda: gym.make(env_id, **kwargs), n_envs=min(n_eval, 8), seed=evaluation_seed(seed))
     model = RecurrentPPO("MlpLstmPolicy", venv, seed=seed, device="cpu", verbose=0,
                          policy_kwargs={"lstm_hidden_size": int(cfg["lstm_hidden_size"])})
     run_dir.mkdir(parents=True, exist_ok=True)
