@@ -18,12 +18,16 @@ strings, lists, dicts: checkpoints are weights-only), so a resumed run continues
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from rlmem.devices import ThreadGovernor
 from rlmem.validate import check_float, check_int
+
+log = logging.getLogger(__name__)
 
 
 class Callback:
@@ -145,6 +149,23 @@ class StopAt(Callback):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.streak = int(state.get("streak", 0))
+
+
+class AutoThreads(Callback):
+    """``threads=auto`` while the run goes: after each iteration, every ``interval`` seconds, torch's thread
+    count follows the cores other processes leave free (:class:`rlmem.devices.ThreadGovernor`): a run that
+    started alone drops to one thread when a second training starts beside it, instead of slowing down
+    several times, and takes the core back when it is free again."""
+
+    name = "auto_threads"
+
+    def __init__(self, interval: float = 10.0, governor: ThreadGovernor | None = None):
+        self.governor = governor or ThreadGovernor(interval)
+
+    def on_step(self, trainer) -> None:
+        threads = self.governor.update()
+        if threads is not None:
+            log.info("threads=auto: now %d torch thread(s), the cores other processes leave free", threads)
 
 
 def build_callbacks(callbacks: Iterable[Callback] | None, stop_at: Mapping[str, Any] | None) -> CallbackList:

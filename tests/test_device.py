@@ -188,3 +188,41 @@ def test_thread_governor_follows_other_processes(monkeypatch):
         assert governor.update(now=t0 + 20) == 2 and torch.get_num_threads() == 2  # free again
     finally:
         torch.set_num_threads(before)
+
+
+def test_threads_auto_runs_are_governed_after_every_iteration(tmp_path, caplog):
+    """train_rl with threads=auto attaches the AutoThreads callback; it asks its governor after every
+    iteration and logs a change."""
+    from hydra import compose, initialize_config_dir
+
+    from rlmem.callbacks import AutoThreads
+    from rlmem.commands.train_rl import build_trainer
+    from rlmem.conf import CONF_DIR
+
+    overrides = ["env.delay=2", "ppo.num_envs=4", "ppo.rollout_len=8", "ppo.seq_len=8", "ppo.minibatches=1",
+                 "total_frames=64", "agent.hidden_size=8", "agent.encoder_dim=8"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        auto = compose("train_rl", overrides=[*overrides, "threads=auto"])
+        fixed = compose("train_rl", overrides=[*overrides, "threads=1"])
+    before = torch.get_num_threads()
+    try:
+        trainer = build_trainer(auto, tmp_path / "auto")
+        governed = [cb for cb in trainer.run.callbacks.callbacks if isinstance(cb, AutoThreads)]
+        assert len(governed) == 1
+        assert not any(isinstance(cb, AutoThreads)
+                       for cb in build_trainer(fixed, tmp_path / "fixed").run.callbacks.callbacks)
+
+        class Counting:
+            calls = 0
+
+            def update(self):
+                Counting.calls += 1
+                return 1 if Counting.calls == 2 else None
+
+        governed[0].governor = Counting()
+        with caplog.at_level("INFO", logger="rlmem.callbacks"):
+            trainer.train()
+        assert Counting.calls == 64 // 32  # one call per iteration of 4 envs x 8 steps
+        assert sum("now 1 torch thread" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path):
     import torch
 
     from rlmem.agents import build_agent
+    from rlmem.callbacks import AutoThreads
     from rlmem.devices import resolve_threads
     from rlmem.ppo import PPOConfig, RecurrentPPO
     from rlmem.user_code import import_modules
@@ -57,6 +58,7 @@ def build_trainer(cfg: DictConfig, run_dir: str | Path):
         config=config,
         collector=config["collector"],
         device=config["device"],
+        callbacks=[AutoThreads()] if config["threads"] == "auto" else None,
     )
 
 
