@@ -127,3 +127,18 @@ def test_help_lists_only_the_commands_own_groups(main, own, foreign, capsys):
         assert word in out, word
     for word in foreign:
         assert word not in out, word
+
+
+def test_run_dirs_are_named_after_the_memory_a_run_set(tmp_path, monkeypatch):
+    """``agent.memory=mlp`` on top of the default agent=gru is filed under ``mlp``, not ``gru``."""
+    from rlmem.commands._hydra import run_label
+
+    assert run_label("ot", "ssm", []) == "ot"  # an agent config keeps its own name
+    assert run_label("gru", "my_memories:EMAMemory", ["++agent.memory=my_memories:EMAMemory"]) == "EMAMemory"
+    monkeypatch.chdir(tmp_path)
+    small = ["env.delay=1", "ppo.num_envs=4", "ppo.rollout_len=8", "ppo.seq_len=8", "ppo.minibatches=1",
+             "total_frames=32", "logger.progress_bar=false"]
+    train_rl.main(["agent.memory=mlp", *small])
+    train_rl.main(small)
+    assert sorted(p.name for p in (tmp_path / "outputs" / "train_rl").iterdir()) == ["gru-delayed_cue",
+                                                                                   "mlp-delayed_cue"]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from rlmem.commands.overrides import COMMAND_GROUPS, _yaml, available, check_overrides, default_choices
 
@@ -45,6 +46,15 @@ def help_text(command: str, summary: str) -> str:
     return "\n".join(lines)
 
 
+def run_label(agent_choice: str, memory: str, overrides: Sequence[str]) -> str:
+    """The agent part of a run dir's name (``${rlmem_run_label:...}`` in the configs): the agent config's name,
+    or the memory's when the command line set ``agent.memory`` (``agent.memory=ema`` -> ``ema``; a class path
+    ``my_memories:EMAMemory`` -> ``EMAMemory``), so a run of your own memory is not filed under ``gru``."""
+    if any(str(o).lstrip("+").startswith("agent.memory=") for o in overrides):
+        return str(memory).rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return str(agent_choice)
+
+
 def fail(command: str, message: str) -> None:
     """The one line of an invalid configuration (stderr), exit code 2."""
     print(f"{command}: invalid configuration: {message}", file=sys.stderr)
@@ -65,6 +75,8 @@ def run_hydra(command: str, config_name: str, task_function: Callable[[Any], Any
     except ValueError as err:
         fail(command, str(err))
     sys.argv[1:] = args
+    if not OmegaConf.has_resolver("rlmem_run_label"):
+        OmegaConf.register_new_resolver("rlmem_run_label", run_label)
     hydra.main(config_path=CONFIG_PATH, config_name=config_name, version_base="1.3")(task_function)()
 
 
