@@ -31,7 +31,7 @@ from rlmem.memory import build_memory
 from rlmem.run import Run, RunDirError
 from rlmem.run_io import CheckpointError, NonFiniteError, check_finite
 from rlmem.user_code import import_modules
-from rlmem.validate import check_float, check_int
+from rlmem.validate import check_float, check_int, from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +158,11 @@ class TrainConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> TrainConfig:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(cfg) - set(valid))
-        renamed = {k: RENAMED[k] for k in unknown if k in RENAMED}
+        valid = {f.name for f in dataclasses.fields(cls)}
+        renamed = {k: RENAMED[k] for k in cfg if k not in valid and k in RENAMED}
         if renamed:
             raise ValueError(f"training options renamed: {', '.join(f'{k} is now {v}' for k, v in renamed.items())}")
-        if unknown:
-            raise ValueError(f"unknown training options {unknown}; valid: {valid}")
-        return cls(**cfg)
+        return from_mapping(cls, cfg, "")
 
 
 #: options of earlier versions (the names the RL trainer uses now); refused with their new name

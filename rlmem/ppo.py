@@ -59,7 +59,7 @@ from rlmem.reward_scaling import ReturnScaler
 from rlmem.run import Run
 from rlmem.run_io import NonFiniteError, check_finite, flatten
 from rlmem.torchrl_wrapper import STATE_KEY
-from rlmem.validate import check_float, check_int
+from rlmem.validate import check_float, check_int, from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +117,9 @@ class PPOConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> PPOConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(cfg) - valid)
-        if unknown:
-            raise ValueError(f"unknown ppo options {unknown}; valid: {sorted(valid)}")
-        return cls(**cfg)
+        """From a mapping (the ``ppo`` config group): every key and type checked, see
+        :func:`rlmem.validate.from_mapping`; ranges in ``__post_init__``."""
+        return from_mapping(cls, cfg, "ppo")
 
 
 class _UpdateDiscarded(Exception):
