@@ -228,3 +228,19 @@ def test_variants_are_runs_of_every_agent_with_their_overrides_and_report_comput
     assert plot_return_vs_compute(rows, "g", tmp_path / "c.png") and (tmp_path / "c.png").stat().st_size > 0
     with pytest.raises(ValueError, match="variants must map names to lists"):
         plan({"g": {"script": "train_rl", "agents": ["gru"], "env": "delayed_cue", "variants": {"a": "trigger=never"}}})
+
+
+def test_throughput_has_a_row_for_every_memory_system_with_gru_first():
+    import argparse
+
+    from rlmem.commands.benchmark import throughput_rows
+    from rlmem.memory import available_memories
+
+    ns = argparse.Namespace(num_envs=32, rollout_len=64, epochs=4, minibatches=4, hidden=64, delay=10, frames=2048,
+                            threads=1, memories=["all"])
+    rows = throughput_rows(ns, cores=2, auto_threads=2)
+    memories = [args["memory"] for _, kind, args in rows]
+    assert memories[0] == "gru" and sorted(memories) == sorted(available_memories())
+    assert all(kind == "rlmem" and args["defaults"] and args["threads"] == 1 for _, kind, args in rows)
+    with pytest.raises(SystemExit, match="'grux' is not a memory system; valid: all, adapter"):
+        throughput_rows(argparse.Namespace(**{**vars(ns), "memories": ["grux"]}), cores=2, auto_threads=2)

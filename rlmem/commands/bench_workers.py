@@ -26,12 +26,16 @@ def worker_rlmem(a: dict) -> dict:
     ppo = PPOConfig(num_envs=a["num_envs"], rollout_len=a["rollout_len"], seq_len=a["rollout_len"],
                     epochs=a["epochs"], minibatches=a["minibatches"], eval_interval=10**9)
     env_cfg = {"id": "rlmem/DelayedCue-v0", "delay": a["delay"], "n_cues": 4}
-    if a["memory"] == "gru":  # sized like sb3-contrib's LSTM
+    from rlmem.conf import available
+
+    if a["memory"] == "gru" and not a.get("defaults"):  # sized like sb3-contrib's LSTM
         agent_cfg = {"memory": "gru", "encoder_dim": a["hidden"], "hidden_size": a["hidden"]}
-    else:  # the agent as train_rl builds it by default
+    elif a["memory"] in available("agent"):  # the agent as train_rl builds it by default
         from rlmem.commands.overrides import group_config
 
         agent_cfg = group_config("agent", a["memory"])
+    else:  # a memory system without an agent config (miras): its class defaults
+        agent_cfg = {"memory": a["memory"], "encoder_dim": 64}
     agent = build_agent(agent_cfg, env_cfg, seed=0)
     trainer = RecurrentPPO(agent, env_cfg, ppo, Path(a["tmp"]), total_frames=a["frames"], progress_bar=False,
                            collector=a.get("collector"))
@@ -84,9 +88,10 @@ def worker_learning(a: dict) -> dict:
     history = []
     evaluate = trainer._evaluate
 
-    def record(writer):
-        evaluate(writer)
+    def record():
+        go_on = evaluate()
         history.append((trainer.frames, trainer.metrics["eval_success"]))
+        return go_on
 
     trainer._evaluate = record
     start = time.perf_counter()

@@ -47,6 +47,17 @@ def throughput_rows(ns: argparse.Namespace, cores: int, auto_threads: int) -> li
     base = {"num_envs": ns.num_envs, "rollout_len": ns.rollout_len, "epochs": ns.epochs,
             "minibatches": ns.minibatches, "hidden": ns.hidden, "delay": ns.delay, "frames": ns.frames,
             "threads": ns.threads}
+    if ns.memories:  # one row per memory system at its agent config's defaults, gru first: ratios to gru
+        from rlmem.memory import available_memories
+
+        memories = available_memories() if ns.memories == ["all"] else list(ns.memories)
+        unknown = [m for m in memories if m not in available_memories()]
+        if unknown:
+            raise SystemExit(f"rlmem-benchmark throughput: --memories {unknown[0]!r} is not a memory system; "
+                             f"valid: all, {', '.join(available_memories())}")
+        memories = ["gru"] + [m for m in memories if m != "gru"]
+        return [(f"rlmem RecurrentPPO ({m}, threads={ns.threads})", "rlmem", {**base, "memory": m, "defaults": True})
+                for m in memories]
     rows = []
     for memory, label in (("gru", "gru"), ("infinity", "infinity")):
         rows.append((f"rlmem RecurrentPPO ({label}, threads={ns.threads})", "rlmem", {**base, "memory": memory}))
@@ -94,6 +105,14 @@ def throughput(ns: argparse.Namespace) -> None:
         runs = " / ".join(f"{v:.0f}" for v in fps[name]) if ns.repeats > 1 else ""
         print(f"{name:64s} {statistics.median(fps[name]):17.0f} {rss[name]:12.0f} {ratio(name, reference):17.2f}x"
               f"  {runs}")
+    if ns.memories:
+        print("| memory | frames/s (median) | ratio to gru: median | range over repeats |")
+        print("|---|---:|---:|---|")
+        for name, _, _ in rows:
+            ratios = [a / b for a, b in zip(fps[name], fps[reference])]
+            print(f"| {name.split('(')[1].split(',')[0]} | {statistics.median(fps[name]):.0f} | "
+                  f"{statistics.median(ratios):.2f} | {min(ratios):.2f}-{max(ratios):.2f} |")
+        return
     print("infinity / gru at the same settings (median over repeats):")
     for name, _, _ in rows:
         if "infinity" in name:
@@ -206,6 +225,9 @@ def measurement_parser() -> argparse.ArgumentParser:
     t.add_argument("--frames", type=int, default=131072)
     t.add_argument("--threads", type=int, default=1, help="torch threads of the single-thread rows")
     t.add_argument("--repeats", type=int, default=1, help="run every row this many times, interleaved; medians")
+    t.add_argument("--memories", nargs="+", default=None, metavar="NAME",
+                   help="instead of the gru/infinity/sb3 rows: one row per memory system ('all': every registered "
+                        "one) at its agent config's defaults, each with its ratio to gru")
     t.set_defaults(func=throughput)
     s = sub.add_parser("learning", help="eval success on DelayedCue per agent and delay")
     s.add_argument("--agents", nargs="+", default=["gru"])
