@@ -155,6 +155,7 @@ def test_every_suite_config_plans(name):
     assert suite["name"] == name and plan(suite["groups"])
 
 
+@pytest.mark.slow  # a whole suite of 9 runs, stopped and rerun (~1-2 min)
 def test_smoke_suite_end_to_end_with_a_stop_and_a_rerun(tmp_path):
     """``benchmark.py suite=smoke``: SIGTERM after the first finished run stops the suite (the running script
     checkpoints); the same command again skips the finished run and writes results.csv, results.md, PNGs."""

@@ -84,6 +84,7 @@ def test_grid_rejects_bad_configs_before_training():
     assert runs[1].cfg["eval_seed"] != runs[1].cfg["seed"]  # evaluation stays held out for every seed
 
 
+@pytest.mark.slow  # trains every capacity model (~1 min)
 def test_bench_capacity_smoke_writes_table_csv_and_png(tmp_path):
     proc = script("bench_capacity", "smoke=true", "n_pairs=[4,8]", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -97,6 +98,7 @@ def test_bench_capacity_smoke_writes_table_csv_and_png(tmp_path):
     assert (tmp_path / "capacity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # trains the three models on two tasks (~1-2 min)
 def test_experiment_zero_smoke_writes_results_ending_with_the_verdict(tmp_path):
     proc = script("experiment_zero", "smoke=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
