@@ -235,10 +235,7 @@ def load_trained_agent(path: str | Path):
     Returns ``(agent in eval mode, checkpoint dict)``; raises naming what is wrong with the file.
     """
     path = resolve_checkpoint(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except Exception as err:  # torch.load's errors vary with what the file really is
-        raise ValueError(f"checkpoint={path}: not a checkpoint torch can load ({type(err).__name__}: {err})") from None
+    ckpt = load_checkpoint(path)  # a CheckpointError (a ValueError) names what is wrong with the file
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -100,12 +101,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as err:
         detail = " ".join(str(err).split())
-        reason = "it carries objects rlmem does not write" if "weights_only" in detail.lower() or \
-            "unsupported global" in detail.lower() else "torch cannot read it"
-        raise CheckpointError(
-            f"{path} is not an rlmem checkpoint: {reason} ({type(err).__name__}: {detail[:160]}); it was not "
-            "loaded and nothing in it ran (checkpoints load with weights_only=True; one written by an rlmem "
-            "older than that with numpy objects in it is refused too)") from None
+        found = re.search(r"GLOBAL ([\w.]+)", detail)  # torch names the first object it refused
+        if found:
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"{path} is not an rlmem checkpoint: it carries objects rlmem does not write{what}; it was not loaded "
+                "and nothing in it ran (checkpoints load with weights_only=True; one written by an rlmem older than "
+                "that with numpy objects in it is refused too)") from None
+        detail = detail.split("WeightsUnpickler error: ")[-1].split(" Check the documentation")[0]
+        raise CheckpointError(f"{path} is not an rlmem checkpoint: torch cannot read it ({type(err).__name__}: "
+                              f"{detail[:160]}); nothing in it ran") from None
     if not isinstance(payload, Mapping):
         raise CheckpointError(f"{path} is not an rlmem checkpoint: it holds a {type(payload).__name__}, not a dict")
     return payload

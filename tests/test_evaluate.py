@@ -169,7 +169,7 @@ def test_clear_errors(run_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no checkpoints/last.pt"):
         evaluate(config(checkpoint=str(tmp_path)))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a checkpoint torch can load"):
+    with pytest.raises(ValueError, match=r"junk.pt is not an rlmem checkpoint: torch cannot read it \(UnpicklingError: .*\); nothing in it ran$"):
         evaluate(config(checkpoint=str(tmp_path / "junk.pt")))
     for episodes in (0, -3):
         with pytest.raises(ValueError, match=r"episodes must be in \[1, inf\]"):
