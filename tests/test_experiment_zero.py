@@ -123,3 +123,21 @@ def test_experiment_zero_smoke_writes_results_ending_with_the_verdict(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "results.md").read_text().splitlines()[-1] == md.splitlines()[-1]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_grids_run_through_the_suite_orchestrator_skip_finished_runs_and_refuse_other_settings(tmp_path):
+    from rlmem.commands.lm_grid import train_grid
+
+    train = {"steps": 2, "batch_size": 2, "eval_interval": 2, "eval_batches": 1, "checkpoint_interval": 2}
+    models = {"g": {"memory": "gru", "hidden_size": 8, "d_model": 8}}
+    runs = grid_runs(models, {"c": {"name": "copy_memory"}}, [0, 1], train)
+    rows = train_grid(runs, tmp_path, workers=2)
+    assert [(r["model"], r["task"], r["seed"], r["steps"]) for r in rows] == [("g", "c", 0, 2), ("g", "c", 1, 2)]
+    metrics = [tmp_path / "runs" / r.name / "metrics.json" for r in runs]
+    assert all((tmp_path / "runs" / r.name / "output.log").exists() for r in runs)  # the orchestrator's files
+    stamps = [m.stat().st_mtime_ns for m in metrics]
+    assert train_grid(runs, tmp_path, workers=2) == rows  # finished runs are read back, not retrained
+    assert [m.stat().st_mtime_ns for m in metrics] == stamps
+    other = grid_runs(models, {"c": {"name": "copy_memory"}}, [0], {**train, "steps": 3})
+    with pytest.raises(ValueError, match="was started with other settings"):
+        train_grid(other, tmp_path)

@@ -1,24 +1,28 @@
 """A grid of LM trainings (models x tasks x seeds) run into one directory, then tabulated.
 
-Each run is an ordinary :func:`rlmem.lm_training.run` in ``<out_dir>/runs/<name>``, so a grid that is
-stopped (Ctrl-C, kill) and started again resumes every unfinished run and reports finished ones without
-retraining them. Runs go ``workers`` at a time in separate processes (one torch thread each by default; each writes its
-log to ``runs/<name>/train_lm.log``, and the grid logs a line as each run finishes).
+Each run is an ordinary :func:`rlmem.lm_training.run` in ``<out_dir>/runs/<name>``, run by the suites'
+orchestrator (:func:`rlmem.suite.execute`) as ``python -m rlmem.commands.lm_grid '<config as JSON>' <run dir>``:
+``workers`` runs at a time, each in its own process (one torch thread by default; its log in
+``runs/<name>/train_lm.log``, its output in ``runs/<name>/output.log``), a line logged as each finishes. A grid
+that is stopped (Ctrl-C, SIGTERM: the runs checkpoint) and started again resumes every unfinished run and
+reports finished ones without retraining them; a grid dir started with other settings is refused.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+from rlmem.interrupts import TrainingInterrupted
 from rlmem.lm_training import run, setup
+from rlmem.suite import execute
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +31,38 @@ CSV_COLUMNS = ("model", "task", "seed", "eval_accuracy", "chance_accuracy", "par
                "steps", "wall_seconds", "run_dir")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GridRun:
-    """One training of the grid: ``model`` and ``task`` are the row labels, ``cfg`` the full train_lm config."""
+    """One training of the grid: ``model`` and ``task`` are the row labels, ``cfg`` the full train_lm config.
+
+    It is a run of :func:`rlmem.suite.execute` (``name``, ``group``, ``script``, ``run_dir``, ``arguments``,
+    ``command``), so grids and benchmark suites share one orchestrator."""
 
     model: str
     task: str
     seed: int
     cfg: Mapping[str, Any]
 
+    group = "grid"
+    script = "train_lm"  # what rlmem.suite.finished() reads: metrics.json is written once, at the end
+
     @property
     def name(self) -> str:
         return f"{self.model}-{self.task}-seed{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return self.model
+
+    def run_dir(self, out_dir: Path) -> Path:
+        return Path(out_dir) / "runs" / self.name
+
+    def arguments(self) -> list[str]:
+        """The run's settings (recorded in its dir: a rerun with other settings is refused)."""
+        return [json.dumps(self.cfg, sort_keys=True)]
+
+    def command(self, out_dir: Path) -> list[str]:
+        return [sys.executable, "-m", __name__, *self.arguments(), str(self.run_dir(out_dir))]
 
 
 def grid_runs(models: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, Mapping[str, Any]],
@@ -62,46 +86,35 @@ def grid_runs(models: Mapping[str, Mapping[str, Any]], tasks: Mapping[str, Mappi
     return runs
 
 
-def _train_one(run_: GridRun, out_dir: str, log_to_file: bool = False) -> dict[str, Any]:
-    run_dir = Path(out_dir) / "runs" / run_.name
-    root, handler = logging.getLogger(), None
-    if log_to_file:  # in a worker process: the run's log lines go to its own train_lm.log
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(run_dir / "train_lm.log")
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-    try:
-        metrics = run(run_.cfg, run_dir, progress=False)
-    finally:
-        if handler is not None:
-            root.removeHandler(handler)
-            handler.close()
-    row = {k: metrics[k] for k in CSV_COLUMNS if k in metrics}
-    return {**row, "model": run_.model, "task": run_.task, "seed": run_.seed, "run_dir": f"runs/{run_.name}"}
-
-
 def train_grid(runs: Iterable[GridRun], out_dir: str | Path, workers: int = 1) -> list[dict[str, Any]]:
-    """Train every run (``workers`` processes at a time; 1 = in this process) and return one row per run, in
-    the order of ``runs``, with the :data:`CSV_COLUMNS`."""
-    runs = list(runs)
-    out_dir = Path(out_dir)
-    if workers <= 1:
-        rows = []
-        for i, r in enumerate(runs):
-            log.info("run %d/%d: %s", i + 1, len(runs), r.name)
-            rows.append(_train_one(r, str(out_dir)))
-            log.info("%s: eval_accuracy=%.4f", r.name, rows[-1]["eval_accuracy"])
-        return rows
-    # spawn: a fresh interpreter per worker (forking a process that already ran torch is fragile)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_train_one, r, str(out_dir), True): i for i, r in enumerate(runs)}
-        rows: list[dict[str, Any] | None] = [None] * len(runs)
-        for done, future in enumerate(as_completed(futures), 1):
-            i = futures[future]
-            rows[i] = future.result()
-            log.info("%d/%d done: %s eval_accuracy=%.4f", done, len(runs), runs[i].name, rows[i]["eval_accuracy"])
-        return rows
+    """Train every run (``workers`` processes at a time, through :func:`rlmem.suite.execute`) and return one row
+    per run, in the order of ``runs``, with the :data:`CSV_COLUMNS`. A failed run raises naming its log."""
+    runs, out_dir = list(runs), Path(out_dir)
+    failed = execute(runs, out_dir, jobs=max(1, int(workers)))
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(runs)} grid runs failed; see "
+                           + ", ".join(str(r.run_dir(out_dir) / "output.log") for r in failed))
+    rows = []
+    for r in runs:
+        metrics = json.loads((r.run_dir(out_dir) / "metrics.json").read_text())
+        row = {k: metrics[k] for k in CSV_COLUMNS if k in metrics}
+        rows.append({**row, "model": r.model, "task": r.task, "seed": r.seed, "run_dir": f"runs/{r.name}"})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """One grid run: ``python -m rlmem.commands.lm_grid '<train_lm config as JSON>' <run dir>``."""
+    cfg_json, run_dir = list(sys.argv[1:] if argv is None else argv)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train_lm.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler, logging.StreamHandler()])
+    try:
+        run(json.loads(cfg_json), run_dir, progress=False)
+    except TrainingInterrupted as stop:  # the grid was stopped: the run checkpointed, a rerun resumes it
+        logging.getLogger(__name__).warning("%s", stop)
+        sys.exit(stop.exit_code)
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
@@ -125,3 +138,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], key: str = "eval_accuracy") -> 
     for row in rows:
         groups.setdefault((row["model"], row["task"]), []).append(float(row[key]))
     return {k: mean_std(v) for k, v in groups.items()}
+
+
+if __name__ == "__main__":
+    main()
