@@ -149,7 +149,7 @@ def test_refine_off_for_one_row_changes_only_that_row():
     refine[1] = False
     with torch.no_grad():
         y_on, s_on = memory(x, memory.initial_state(3), is_init)
-        y_off, s_off = memory(x, memory.initial_state(3), is_init, refine=refine)
+        y_off, s_off = memory(x, memory.initial_state(3), is_init, trigger=refine)
         # the expectation for row 1: the same weights without a Diffuser at all
         plain = stm(n_refine=0)
         plain.load_state_dict({k: v for k, v in memory.state_dict().items() if not k.startswith("diffuser.")})
@@ -168,10 +168,10 @@ def test_refine_switched_at_some_steps_step_mode_equals_sequence_mode():
     refine = torch.rand(3, 6, generator=torch.Generator().manual_seed(6)) < 0.5
     refine[:, 4] = False  # a step where no row refines
     with torch.no_grad():
-        y_seq, s_seq = memory(x, memory.initial_state(3), is_init, refine=refine)
+        y_seq, s_seq = memory(x, memory.initial_state(3), is_init, trigger=refine)
         state, ys = memory.initial_state(3), []
         for t in range(6):
-            y, state = memory(x[:, t:t + 1], state, is_init[:, t:t + 1], refine=refine[:, t:t + 1])
+            y, state = memory(x[:, t:t + 1], state, is_init[:, t:t + 1], trigger=refine[:, t:t + 1])
             ys.append(y)
         y_all, _ = memory(x, memory.initial_state(3), is_init)
     torch.testing.assert_close(torch.cat(ys, 1), y_seq, rtol=1e-4, atol=1e-5)
@@ -186,7 +186,7 @@ def test_refinement_changes_the_next_state_only_when_it_persists():
         memory = live(stm(persist_refinement=persist)).eval()
         with torch.no_grad():
             _, s_on = memory(x, memory.initial_state(3), is_init)
-            _, s_off = memory(x, memory.initial_state(3), is_init, refine=off)
+            _, s_off = memory(x, memory.initial_state(3), is_init, trigger=off)
         differs = (s_on["buffer"] - s_off["buffer"]).abs().max() > 1e-3
         assert bool(differs) == persist, persist
 
@@ -207,13 +207,13 @@ def test_diffuser_updates_are_relative_to_the_slot_scale():
                                        rtol=2e-2, atol=1e-3 * a)
 
 
-def test_refine_must_be_a_bool_tensor_of_shape_b_t():
+def test_the_trigger_must_be_a_bool_tensor_of_shape_b_t():
     memory = stm()
     x, is_init = inputs()
-    with pytest.raises(ValueError, match=r"refine must be a bool tensor of shape \[B, T\]"):
-        memory(x, memory.initial_state(3), is_init, refine=torch.ones(3, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="refine must be a bool"):
-        memory(x, memory.initial_state(3), is_init, refine=torch.ones(3, 6))
+    with pytest.raises(ValueError, match=r"trigger must be a bool tensor of shape \[B, T\]"):
+        memory(x, memory.initial_state(3), is_init, trigger=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="trigger must be a bool"):
+        memory(x, memory.initial_state(3), is_init, trigger=torch.ones(3, 6))
 
 
 # -- write gate and Diffuser ---------------------------------------------------------------------------------

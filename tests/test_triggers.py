@@ -323,7 +323,7 @@ def test_meco_calibrates_on_each_rollout_while_training(tmp_path):
     torch.testing.assert_close(torch.stack([meco.lo, meco.hi]), torch.stack([fresh.lo, fresh.hi]))
 
 
-@pytest.mark.parametrize("memory, own", [("stm", "refine"), ("cmrn", "top_k")])  # darmt's own switch is gone
+@pytest.mark.parametrize("memory, own", [("cmrn", "top_k")])  # darmt's and stm's own switches are gone
 def test_the_contract_trigger_and_a_systems_own_switch_are_not_both_taken(memory, own):
     from rlmem.memory import memory_class
 

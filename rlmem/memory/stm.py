@@ -36,8 +36,8 @@ memory and per-step cost are constant in the episode length. Each step ``t``:
 The generator only reads the buffer, so in sequence mode only the (cheap) write recurrence loops over
 time; the refinement (unless it persists) and the generator run once on all ``B * T`` buffers.
 
-**The Diffuser is the gated expensive path**: ``forward(x, state, is_init, refine=None)`` takes an optional
-``refine: [B, T]`` bool; rows where it is False skip the refinement at that step (the write still happens).
+**The Diffuser is the gated expensive path**: ``forward(x, state, is_init, trigger=None)`` takes an optional
+``trigger: [B, T]`` bool; rows where it is False skip the refinement at that step (the write still happens).
 None refines every row at every step. Refinement runs only on the chosen rows (none: not at all).
 
 **The generator is frozen**: its weights are registered as (persistent) *buffers* of this module, not
@@ -392,18 +392,15 @@ class STM(MemorySystem):
 
     # -- the contract ----------------------------------------------------------------------------------------
 
-    def forward(self, x, state, is_init, refine: torch.Tensor | None = None, trigger: torch.Tensor | None = None):
-        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``refine: [B, T]`` bool or None -> ``y: [B, T, d_model]``.
-        ``trigger`` is the contract's name of ``refine`` (give one)."""
+    def forward(self, x, state, is_init, trigger: torch.Tensor | None = None):
+        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``trigger: [B, T]`` bool or None (always) -> ``y: [B, T,
+        d_model]``; ``trigger`` False skips the Diffuser's refinement at that row and step."""
         check_inputs(self, x, state, is_init)
-        if trigger is not None:
-            if refine is not None:
-                raise ValueError(f"{self.registry_name}: give refine or trigger, not both (they are the same switch)")
-            refine = trigger
+        refine = trigger
         B, T = x.shape[:2]
         if refine is not None:
             if tuple(refine.shape) != (B, T) or refine.dtype != torch.bool:
-                raise ValueError(f"{self.registry_name}: refine must be a bool tensor of shape [B, T]={(B, T)}, "
+                raise ValueError(f"{self.registry_name}: trigger must be a bool tensor of shape [B, T]={(B, T)}, "
                                  f"got {refine.dtype} {tuple(refine.shape)}")
         e = self.encoder(x)  # [B, T, d]
         buf = state["buffer"]

@@ -98,18 +98,15 @@ class STMReference(STM):
         noisy = clean + sigma.view(-1, 1, 1) * rms * torch.randn_like(clean)
         return F.mse_loss(diffuser_reference(self.diffuser, noisy, level), clean) / clean.pow(2).mean().clamp_min(1e-12)
 
-    def forward(self, x, state, is_init, refine: torch.Tensor | None = None, trigger: torch.Tensor | None = None):
-        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``refine: [B, T]`` bool or None -> ``y: [B, T, d_model]``.
-        ``trigger`` is the contract's name of ``refine`` (give one)."""
+    def forward(self, x, state, is_init, trigger: torch.Tensor | None = None):
+        """``x: [B, T, d_in]``, ``is_init: [B, T]``, ``trigger: [B, T]`` bool or None (always) -> ``y: [B, T,
+        d_model]``; ``trigger`` False skips the Diffuser's refinement at that row and step."""
         check_inputs(self, x, state, is_init)
-        if trigger is not None:
-            if refine is not None:
-                raise ValueError(f"{self.registry_name}: give refine or trigger, not both (they are the same switch)")
-            refine = trigger
+        refine = trigger
         B, T = x.shape[:2]
         if refine is not None:
             if tuple(refine.shape) != (B, T) or refine.dtype != torch.bool:
-                raise ValueError(f"{self.registry_name}: refine must be a bool tensor of shape [B, T]={(B, T)}, "
+                raise ValueError(f"{self.registry_name}: trigger must be a bool tensor of shape [B, T]={(B, T)}, "
                                  f"got {refine.dtype} {tuple(refine.shape)}")
         e = self.encoder(x)  # [B, T, d]
         buf = state["buffer"]
