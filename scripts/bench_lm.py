@@ -81,7 +81,7 @@ def main() -> None:
         tps = generator_tokens_per_s(name, knobs, args.batch_size, args.seconds)
         results["generator"][name] = {"knobs": knobs, "tokens_per_s": tps}
         print(f"| {name} | {knobs} | {tps:,.0f} |", flush=True)
-    print(f"\n| train_lm.py, model=gru d_model=64 | steps x batch | tokens/s |\n|---|---|---|")
+    print("\n| train_lm.py, model=gru d_model=64 | steps x batch | tokens/s |\n|---|---|---|")
     for task in TRAIN_TASKS:
         m = train_lm_tokens_per_s(task, args.train_steps, args.train_batch_size)
         results["train_lm"][task] = {k: m[k] for k in ("tokens_per_s", "steps", "wall_seconds", "task_knobs")}

@@ -256,7 +256,6 @@ def stream_hidden(lm, emb: torch.Tensor, live: torch.Tensor, cache_k: torch.Tens
     """
     st = Stack(lm)
     B, T, W = live.shape
-    D = emb.shape[-1]
     if lm.adapter is not None:
         lm.adapter.begin(None)
     try:

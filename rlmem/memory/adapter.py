@@ -83,7 +83,7 @@ class AdapterMemory(MemorySystem):
                  n_heads: int = 4, base_seed: int = 0, mode: str = "window", **adapter: Any):
         super().__init__()
         name = self.registry_name
-        self.d_in = check_int(f"{name}: d_in", d_in, low=1)
+        self.d_in = d_in
         self.window = check_int(f"{name}: window", window, low=2, why="the state holds window - 1 steps")
         try:
             cfg = MemoryAdapterConfig.from_dict(adapter)

@@ -280,7 +280,7 @@ class CMRN(MemorySystem):
                  router_noise: float = 1.0, balance_coef: float = 0.01, z_coef: float = 0.001,
                  dispatch: str = "sparse"):
         super().__init__()
-        self.d_in = check_int("cmrn: d_in", d_in, low=1)
+        self.d_in = d_in
         self.d_model = self.d_out = check_int("cmrn: d_model", d_model, low=1)
         self.n_timescales = check_int("cmrn: n_timescales", n_timescales, low=1)
         n_experts = check_int("cmrn: n_experts", n_experts, low=1)
@@ -360,7 +360,7 @@ class CMRN(MemorySystem):
         else:
             k_rows, k_max = self._check_top_k(top_k, x.shape[0], x.shape[1], x.device)
         B, T = x.shape[:2]
-        E, S, d, dev = self.n_experts, self.mem_slots, self.d_model, x.device
+        E, dev = self.n_experts, x.device
         is_init = is_init.to(torch.bool)
 
         # steps since the episode start, before each step (after its reset): drives clocks and usage stamps

@@ -268,7 +268,6 @@ class STM(MemorySystem):
                  generator_heads: int = 4, generator_seed: int = 0, persist_refinement: bool = False):
         super().__init__()
         name = self.registry_name
-        d_in = check_int(f"{name}: d_in", d_in, low=1)
         d_model = check_int(f"{name}: d_model", d_model, low=1)
         n_slots = check_int(f"{name}: n_slots", n_slots, low=1, why="K, the number of content slots")
         n_refine = check_int(f"{name}: n_refine", n_refine, low=0, why="Diffuser iterations per step; 0 = none")
