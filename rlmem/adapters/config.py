@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rlmem.validate import check_float, check_int
+from rlmem.validate import check_float, check_int, check_keys
 
 VARIANTS = ("A", "B")
 PLACEMENTS = ("all", "first_k", "last_k", "every_n")
@@ -145,11 +145,8 @@ class MemoryAdapterConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> MemoryAdapterConfig:
-        """From a mapping; unknown keys raise naming the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown memory adapter option(s) {unknown}; valid: {valid}")
+        """From a mapping; an unknown key raises naming the valid ones (and a close match)."""
+        check_keys("", values, [f.name for f in dataclasses.fields(cls)], of="the memory adapter")
         return cls(**dict(values))
 
 
