@@ -91,7 +91,8 @@ class CpuLoad:
                 fields = [float(v) for v in f.readline().split()[1:]]
         except (OSError, ValueError):
             return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # all but idle and iowait
+        # user nice system idle iowait irq softirq steal (guest time is already counted in user and nice)
+        busy = sum(fields[:8]) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)  # all but idle and iowait
         return busy / os.sysconf("SC_CLK_TCK"), time.process_time(), time.monotonic()
 
     def others_busy(self) -> float:
