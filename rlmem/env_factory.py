@@ -61,9 +61,11 @@ def resolve_env_id(env_id: str) -> str:
         import_module(module)
         env_id = name
     if env_id not in gym.registry:
-        rlmem_ids = sorted(i for i in gym.registry if i.startswith("rlmem/"))
-        raise ValueError(f"unknown env id {env_id!r}{suggest(env_id, gym.registry)}; rlmem ids: {rlmem_ids} (or any "
-                         "registered Gymnasium id, or 'my_module:MyEnv-v0' to import the module that registers it)")
+        ids = sorted(gym.registry)
+        rlmem_ids = [i for i in ids if i.startswith("rlmem/")]
+        raise ValueError(f"env.id={env_id!r} is not a registered Gymnasium id{suggest(env_id, ids)}; valid: "
+                         f"{', '.join(rlmem_ids)}, any of the {len(ids)} ids in gymnasium.registry, or "
+                         "'my_module:MyEnv-v0' to import the module that registers it")
     return env_id
 
 

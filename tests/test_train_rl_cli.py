@@ -232,7 +232,7 @@ def test_own_code_errors_are_one_line(user_project, tmp_path, override, expected
         ("logger.progress_bar=maybe", "logger.progress_bar must be true or false"),
         ("agent.hidden_size=0", "agent.hidden_size"),
         ("+agent.no_such_param=3", "valid"),
-        ("env=gym env.id=NoSuchEnv-v0", "unknown env id"),
+        ("env=gym env.id=NoSuchEnv-v0", "env.id='NoSuchEnv-v0' is not a registered Gymnasium id"),
         ("imports=[no_such_module_xyz]", "cannot import module 'no_such_module_xyz'"),
         ("compile=maybe", "compile must be true or false"),
         ("device=tpu", r"device='tpu' is not a device of this machine.*valid: \['cpu'"),

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from rlmem.conf import CONF_DIR, available
-from rlmem.validate import check_choice, suggest
+from rlmem.validate import check_choice, check_keys, suggest
 
 #: the config groups each command composes (what its ``--help`` lists and what is checked here)
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
@@ -132,12 +132,11 @@ def _env_knobs(env_id: str) -> list[str] | None:
 
 def _memory_knobs(memory: Any) -> list[str] | None:
     import rlmem
+    from rlmem.memory.registry import memory_class, memory_options
 
     if not isinstance(memory, str) or memory not in rlmem.available_memories():
         return None  # a class path or your own memory (imports=[...]): checked when the run is built
-    from rlmem.memory import memory_class
-
-    return _params(memory_class(memory).__init__, ("d_in",))
+    return memory_options(memory_class(memory))
 
 
 def _trigger_knobs(policy: Any) -> list[str] | None:
@@ -199,18 +198,12 @@ def _renamed(command: str) -> dict[str, str]:
 
 
 def check_env_id(env_id: Any) -> None:
-    """``env.id`` must be a registered Gymnasium id or ``module:Id`` (imported when the run is built)."""
-    import gymnasium as gym
+    """``env.id`` must be a registered Gymnasium id (the env factory's check); a ``module:Id`` is imported, and
+    so checked, when the run is built."""
+    if isinstance(env_id, str) and ":" not in env_id:
+        from rlmem.env_factory import resolve_env_id
 
-    import rlmem  # noqa: F401
-
-    if not isinstance(env_id, str) or ":" in env_id or env_id in gym.registry:
-        return
-    ids = sorted(gym.registry)
-    rlmem_ids = [i for i in ids if i.startswith("rlmem/")]
-    raise ValueError(f"env.id={env_id!r} is not a registered Gymnasium id{suggest(env_id, ids)}; valid: "
-                     f"{', '.join(rlmem_ids)}, any of the {len(ids)} ids in gymnasium.registry, or "
-                     "'my_module:MyEnv-v0' to import the module that registers it")
+        resolve_env_id(env_id)
 
 
 def check_overrides(command: str, args: Sequence[str]) -> list[str]:
@@ -253,9 +246,7 @@ def check_overrides(command: str, args: Sequence[str]) -> list[str]:
         valid = _valid_knobs(head, choice, config, given)
         if valid is None:
             continue
-        if knob not in valid:
-            raise ValueError(f"{head}.{knob} is not an option of {head}={choice}{suggest(knob, valid)}; valid: "
-                             f"{', '.join(valid)}")
+        check_keys(head, [knob], valid, of=f"{head}={choice}")
         if knob not in config and not prefix and rest == knob:
             out[i] = f"++{key}={value}"  # a valid knob the yaml leaves to its default: Hydra needs the "++"
     return out
