@@ -241,6 +241,14 @@ def memory_horizon(env_cfg: Mapping[str, Any]) -> int | None:
     return None if horizon is None else int(horizon)
 
 
+def covering_slices(episode_length: int) -> tuple[int, int]:
+    """``(length, num_envs)``: PPO rollouts and replayed slices of ``length`` steps (the power of two >= 2
+    episodes, so a slice holds a whole episode wherever it starts) with ``num_envs`` envs (about 2,048 frames
+    per iteration, at least 4 envs): what long episodes need (the benchmark suites' ``long_episodes`` rule)."""
+    length = 1 << (2 * episode_length - 1).bit_length()
+    return length, max(4, 2048 // length)
+
+
 def horizon_warning(env_cfg: Mapping[str, Any], seq_len: int, rollout_len: int | None = None) -> str | None:
     """A warning when PPO's replayed slices are shorter than the env's memory horizon, else None.
 
@@ -259,13 +267,13 @@ def horizon_warning(env_cfg: Mapping[str, Any], seq_len: int, rollout_len: int |
              if value is not None and int(value) < horizon]
     if not short:
         return None
-    length = 1 << (2 * horizon - 1).bit_length()
+    length, num_envs = covering_slices(horizon)
     env_id, _ = split_env_config(env_cfg)
     return (f"{env_id} needs memory over {horizon} steps (its memory horizon: from what must be remembered to "
             f"where it is asked for), but {' and '.join(short)} is shorter: PPO replays slices of ppo.seq_len "
             f"steps, so no slice holds both ends and the agent cannot learn the task. Set ppo.seq_len and "
             f"ppo.rollout_len >= {horizon}, e.g. ppo.rollout_len={length} ppo.seq_len={length} "
-            f"ppo.num_envs={max(4, 2048 // length)} (what the benchmark suites use for long episodes).")
+            f"ppo.num_envs={num_envs} (what the benchmark suites use for long episodes).")
 
 
 def as_observation(obs, batch: bool = False):

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rlmem.conf import available
+from rlmem.env_factory import covering_slices
 
 log = logging.getLogger("benchmark")
 
@@ -109,8 +110,8 @@ def long_episode_overrides(agent: str, episode_length: int, default_rollout: int
     """
     if 2 * episode_length <= default_rollout:
         return []
-    length = 1 << (2 * episode_length - 1).bit_length()
-    overrides = [f"ppo.rollout_len={length}", f"ppo.seq_len={length}", f"ppo.num_envs={max(4, 2048 // length)}"]
+    length, num_envs = covering_slices(episode_length)
+    overrides = [f"ppo.rollout_len={length}", f"ppo.seq_len={length}", f"ppo.num_envs={num_envs}"]
     if agent == "transformer":
         overrides.append(f"agent.window={episode_length}")
     return overrides
