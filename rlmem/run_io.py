@@ -103,10 +103,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         detail = " ".join(str(err).split())
         found = re.search(r"GLOBAL ([\w.]+)", detail)  # torch names the first object it refused
         if found:
-            what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{path} is not an rlmem checkpoint: it carries objects rlmem does not write{what}; it was not loaded "
-                "and nothing in it ran (checkpoints load with weights_only=True; one written by an rlmem older than "
+                f"{path} is not an rlmem checkpoint: it carries objects rlmem does not write ({found.group(1)}); it was "
+                "not loaded and nothing in it ran (checkpoints load with weights_only=True; one written by an rlmem older than "
                 "that with numpy objects in it is refused too)") from None
         detail = detail.split("WeightsUnpickler error: ")[-1].split(" Check the documentation")[0]
         raise CheckpointError(f"{path} is not an rlmem checkpoint: torch cannot read it ({type(err).__name__}: "
