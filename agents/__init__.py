@@ -42,9 +42,8 @@ from rlmem.agents.triggers import (
 )
 from rlmem.compute import PathCost, measure_path_flops
 from rlmem.env_factory import env_spaces
-from rlmem.evaluate import CHECKPOINT_KEYS, resolve_checkpoint
+from rlmem.evaluate import read_checkpoint, resolve_checkpoint
 from rlmem.memory import build_memory
-from rlmem.run_io import load_checkpoint
 from rlmem.torchrl_wrapper import MemoryModule
 from rlmem.validate import check_int
 
@@ -235,10 +234,7 @@ def load_trained_agent(path: str | Path):
     Returns ``(agent in eval mode, checkpoint dict)``; raises naming what is wrong with the file.
     """
     path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(path)  # a CheckpointError (a ValueError) names what is wrong with the file
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint={path}: not a train_rl checkpoint (missing {missing})")
+    ckpt = read_checkpoint(path)  # weights-only; a ValueError names what is wrong with the file
     # the agent's sizes come from the env it was trained on, as in RecurrentPPO
     agent = build_agent(ckpt["agent_cfg"], ckpt["env_cfg"], ckpt.get("trigger_cfg"))
     try:
