@@ -213,30 +213,36 @@ def make_torchrl_env(env_cfg: Mapping[str, Any], num_envs: int, primer=None, ext
     return TransformedEnv(base, Compose(*transforms))
 
 
+def task_vector_env(env_cfg: Mapping[str, Any]) -> tuple[type[TaskVectorEnv], dict[str, Any]] | None:
+    """``(vector env class, kwargs)`` of an rlmem task env (its ``task_cls`` knows the task's optimal and
+    chance returns and memory horizon), None for any other env."""
+    env_id, kwargs = split_env_config(env_cfg)
+    if not env_id.startswith("rlmem/"):
+        return None
+    entry = gym.spec(env_id).vector_entry_point
+    vec_cls = None if entry is None else gym.envs.registration.load_env_creator(entry)
+    if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
+        return None
+    return vec_cls, kwargs
+
+
 def success_threshold(env_cfg: Mapping[str, Any]) -> float | None:
     """Return at or above which an episode counts as a success: an rlmem task's optimal return, else the
     Gymnasium spec's ``reward_threshold`` (e.g. 475 for CartPole-v1), else None."""
-    env_id, kwargs = split_env_config(env_cfg)
-    spec = gym.spec(env_id)
-    if env_id.startswith("rlmem/"):
-        vec_cls = gym.envs.registration.load_env_creator(spec.vector_entry_point)
-        if isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv):
-            return vec_cls.task_cls(num_envs=1, **kwargs).optimal_return() - 1e-6
-    return spec.reward_threshold
+    found = task_vector_env(env_cfg)
+    if found is not None:
+        vec_cls, kwargs = found
+        return vec_cls.task_cls(num_envs=1, **kwargs).optimal_return() - 1e-6
+    return gym.spec(split_env_config(env_cfg)[0]).reward_threshold
 
 
 def memory_horizon(env_cfg: Mapping[str, Any]) -> int | None:
     """The memory horizon of an rlmem env (``MemoryTask.memory_horizon``: steps from what must be remembered
     to where it is needed, both included), None for other envs or when the task does not know it."""
-    env_id, kwargs = split_env_config(env_cfg)
-    if not env_id.startswith("rlmem/"):
+    found = task_vector_env(env_cfg)
+    if found is None:
         return None
-    spec = gym.spec(env_id)
-    if spec.vector_entry_point is None:
-        return None
-    vec_cls = gym.envs.registration.load_env_creator(spec.vector_entry_point)
-    if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
-        return None
+    vec_cls, kwargs = found
     horizon = getattr(vec_cls.task_cls(num_envs=1, **kwargs), "memory_horizon", None)
     return None if horizon is None else int(horizon)
 

@@ -91,16 +91,13 @@ def score_bounds(script: str, env: str, knobs: str, score_name: str) -> tuple[fl
         return None
     import gymnasium as gym
 
-    from rlmem.env_factory import split_env_config
-    from rlmem.envs.core import TaskVectorEnv
+    from rlmem.env_factory import task_vector_env
 
     try:
-        env_id, kwargs = split_env_config(cfg)
-        if not env_id.startswith("rlmem/"):
+        found = task_vector_env(cfg)
+        if found is None:
             return None
-        vec_cls = gym.envs.registration.load_env_creator(gym.spec(env_id).vector_entry_point)
-        if not (isinstance(vec_cls, type) and issubclass(vec_cls, TaskVectorEnv)):
-            return None
+        vec_cls, kwargs = found
         task = vec_cls.task_cls(num_envs=1, **kwargs)
     except (ValueError, TypeError, gym.error.Error):  # a report never fails for want of a level: none is drawn
         return None
