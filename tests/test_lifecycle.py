@@ -5,6 +5,7 @@ resume, stop_at, progress.csv, the progress line and the Python API's console ou
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import signal
@@ -15,18 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, exploration_type
 
 from rlmem.agents import build_agent
 from rlmem.callbacks import Callback, StopAt
 from rlmem.interrupts import TrainingInterrupted
 from rlmem.lm_training import run as run_lm
-from rlmem.memory import MemorySystem
 from rlmem.ppo import PPOConfig, RecurrentPPO
 from rlmem.run import RunDirError, identity_diff
 from rlmem.run_io import load_checkpoint
-import itertools
+from test_ppo import ScaledMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 2}
@@ -46,25 +45,13 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # --- stops ----------------------------------------------------------------------------------------------
-class SlowMemory(MemorySystem):
-    """``h <- 0.5 h + x``, slow in sequence mode (the PPO replay); sends this process SIGTERM at its first
-    replay, i.e. in the middle of the first update."""
+class SlowMemory(ScaledMemory):
+    """test_ppo's ``h <- w h + x``, slow in sequence mode (the PPO replay); sends this process SIGTERM at its
+    first replay, i.e. in the middle of the first update."""
 
     replays = 0
     signal_at_replay = 1
     delay = 0.5
-
-    def __init__(self, d_in: int, hidden_size: int = 8):
-        super().__init__()
-        self.d_in = self.d_out = d_in
-        self.w = torch.nn.Parameter(torch.tensor(0.5))
-
-    def initial_state(self, batch_size, device=None):
-        return TensorDict({"h": torch.zeros(batch_size, self.d_in, device=device)}, batch_size=[batch_size])
-
-    def step(self, x, state):
-        h = self.w * state["h"] + x
-        return h, TensorDict({"h": h}, batch_size=state.batch_size)
 
     def forward(self, x, state, is_init):
         if x.shape[1] > 1:
@@ -76,19 +63,17 @@ class SlowMemory(MemorySystem):
 
 
 def test_sigterm_mid_update_checkpoints_within_seconds_and_the_run_resumes(tmp_path, caplog):
-    """16 slow replays per update (8 s); a SIGTERM at the first one stops at the next minibatch, discards the
-    partial update and checkpoints the state from before the rollout."""
+    """16 slow replays per update; a SIGTERM at the first one stops at the next minibatch, discards the partial
+    update and checkpoints the state from before the rollout."""
     SlowMemory.replays = 0
     agent = {"memory": "test_lifecycle:SlowMemory", "encoder_dim": 8}
     ppo = {"epochs": 4, "minibatches": 4, "seq_len": 4}
     t = trainer(tmp_path, agent=agent, ppo=ppo, total_frames=2 * FPB)
     initial = {k: v.clone() for k, v in t.agent.state_dict().items()}
-    start = time.perf_counter()
     with caplog.at_level("INFO"), pytest.raises(TrainingInterrupted) as stop:
         t.train()
-    elapsed = time.perf_counter() - start
-    assert stop.value.signum == signal.SIGTERM and elapsed < 10, elapsed
-    assert SlowMemory.replays <= 2  # not the 16 of a whole update
+    assert stop.value.signum == signal.SIGTERM
+    assert SlowMemory.replays <= 2  # stopped at the next minibatch, not after the 16 replays of a whole update
     assert any(r.getMessage().startswith("stopping: SIGTERM received") for r in caplog.records)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["frames"] == 0 and ckpt["iteration"] == 0  # the partial update was discarded
