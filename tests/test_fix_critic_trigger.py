@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrl.collectors import Collector
-from torchrl.envs import ExplorationType
 from torchrl.modules import set_recurrent_mode
 
 from rlmem.agents import build_agent
-from rlmem.env_factory import make_torchrl_env
 from rlmem.memory import available_memories, build_memory, memory_class
+from test_triggers import collect
 
 ENV = {"id": "rlmem/DelayedCue-v0", "delay": 3}
 
@@ -40,16 +38,6 @@ def test_the_gated_memories_are_all_here():
     assert {"stm", "cmrn", "darmt", "infinity", "miras"} <= set(GATED)
 
 
-def _collect(agent, num_envs=4, steps=12):
-    env = make_torchrl_env(ENV, num_envs, agent.memory_module.make_tensordict_primer())
-    env.set_seed(0)
-    collector = Collector(env, agent.policy, frames_per_batch=num_envs * steps, total_frames=-1,
-                          exploration_type=ExplorationType.RANDOM)
-    data = next(iter(collector)).reshape(num_envs, steps)
-    collector.shutdown()
-    return data
-
-
 def _replay(agent, data, trigger):
     replay = data.clone().exclude("features", "trigger_logits", "state_value")
     replay["trigger"] = trigger
@@ -69,7 +57,7 @@ def test_flipping_the_trigger_at_t_leaves_the_value_at_t_unchanged(name):
         for p in agent.memory.parameters():
             if p.dim() > 0 and p.abs().max() == 0:
                 p.normal_(0.0, 0.3)
-    data = _collect(agent)
+    data = collect(agent, ENV, num_envs=4, steps=12)
     trigger = data["trigger"].reshape(data.batch_size)
     value, params = _replay(agent, data, trigger)
     torch.testing.assert_close(value, data["state_value"], rtol=1e-5, atol=1e-5)  # acting == replay
