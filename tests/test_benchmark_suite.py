@@ -243,5 +243,9 @@ def test_throughput_has_a_row_for_every_memory_system_with_gru_first():
     memories = [args["memory"] for _, kind, args in rows]
     assert memories[0] == "gru" and sorted(memories) == sorted(available_memories())
     assert all(kind == "rlmem" and args["defaults"] and args["threads"] == 1 for _, kind, args in rows)
+    reference = throughput_rows(argparse.Namespace(**{**vars(ns), "memories": [
+        "cmrn", "cmrn@rlmem.memory.reference.cmrn:CMRNReference"]}), cores=2, auto_threads=2)
+    assert [(args["memory"], args.get("memory_class")) for _, _, args in reference] == [
+        ("gru", None), ("cmrn", None), ("cmrn", "rlmem.memory.reference.cmrn:CMRNReference")]
     with pytest.raises(SystemExit, match="'grux' is not a memory system; valid: all, adapter"):
         throughput_rows(argparse.Namespace(**{**vars(ns), "memories": ["grux"]}), cores=2, auto_threads=2)

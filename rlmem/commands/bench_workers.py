@@ -36,6 +36,8 @@ def worker_rlmem(a: dict) -> dict:
         agent_cfg = group_config("agent", a["memory"])
     else:  # a memory system without an agent config (miras): its class defaults
         agent_cfg = {"memory": a["memory"], "encoder_dim": 64}
+    if a.get("memory_class"):  # the same agent config with another class (module:Class) as its memory
+        agent_cfg = {**agent_cfg, "memory": a["memory_class"]}
     agent = build_agent(agent_cfg, env_cfg, seed=0)
     trainer = RecurrentPPO(agent, env_cfg, ppo, Path(a["tmp"]), total_frames=a["frames"], progress_bar=False,
                            collector=a.get("collector"))

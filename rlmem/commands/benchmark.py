@@ -51,13 +51,19 @@ def throughput_rows(ns: argparse.Namespace, cores: int, auto_threads: int) -> li
         from rlmem.memory import available_memories
 
         memories = available_memories() if ns.memories == ["all"] else list(ns.memories)
-        unknown = [m for m in memories if m not in available_memories()]
+        # NAME@package.module:Class: NAME's agent config with that class as its memory (e.g. the readable
+        # reference of an optimized system, rlmem.memory.reference.cmrn:CMRNReference: before vs after)
+        unknown = [m for m in memories if m.split("@")[0] not in available_memories()]
         if unknown:
             raise SystemExit(f"rlmem-benchmark throughput: --memories {unknown[0]!r} is not a memory system; "
-                             f"valid: all, {', '.join(available_memories())}")
+                             f"valid: all, {', '.join(available_memories())} (or NAME@package.module:Class)")
         memories = ["gru"] + [m for m in memories if m != "gru"]
-        return [(f"rlmem RecurrentPPO ({m}, threads={ns.threads})", "rlmem", {**base, "memory": m, "defaults": True})
-                for m in memories]
+        rows = []
+        for m in memories:
+            name, _, cls = m.partition("@")
+            args = {**base, "memory": name, "defaults": True, **({"memory_class": cls} if cls else {})}
+            rows.append((f"rlmem RecurrentPPO ({m}, threads={ns.threads})", "rlmem", args))
+        return rows
     rows = []
     for memory, label in (("gru", "gru"), ("infinity", "infinity")):
         rows.append((f"rlmem RecurrentPPO ({label}, threads={ns.threads})", "rlmem", {**base, "memory": memory}))
@@ -227,7 +233,8 @@ def measurement_parser() -> argparse.ArgumentParser:
     t.add_argument("--repeats", type=int, default=1, help="run every row this many times, interleaved; medians")
     t.add_argument("--memories", nargs="+", default=None, metavar="NAME",
                    help="instead of the gru/infinity/sb3 rows: one row per memory system ('all': every registered "
-                        "one) at its agent config's defaults, each with its ratio to gru")
+                        "one) at its agent config's defaults, each with its ratio to gru; NAME@module:Class runs "
+                        "NAME's agent config with that memory class (e.g. a reference implementation)")
     t.set_defaults(func=throughput)
     s = sub.add_parser("learning", help="eval success on DelayedCue per agent and delay")
     s.add_argument("--agents", nargs="+", default=["gru"])
