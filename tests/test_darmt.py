@@ -156,6 +156,25 @@ def test_fusion_with_the_gate_forced_shut_or_open_against_a_hand_computation(gat
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_fusion_cross_attention_equals_torch_multihead_attention():
+    """The written-out cross-attention computes what ``nn.MultiheadAttention`` computes on the same weights
+    (random projections and biases), gradients included."""
+    torch.manual_seed(1)
+    fusion = MemoryFusionLayer(12, 3).double()
+    with torch.no_grad():
+        for p in fusion.attn.parameters():
+            p.normal_()
+    q = torch.randn(2, 4, 12, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    ours = fusion.cross_attention(q, kv)
+    theirs = fusion.attn(q, kv, kv, need_weights=False)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, kv, fusion.attn.in_proj_weight))
+    g_theirs = torch.autograd.grad(theirs.square().sum(), (q, kv, fusion.attn.in_proj_weight))
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_fusion_gate_blends_per_token():
     """A trained-like gate between 0 and 1: the output lies between the two forced cases per token."""
     torch.manual_seed(1)

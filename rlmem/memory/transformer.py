@@ -75,13 +75,14 @@ class WindowLayer(nn.Module):
             self.gate_attn, self.gate_ff = GRUGate(d_model, gate_bias), GRUGate(d_model, gate_bias)
 
     def forward(self, h, context, allowed, dist):
-        """``h: [B, T, d]``, ``context: [B, W+T, d]`` (= [cache; h]), ``allowed: [B, T, W+T]`` bool,
-        ``dist: [T, W+T]`` relative distance clamped to 0..W -> ``[B, T, d]``."""
+        """``h: [B, T, d]``, ``context: [B, W+T, d]`` (= [cache; h]), ``allowed: [B, T, W+T]`` bool or None
+        (every key visible), ``dist: [T, W+T]`` relative distance clamped to 0..W -> ``[B, T, d]``."""
         B, T, _ = h.shape
         q = self.q(self.norm_q(h)).view(B, T, self.n_heads, self.d_head).transpose(1, 2)
         k, v = self.kv(self.norm_kv(context)).view(B, -1, 2, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)
         bias = self.rel_bias[:, dist]  # [H, T, W+T]
-        mask = torch.where(allowed.unsqueeze(1), bias, float("-inf"))  # the current step is always allowed
+        # the current step is always allowed
+        mask = bias if allowed is None else torch.where(allowed.unsqueeze(1), bias, float("-inf"))
         a = self.o(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, T, -1))
         if not self.gated:
             h = h + a
