@@ -43,39 +43,73 @@ def supports_fused(model: nn.Module) -> bool:
 
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``LlamaRMSNorm`` exactly as transformers computes it (in float32, weight applied in the input dtype)."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:  # the same numbers in one fused kernel
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     return norm.weight * h.to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), -1)
+def _rotate_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """HF's ``rotate_half`` applied to the outputs of a projection: ``w: [heads * head_dim, ...]`` (a weight or a
+    bias), each head's half ``(x1, x2)`` of the output rows -> ``(-x2, x1)``."""
+    shape = w.shape
+    w = w.reshape(-1, head_dim, *shape[1:])
+    half = head_dim // 2
+    return torch.cat([-w[:, half:], w[:, :half]], 1).reshape(shape)
+
+
+def _rotated(w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The projection ``w: [heads * head_dim, in]`` (or a bias ``[heads * head_dim, 1]``) followed by the rotary
+    embedding of each position: ``cos, sin: [S, head_dim]`` -> ``[S, heads * head_dim, in]`` (``R_p w``)."""
+    heads = w.shape[0] // head_dim
+    cos, sin = cos.repeat(1, heads).unsqueeze(-1), sin.repeat(1, heads).unsqueeze(-1)  # [S, heads * hd, 1]
+    return cos * w + sin * _rotate_rows(w, head_dim)
 
 
 class _RotaryCache:
-    """``(cos, sin)`` of positions ``0 .. S-1``, ``[1, 1, S, head_dim]``, from the model's own ``rotary_emb``."""
+    """What the fused read derives from the frozen weights, recomputed only when they change.
+
+    ``get``: ``(cos, sin)`` of positions ``0 .. S-1``, ``[1, 1, S, head_dim]``, from the model's own
+    ``rotary_emb``; ``weights``: a layer's projections with each position's rotary folded in (see
+    :func:`_layer_weights`). Keyed on the length, dtype, device and every source tensor's storage and version
+    (``.to()``, ``load_state_dict`` and in-place edits all invalidate); weights that require a gradient are
+    never cached. Not part of ``state_dict``, dropped by copies and pickling.
+    """
 
     def __init__(self):
         self.key = None
         self.value = None
+        self.layers: dict = {}
 
     def get(self, model: nn.Module, S: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv = getattr(model.rotary_emb, "inv_freq", None)
         key = (S, like.dtype, like.device, None if inv is None else (inv.data_ptr(), inv._version, inv.dtype))
         if key != self.key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():  # usable by a later pass with autograd
                 pos = torch.arange(S, device=like.device).unsqueeze(0)
                 cos, sin = model.rotary_emb(like.detach()[:1, :S], position_ids=pos)
             self.key, self.value = key, (cos.unsqueeze(1), sin.unsqueeze(1))
         return self.value
 
+    def weights(self, index: int, layer: nn.Module, last: bool, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+        sources = [t for t in layer.parameters(recurse=True)] + [t for t in layer.buffers(recurse=True)]
+        if any(t.requires_grad for t in sources):
+            return _layer_weights(layer, last, cos, sin)
+        key = (self.key, last, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
+        hit = self.layers.get(index)
+        if hit is None or hit[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                hit = (key, _layer_weights(layer, last, cos, sin))
+            self.layers[index] = hit
+        return hit[1]
+
     def __deepcopy__(self, memo):
         return _RotaryCache()
 
     def __getstate__(self):
-        return {"key": None, "value": None}
+        return {"key": None, "value": None, "layers": {}}
 
 
 def _cat_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,6 +119,32 @@ def _cat_weights(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def _layer_weights(layer: nn.Module, last: bool, cos: torch.Tensor, sin: torch.Tensor) -> tuple:
+    """A decoder layer's merged projections, ``cos, sin: [S, head_dim]``: ``(in_weight [S, hidden, out],
+    in_bias [S, 1, out] or None, q_weight, q_bias, gate_up_weight, gate_up_bias)``; ``in_*`` are q/k/v (k/v for
+    the last layer, whose query ``q_*`` is the last position's only) with each position's rotary folded into
+    q and k."""
+    attn, mlp = layer.self_attn, layer.mlp
+    hd, S = attn.head_dim, cos.shape[0]
+    rotated = [attn.k_proj] if last else [attn.q_proj, attn.k_proj]
+    w, b = _cat_weights(rotated)
+    weights = [_rotated(w, cos, sin, hd), attn.v_proj.weight.expand(S, -1, -1)]
+    weight = torch.cat(weights, 1).transpose(1, 2)  # [S, hidden, out]
+    bias = None
+    if b is not None or attn.v_proj.bias is not None:  # (a missing bias is zero)
+        b = torch.zeros_like(w[:, 0]) if b is None else b
+        vb = torch.zeros_like(attn.v_proj.weight[:, 0]) if attn.v_proj.bias is None else attn.v_proj.bias
+        bias = torch.cat([_rotated(b.unsqueeze(-1), cos, sin, hd).squeeze(-1), vb.expand(S, -1)], 1)
+        bias = bias.unsqueeze(1)  # [S, 1, out]
+    q_weight = q_bias = None
+    if last:
+        q_weight = _rotated(attn.q_proj.weight, cos[-1:], sin[-1:], hd)[0]
+        if attn.q_proj.bias is not None:
+            q_bias = _rotated(attn.q_proj.bias.unsqueeze(-1), cos[-1:], sin[-1:], hd)[0, :, 0]
+    gate_up_weight, gate_up_bias = _cat_weights((mlp.gate_proj, mlp.up_proj))
+    return weight, bias, q_weight, q_bias, gate_up_weight, gate_up_bias
+
+
 def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCache) -> torch.Tensor:
     """``model(inputs_embeds=embeds).last_hidden_state[:, -1]`` of a LLaMA model (:func:`supports_fused`):
     ``embeds: [N, S, hidden]`` -> ``[N, hidden]``."""
@@ -92,6 +152,7 @@ def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCac
     layers = model.layers[: config.num_hidden_layers]
     N, S, _ = embeds.shape
     cos, sin = rotary.get(model, S, embeds)
+    cos, sin = cos[0, 0], sin[0, 0]  # [S, head_dim]
     h = embeds
     last = len(layers) - 1
     for i, layer in enumerate(layers):
@@ -99,19 +160,14 @@ def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCac
         hd = attn.head_dim
         n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
         x = _rms_norm(layer.input_layernorm, h)
+        weight, bias, q_weight, q_bias, gate_up_weight, gate_up_bias = rotary.weights(i, layer, i == last, cos, sin)
+        # every position's projection in one batched matmul (position-major), rotary included
+        proj = torch.bmm(x.transpose(0, 1), weight) if bias is None else torch.baddbmm(bias, x.transpose(0, 1), weight)
         if i < last:
-            w, b = _cat_weights((attn.q_proj, attn.k_proj, attn.v_proj))
-            qkv = F.linear(x, w, b).view(N, S, n_q + 2 * n_kv, hd).transpose(1, 2)  # [N, heads, S, hd]
-            qk, v = qkv.split((n_q + n_kv, n_kv), 1)
-            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together
-            q, k = qk.split((n_q, n_kv), 1)
+            q, k, v = proj.view(S, N, n_q + 2 * n_kv, hd).permute(1, 2, 0, 3).split((n_q, n_kv, n_kv), 1)
         else:  # the last layer: keys and values everywhere, the query at the last position only
-            w, b = _cat_weights((attn.k_proj, attn.v_proj))
-            kv = F.linear(x, w, b).view(N, S, 2 * n_kv, hd).transpose(1, 2)
-            k, v = kv.split((n_kv, n_kv), 1)
-            q = attn.q_proj(x[:, -1:]).view(N, 1, n_q, hd).transpose(1, 2)
-            q = q * cos[:, :, -1:] + _rotate_half(q) * sin[:, :, -1:]
-            k = k * cos + _rotate_half(k) * sin
+            k, v = proj.view(S, N, 2 * n_kv, hd).permute(1, 2, 0, 3).split((n_kv, n_kv), 1)
+            q = F.linear(x[:, -1:], q_weight, q_bias).view(N, 1, n_q, hd).transpose(1, 2)
             h = h[:, -1:]
         if n_kv != n_q:
             k = k.repeat_interleave(n_q // n_kv, 1)
@@ -120,7 +176,6 @@ def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCac
         h = h + attn.o_proj(a.transpose(1, 2).reshape(N, h.shape[1], n_q * hd))
         mlp = layer.mlp
         x = _rms_norm(layer.post_attention_layernorm, h)
-        w, b = _cat_weights((mlp.gate_proj, mlp.up_proj))
-        gate, up = F.linear(x, w, b).chunk(2, -1)
+        gate, up = F.linear(x, gate_up_weight, gate_up_bias).chunk(2, -1)
         h = h + mlp.down_proj(mlp.act_fn(gate) * up)
     return _rms_norm(model.norm, h[:, -1])
