@@ -263,6 +263,28 @@ def test_sequence_mode_calls_the_coprocessor_once_per_round():
         assert sizes == [1] * 8
 
 
+def test_sequence_mode_skips_the_coprocessor_where_no_later_segment_reads_its_tokens():
+    """New tokens are read only by a later closing segment of the same chain or as the next state. Chains
+    (segment_len 3, 12 steps): row 0 episodes [0, 6) and [6, 12) (two closing segments each), row 1 one
+    episode (four), row 2 episodes [0, 3) (one) and [3, 12) (three). Round 0 skips row 2's first episode (no
+    later segment, not the last episode), round 1 row 0's first: calls on 4, 3, 2, 1 chains instead of
+    5, 4, 2, 1. Outputs and state still equal step mode's."""
+    memory = darmt().eval()
+    sizes = []
+    count_calls(memory.coprocessor, sizes)
+    x = torch.randn(3, 12, D_IN, dtype=torch.float64)
+    is_init = torch.zeros(3, 12, dtype=torch.bool)
+    is_init[:, 0] = True
+    is_init[0, 6] = is_init[2, 3] = True
+    with torch.no_grad():
+        y_seq, s_seq = memory(x, memory.initial_state(3), is_init)
+        assert sizes == [4, 3, 2, 1]
+        y_step, s_step = run_steps(memory, x, memory.initial_state(3), is_init)
+    torch.testing.assert_close(y_step, y_seq, rtol=1e-10, atol=1e-10)
+    for key in ("A", "z", "cache", "pos", "mem"):
+        torch.testing.assert_close(s_step[key], s_seq[key], rtol=1e-10, atol=1e-10)
+
+
 # -- step == sequence -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [{}, {"use_learned_fusion": False}, {"segment_len": 1}, {"residual": "plain"},

@@ -367,8 +367,16 @@ class ARMT(MemorySystem):
         closes = depth.index_put((k, slot), (pf == S - 1).long(), accumulate=True) > 0  # [R, C]: segment complete
         tokens = state.get("mem", None)  # recurrent memory tokens (a subclass's); None: the learned constants
         hooked = closes  # [R, C]: where _next_tokens runs
-        if tokens is not None and gate is not None:
-            hooked = depth.index_put((k, slot), ((pf == S - 1) & gate.flatten()).long(), accumulate=True) > 0
+        last = (T - 1) + T * torch.arange(B, device=dev)  # [B] each row's last step
+        if tokens is not None:
+            if gate is not None:
+                hooked = depth.index_put((k, slot), ((pf == S - 1) & gate.flatten()).long(), accumulate=True) > 0
+            # new tokens are read only by a later segment of the chain that writes them (one that closes) or
+            # as the next state (each row's last chain): skip the rest, whose tokens nothing would read
+            closes_later = torch.zeros_like(closes)
+            closes_later[:-1] = closes.long().flip(0).cummax(0).values.flip(0)[1:] > 0
+            in_state = torch.zeros(C, dtype=torch.bool, device=dev).index_fill(0, slot[last], True)
+            hooked = hooked & (closes_later | in_state)
         # a round in which no segment completes writes nothing: it runs without memory tokens, on its used slots
         used = torch.zeros(R, dtype=torch.long, device=dev).scatter_reduce(0, k, pf + 1, "amax")
         active_n, closed_n, used_n, hooked_n = torch.stack([active, closes.sum(1), used, hooked.sum(1)]).tolist()
@@ -437,7 +445,6 @@ class ARMT(MemorySystem):
         offset = torch.cumsum(active, 0) - active
         y = torch.cat(outs)[offset[k] + slot, pf].view(B, T, d)
         # next state: each row's last chain's memory, and its last segment's layer inputs right-aligned
-        last = (T - 1) + T * torch.arange(B, device=dev)
         A_end = [torch.cat([A[i], *reversed(finished[i][0])])[slot[last]] for i in range(L)]
         z_end = [torch.cat([z[i], *reversed(finished[i][1])])[slot[last]] for i in range(L)]
         next_pos = (p[:, -1] + 1) % S

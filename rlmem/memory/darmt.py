@@ -25,7 +25,10 @@ The coprocessor is the expensive path that triggers gate: ``forward(x, state, is
 takes an optional ``trigger: [B, T]`` bool; a row whose segment closes at step t runs the coprocessor iff
 ``trigger[b, t]`` (None: always). Otherwise its tokens are kept as they are (no fusion; in the naive variant
 the previous latents stay). The coprocessor runs once per closing step (step mode) or closing round
-(sequence mode) on the chosen rows only, and not at all when no row chooses it. Step mode equals sequence
+(sequence mode) on the chosen rows only, and not at all when no row chooses it; sequence mode also skips
+the chains whose new tokens nothing reads (an episode that ends before another segment of it closes,
+unless it is its row's last: its tokens are the next state), which is most chains in PPO's replay of short
+episodes. Step mode equals sequence
 mode, which stays round-parallel (ARMT's rounds; the coprocessor runs inside the round).
 
 ``freeze_armt=True`` sets ``requires_grad=False`` on ARMT's own parameters (embedding, memory tokens, in
