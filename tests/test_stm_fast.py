@@ -224,3 +224,23 @@ def test_check_memory_passes():
     torch.manual_seed(0)
     check_memory(STM(D_IN, **STM.test_kwargs), verbose=False)
     check_memory(STM(D_IN, **{**STM.test_kwargs, "persist_refinement": True}), verbose=False)
+
+
+def test_cached_generator_weights_follow_in_place_edits_and_inference_mode():
+    """The fused read caches the generator's merged projections (rotary folded in): an in-place edit of a
+    frozen weight invalidates them, and weights cached under inference_mode still serve a pass with autograd."""
+    fast, ref = pair(seed=5)
+    x, is_init, refine, state = data(fast, seed=11)
+    with torch.inference_mode():  # fills the caches
+        fast(x, state, is_init, trigger=refine)
+    for module in (fast, ref):
+        with torch.no_grad():
+            module.generator.layers[0].self_attn.q_proj.weight.mul_(1.5)
+            module.generator.layers[-1].self_attn.k_proj.weight.add_(0.1)
+            module.generator.layers[-1].mlp.up_proj.weight.mul_(-1.0)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_f = run_sequence(fast, xf, is_init, refine, state)
+    out_r = run_sequence(ref, xr, is_init, refine, state)
+    for a, b in zip(out_f, out_r):
+        torch.testing.assert_close(a, b, **TOL)
+    assert_grads_equal(fast, ref, loss_of(*out_f), loss_of(*out_r), [xf], [xr])
