@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rlmem.adapters.read import bank_attention, read_folded
 from rlmem.causal_lm import decoder_layers
 
 
@@ -70,6 +71,7 @@ class Stack:
         self.layers = decoder_layers(model)
         self.adapter = lm.adapter
         self.sites = {} if self.adapter is None else {i: s for s, i in enumerate(self.adapter.layer_indices)}
+        self.folded = {}  # site -> its read's bank side (read.bank_attention), computed once per forward
         config = model.config
         self.n_heads = int(config.num_attention_heads)
         if self.kind == "llama":
@@ -86,18 +88,32 @@ class Stack:
 
     # -- pieces -----------------------------------------------------------------------------------------
 
-    def qkv(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer ``i``'s normed input and q/k/v (no rotary): ``x: [..., D] -> ([..., H, dh], [..., Hkv, dh] x 2)``."""
+    def qkv(self, i: int, x: torch.Tensor, last_q: bool = False, k_cs=None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         torch.Tensor]:
+        """Layer ``i``'s q/k/v (no rotary): ``x: [..., W, D] -> ([..., W, H, dh], [..., W, Hkv, dh] x 2)``;
+        ``last_q``: LLaMA's q at the last position only (``[..., 1, H, dh]``; GPT-2 fuses q/k/v: all);
+        ``k_cs``: the keys come rotated to positions ``0 .. W-1`` (:meth:`rope`), the rotation folded into
+        the projection's weight when ``k_proj`` is a plain linear layer (one matmul per slot position
+        instead of a projection and a rotation)."""
         layer, dh = self.layers[i], self.head_dim
         if self.kind == "llama":
             attn = layer.self_attn
             xn = layer.input_layernorm(x)
-            q, k, v = _lin(attn.q_proj, xn), _lin(attn.k_proj, xn), _lin(attn.v_proj, xn)
+            q = _lin(attn.q_proj, xn[..., -1:, :] if last_q else xn)
+            if k_cs is not None and type(attn.k_proj) is torch.nn.Linear:
+                rot = self.rotation(k_cs, self.n_kv, x.dtype)  # [W, E, E]
+                k = torch.einsum("...pd,pde->...pe", xn, attn.k_proj.weight.t() @ rot)
+                if attn.k_proj.bias is not None:
+                    k = k + attn.k_proj.bias @ rot
+                k = k.unflatten(-1, (-1, dh))
+            else:
+                k = self.rotate(_lin(attn.k_proj, xn).unflatten(-1, (-1, dh)), k_cs)
+            v = _lin(attn.v_proj, xn)
+            return q.unflatten(-1, (-1, dh)), k, v.unflatten(-1, (-1, dh))
         else:
             xn = layer.ln_1(x)
             q, k, v = _lin(layer.attn.c_attn, xn).split(self.n_heads * dh, dim=-1)
-        shape = x.shape[:-1]
-        return q.view(*shape, -1, dh), k.view(*shape, -1, dh), v.view(*shape, -1, dh)
+        return q.unflatten(-1, (-1, dh)), k.unflatten(-1, (-1, dh)), v.unflatten(-1, (-1, dh))
 
     def rope(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """cos, sin of positions ``0 .. n-1``: ``[n, 1, dh]`` each (None without rotary)."""
@@ -109,11 +125,31 @@ class Stack:
 
     @staticmethod
     def rotate(x: torch.Tensor, cs: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """LLaMA's rotary ``x * cos + rotate_half(x) * sin`` at the positions of ``cs`` (``[P, 1, dh]`` each):
+        ``x: [..., P, heads, dh]`` (P = 1: the same position everywhere).
+
+        Written as one matmul per position with the rotation matrix of that position (``x @ R_p``, R_p
+        holding the same cos/sin entries, per head block): on CPU one batched matmul is cheaper than the
+        five elementwise passes (and their backward) over a window-sized tensor; the same numbers up to
+        rounding of the sums (the other terms are exact zeros)."""
         if cs is None:
             return x
-        cos, sin = cs
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+        heads, dh = x.shape[-2], x.shape[-1]
+        return torch.einsum("...pe,ped->...pd", x.flatten(-2), Stack.rotation(cs, heads, x.dtype)).unflatten(-1, (heads, dh))
+
+    @staticmethod
+    def rotation(cs: tuple[torch.Tensor, torch.Tensor], heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """The matrices of :meth:`rotate`: ``[P, heads * dh, heads * dh]`` (block diagonal, ``x @ R_p``)."""
+        cos, sin = cs[0][:, 0], cs[1][:, 0]  # [P, dh]
+        P, dh = cos.shape
+        half = dh // 2
+        sign = torch.ones(dh, dtype=sin.dtype, device=sin.device)
+        sign[:half] = -1
+        # R[p, e, d]: out[d] = x[d] cos[d] + x[(d + half) % dh] sin[d] sign[d]
+        eye = torch.eye(dh, dtype=cos.dtype, device=cos.device)
+        rot = torch.diag_embed(cos) + eye.roll(half, 0) * (sin * sign).unsqueeze(1)  # [P, dh, dh]
+        blocks = torch.einsum("hg,ped->phegd", torch.eye(heads, dtype=cos.dtype, device=cos.device), rot)
+        return blocks.reshape(P, heads * dh, heads * dh).to(dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """``q: [N, Tq, H, dh]``, ``k, v: [N, Tk, Hkv, dh]`` -> ``[N, Tq, H * dh]`` (scaled dot product)."""
@@ -136,19 +172,30 @@ class Stack:
         if self.kind == "llama":
             a = _lin(layer.self_attn.o_proj, attn_out)
             if variant_a:
-                a = a + self.adapter.read(site, h + a)
+                a = a + self.read(site, h + a)
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         else:
             a = layer.attn.resid_dropout(_lin(layer.attn.c_proj, attn_out))
             if variant_a:
-                a = a + self.adapter.read(site, h + a)
+                a = a + self.read(site, h + a)
             h = h + a
             h = h + layer.mlp(layer.ln_2(h))
         if site is not None and self.adapter.cfg.variant == "B":
-            h = h + self.adapter.read(site, h)
+            h = h + self.read(site, h)
             h = self.adapter.mlps[site](h)
         return h
+
+    def read(self, site: int, h: torch.Tensor) -> torch.Tensor:
+        """The adapter's read at ``site``; a read without a router with its bank side folded once per
+        forward (:func:`rlmem.adapters.read.bank_attention`)."""
+        read = self.adapter.reads[site]
+        if read.router is not None:
+            return self.adapter.read(site, h)
+        if site not in self.folded:
+            bank = self.adapter.banks[self.adapter.bank_index[site]].tokens().to(h.dtype)
+            self.folded[site] = bank_attention(read, bank)
+        return read_folded(read, h, self.folded[site])
 
     def last_only(self) -> bool:
         """Whether the last layer may be computed at the last position only: its read (if any) has no
@@ -166,9 +213,13 @@ class Stack:
 
     def last_layer(self, i: int, h: torch.Tensor, cs, qkv=None) -> torch.Tensor:
         """Layer ``i`` at the last position of ``h: [N, W, D]`` only -> ``[N, 1, D]``."""
-        q, k, v = self.qkv(i, h) if qkv is None else qkv
+        if qkv is None:
+            q, k, v = self.qkv(i, h, last_q=True, k_cs=cs)  # keys rotated
+        else:
+            q, k, v = qkv
+            k = self.rotate(k, cs)
         last = None if cs is None else (cs[0][-1:], cs[1][-1:])
-        out = self.attend(self.rotate(q[:, -1:], last), self.rotate(k, cs), v, causal=False)
+        out = self.attend(self.rotate(q[:, -1:], last), k, v, causal=False)
         return self.finish(i, h[:, -1:], out)
 
 
@@ -187,12 +238,17 @@ def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) 
         lm.adapter.begin(None)
     try:
         cs = st.rope(W, emb)
-        mask = live.unsqueeze(-1)
+        L = W - 1 + T
+        # row of [B * L tokens; padding] that slot s of step t's window holds: token t + s of its row, or the padding
+        rows = (torch.arange(B, device=emb.device) * L).view(B, 1, 1) + torch.arange(T, device=emb.device).view(T, 1) \
+            + torch.arange(W, device=emb.device)
+        rows = torch.where(live, rows, B * L).flatten()
 
         def gather(per_token: torch.Tensor, per_pad: torch.Tensor) -> torch.Tensor:
-            """``[B, W - 1 + T, F]``, ``[F]`` -> windows ``[B * T, W, F]``."""
-            win = per_token.unfold(1, W, 1).transpose(-1, -2)  # [B, T, W, F]
-            return torch.where(mask, win, per_pad).reshape(B * T, W, -1)
+            """``[B, W - 1 + T, F]``, ``[F]`` -> windows ``[B * T, W, F]`` (one index_select: a copy per slot,
+            and a scatter-add back in backward)."""
+            table = torch.cat([per_token.reshape(B * L, -1), per_pad.view(1, -1)])
+            return table.index_select(0, rows).view(B * T, W, -1)
 
         qkv = None
         if st.kind == "llama":  # layer 0's norm and q/k/v once per token (and once for the padding)

@@ -105,6 +105,32 @@ class MemoryRead(nn.Module):
                                                       "mask": None if logits.shape[1] == 1 else mask}
 
 
+def bank_attention(read: MemoryRead, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router-less read's bank side folded into two matrices, for reading many positions at once
+    (:func:`read_folded`): ``(qk: [hidden, H * N], vo: [H * N, hidden])``, with
+    ``qk[:, h, n] = W_q[h]^T k_n[h] / sqrt(d_head)`` and ``vo[h, n] = W_o[:, h] v_n[h]``.
+
+    The same numbers as :meth:`MemoryRead.forward` (reassociated products): per position two matmuls of
+    the hidden width instead of ``W_q``, a per-head batched matmul each way and ``W_o``."""
+    H, dh = read.num_heads, read.head_dim
+    k = read.w_k(bank).view(-1, H, dh)  # [N, H, dh]
+    v = read.w_v(bank).view(-1, H, dh)
+    w_q = read.w_q.weight.view(H, dh, -1)  # [H, dh, hidden]
+    w_o = read.w_o.weight.view(-1, H, dh)  # [hidden, H, dh]
+    qk = torch.einsum("hed,nhe->dhn", w_q, k * dh**-0.5).flatten(1)
+    vo = torch.einsum("nhe,dhe->hnd", v, w_o).flatten(0, 1)
+    return qk, vo
+
+
+def read_folded(read: MemoryRead, h: torch.Tensor, folded: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """:meth:`MemoryRead.forward` of a router-less read with its bank side folded by :func:`bank_attention`:
+    ``h: [..., hidden] -> [..., hidden]``."""
+    qk, vo = folded
+    logits = read.norm(h) @ qk  # [..., H * N]
+    attn = logits.unflatten(-1, (read.num_heads, -1)).softmax(-1)
+    return attn.flatten(-2) @ vo
+
+
 def router_losses(info: dict[str, torch.Tensor], num_chapters: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(load_balance, z_loss)`` of one read's routing decisions (``info`` from :meth:`MemoryRead.forward`)."""
     logits, probs, idx, mask = info["logits"], info["probs"], info["idx"], info["mask"]
