@@ -409,9 +409,11 @@ def plot_learning_curves(runs: Sequence[SuiteRun], suite_dir: Path, group: str, 
     return True
 
 
-def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, threshold: float) -> bool:
+def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, threshold: float,
+                 solved: dict[str, float | None] | None = None) -> bool:
     """Score vs the swept knob (log scale), a line per agent, legend with the largest value solved ("not
-    solved" when none), the env's chance and optimal levels; a success plot spans exactly ``[chance, optimal]``."""
+    solved" when none), the env's chance and optimal levels; a success plot spans exactly ``[chance, optimal]``.
+    ``solved``: per agent, the largest value solved by another rule than the mean's (e.g. in every seed)."""
     found = horizon(rows, group)
     if found is None or not any(found[1].values()):
         return False
@@ -429,8 +431,8 @@ def plot_horizon(rows: Sequence[dict[str, Any]], group: str, path: Path, thresho
         xs = sorted(curve)
         means = np.array([curve[x][0] for x in xs])
         stds = np.array([curve[x][1] for x in xs])
-        solved = largest_solved(curve, threshold)
-        label = f"{agent} (not solved)" if solved is None else f"{agent} (solved up to {solved:g})"
+        best = solved[agent] if solved is not None and agent in solved else largest_solved(curve, threshold)
+        label = f"{agent} (not solved)" if best is None else f"{agent} (solved up to {best:g})"
         (line,) = ax.plot(xs, means, label=label, **_style(i))
         if many:
             ax.fill_between(xs, means - stds, means + stds, alpha=0.15, color=line.get_color())

@@ -166,12 +166,57 @@ def run_suite(cfg) -> None:
     shown = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "publish=", "run="))]
     rows = write_report(suite["name"], runs, failed, suite_dir, time.perf_counter() - start if cfg.run else None,
                         jobs, float(cfg.success_threshold), " ".join(["rlmem-benchmark", *shown]))
+    if suite.get("leaderboard"):  # the suite asks for a leaderboard: its section goes first in results.md
+        from rlmem.leaderboard import report
+
+        section, _ = report(suite, rows, suite_dir, float(cfg.success_threshold), memory_mflops)
+        insert_section(suite_dir / "results.md", section)
     log.info("results: %s, %s", suite_dir / "results.csv", suite_dir / "results.md")
     if cfg.publish:
         publish(suite["name"], suite_dir)
         log.info("published docs/results/%s.md, its PNGs and docs/results.md", suite["name"])
     if cfg.run and (failed or any(r["status"] != "finished" for r in rows)):
         raise SystemExit(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.group}/{r.name}" for r in failed))
+
+
+def memory_mflops(agent: str) -> float | None:
+    """MFLOPs per acting step of agent config ``agent``'s memory at its defaults (batch 1, gated path on,
+    :func:`rlmem.compute.measure_path_flops`'s count); None for a name without an agent config (the reference)
+    or a memory of which FlopCounterMode counts nothing."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlmem.commands.overrides import group_config
+    from rlmem.compute import measure_path_flops
+    from rlmem.conf import available
+    from rlmem.memory import build_memory
+
+    if agent not in available("agent"):
+        return None
+    cfg = group_config("agent", agent)
+    cfg.pop("name", None)
+    memory, d_in = cfg.pop("memory"), int(cfg.pop("encoder_dim", 64))
+    torch.manual_seed(0)
+    built = build_memory(memory, d_in=d_in, **cfg)
+    if getattr(built, "trigger_path", None) is not None:
+        cost = measure_path_flops(built)
+        return (cost.base + cost.path) / 1e6
+    steps = 8  # as measure_path_flops: acting steps (T = 1, one row) from the initial state, per step
+    xs = torch.randn(steps, 1, 1, d_in, generator=torch.Generator().manual_seed(0))
+    built.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        state = built.initial_state(1)
+        for t in range(steps):
+            _, state = built(xs[t], state, torch.tensor([[t == 0]]))
+    flops = counter.get_total_flops() / steps
+    return flops / 1e6 if flops else None  # nothing counted (torch's fused LSTM is no op it knows): unknown, not 0
+
+
+def insert_section(path: Path, section: str) -> None:
+    """Put ``section`` into the markdown file ``path`` after its header (before its first ``## `` heading)."""
+    text = path.read_text()
+    head, sep, rest = text.partition("\n## ")
+    path.write_text(f"{head.rstrip()}\n\n{section.rstrip()}\n{sep}{rest}" if sep else f"{text.rstrip()}\n\n{section}")
 
 
 def publish(suite: str, suite_dir: Path, root: Path | None = None) -> None:
