@@ -244,3 +244,23 @@ def test_cached_generator_weights_follow_in_place_edits_and_inference_mode():
     for a, b in zip(out_f, out_r):
         torch.testing.assert_close(a, b, **TOL)
     assert_grads_equal(fast, ref, loss_of(*out_f), loss_of(*out_r), [xf], [xr])
+
+
+@pytest.mark.parametrize("reset_steps", [[], [0], [1, 3], [0, 2, 3]])
+def test_write_recurrence_backward_passes_gradcheck(reset_steps):
+    """The write loop's hand-written backward (WriteRecurrence) against finite differences, with resets of
+    some rows before some steps (the gradient then goes to the initial slots, not further back)."""
+    from rlmem.memory.stm import WriteRecurrence
+
+    g = torch.Generator().manual_seed(7)
+    B, T, K, d = 3, 4, 3, 5
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    slots, M, Z, v = rand(B, K, d), rand(T, B, d, 2), rand(T, B, K, 2), rand(T, B, 1, d)
+    weight, bias, init = rand(d, scale=0.5), rand(d, scale=0.5), rand(K, d)
+    rows = torch.tensor([True, False, True]).view(B, 1, 1)
+    masks = [rows if t in reset_steps else None for t in range(T)]
+    inputs = (slots, M, Z, v, weight, bias, init if reset_steps else None, masks, 1e-5)
+    assert torch.autograd.gradcheck(WriteRecurrence.apply, inputs, eps=1e-6, atol=1e-7)

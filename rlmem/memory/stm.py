@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDict
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
 from rlmem.validate import check_float, check_int
@@ -153,6 +154,88 @@ class SlotWriter(nn.Module):
         address, gate = torch.baddbmm(Z, h, M).unbind(-1)  # [B, K] each: address logits, gate logits
         w = torch.softmax(address, -1) * torch.sigmoid(gate)  # g_k a_k
         return torch.lerp(slots, v, w.unsqueeze(-1))  # s + w (v - s)
+
+
+class WriteRecurrence(torch.autograd.Function):
+    """The write loop of :meth:`SlotWriter.step` over ``T`` steps, with resets, and a hand-written backward.
+
+    ``forward(slots, M, Z, v, weight, bias, init, resets, eps)``: ``slots: [B, K, d]`` (before step 0),
+    :meth:`SlotWriter.prepare`'s ``M: [T, B, d, 2]``, ``Z: [T, B, K, 2]``, ``v: [T, B, 1, d]``, the LayerNorm's
+    ``weight, bias: [d]`` and ``eps``, ``init: [K, d]`` (the content slots a reset restores), ``resets``: a list of
+    ``T`` entries, None or ``[B, 1, 1]`` bool (rows reset before step t) -> the written slots ``[B, T, K, d]``.
+
+    The same operations as the step-by-step loop, so the same numbers. Why a Function: autograd records ~10
+    nodes per step for these ``[B, K, d]`` tensors and the engine's per-node cost dominates; here the forward
+    writes into preallocated outputs and the backward runs one loop of ~10 kernels per step (the gradient
+    through the gates needs the LayerNorm of the slots, so it is sequential), then everything that does not
+    feed the recurrence (``dM``, ``dv``, the LayerNorm's weight and bias) in a few batched ops over all steps.
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, slots, M, Z, v, weight, bias, init, resets, eps):
+        T, (B, K, d) = M.shape[0], slots.shape
+        pre = slots.new_empty(T, B, K, d)  # the slots each step starts from (after its resets)
+        address = slots.new_empty(T, B, K)  # softmax over the slots
+        gate = slots.new_empty(T, B, K)  # sigmoid of the gate logits
+        out = slots.new_empty(B, T, K, d)
+        # per-step views made once (indexing in the loop costs as much as the small kernels)
+        steps = zip(pre.unbind(0), address.unbind(0), gate.unbind(0), out.unbind(1), M.unbind(0), Z.unbind(0),
+                    v.unbind(0), resets)
+        s = slots
+        for pre_t, address_t, gate_t, out_t, M_t, Z_t, v_t, reset_t in steps:
+            if reset_t is not None:
+                s = torch.where(reset_t, init, s)
+            pre_t.copy_(s)
+            h = F.layer_norm(s, (d,), weight, bias, eps)
+            address_logits, gate_logits = torch.baddbmm(Z_t, h, M_t).unbind(-1)  # [B, K] each
+            address_t.copy_(torch.softmax(address_logits, -1))
+            torch.sigmoid(gate_logits, out=gate_t)
+            s = torch.lerp(s, v_t, (address_t * gate_t).unsqueeze(-1), out=out_t)  # s + w (v - s)
+        ctx.save_for_backward(pre, address, gate, M, v, weight, bias)
+        ctx.resets, ctx.eps = resets, eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pre, address, gate, M, v, weight, bias = ctx.saved_tensors
+        T, B, K, d = pre.shape
+        # everything per step that does not depend on the gradient, for all steps at once
+        h, mean, rstd = torch.native_layer_norm(pre, (d,), weight, bias, ctx.eps)  # as the forward computed them
+        w = address * gate  # [T, B, K]
+        keep = (1 - w).unsqueeze(-1)  # d s' / d s (direct part)
+        diff = v - pre  # d s' / d w
+        gate_slope = w * (1 - gate)  # d w / d gate logit
+        d_logits = pre.new_empty(T, B, K, 2)
+        d_h = pre.new_empty(T, B, K, d)
+        d_out = pre.new_empty(T, B, K, d)  # gradient at each step's output, recurrence included
+        d_address, d_gate = d_logits.unbind(-1)
+        steps = list(zip(grad.unbind(1), d_out.unbind(0), diff.unbind(0), gate.unbind(0), address.unbind(0),
+                         gate_slope.unbind(0), d_address.unbind(0), d_gate.unbind(0), d_logits.unbind(0),
+                         M.transpose(-1, -2).unbind(0), d_h.unbind(0), pre.unbind(0), mean.unbind(0),
+                         rstd.unbind(0), keep.unbind(0), ctx.resets))
+        d_init = None
+        carry = None
+        for (grad_t, d_out_t, diff_t, gate_t, address_t, slope_t, d_address_t, d_gate_t, d_logits_t, MT_t, d_h_t,
+             pre_t, mean_t, rstd_t, keep_t, reset_t) in reversed(steps):
+            g = d_out_t.copy_(grad_t) if carry is None else torch.add(grad_t, carry, out=d_out_t)
+            d_w = torch.linalg.vecdot(g, diff_t)  # [B, K]
+            d_address_t.copy_(torch._softmax_backward_data(d_w * gate_t, address_t, -1, pre.dtype))
+            torch.mul(d_w, slope_t, out=d_gate_t)
+            torch.bmm(d_logits_t, MT_t, out=d_h_t)
+            d_s = torch.ops.aten.native_layer_norm_backward(d_h_t, pre_t, (d,), mean_t, rstd_t, weight, bias,
+                                                            [True, False, False])[0]
+            carry = torch.addcmul(d_s, g, keep_t)
+            if reset_t is not None:  # reset rows started from init: the gradient goes there, not back
+                part = torch.where(reset_t, carry, 0).sum(0)
+                d_init = part if d_init is None else d_init + part
+                carry = torch.where(reset_t, 0, carry)
+        d_M = h.transpose(-1, -2) @ d_logits  # [T, B, d, 2]
+        d_v = (w.unsqueeze(-1) * d_out).sum(2, keepdim=True)  # [T, B, 1, d]
+        _, d_weight, d_bias = torch.ops.aten.native_layer_norm_backward(
+            d_h, pre, (d,), mean, rstd, weight, bias, [False, weight is not None, bias is not None])
+        return carry, d_M, d_logits, d_v, d_weight, d_bias, d_init, None, None
 
 
 class Diffuser(nn.Module):
@@ -421,16 +504,22 @@ class STM(MemorySystem):
         else:
             # only resets change the mode slot: the loop carries the content slots alone
             slots = buf[:, 1:]
-            written = []
-            for t in range(T):
-                if resets[t]:
-                    slots = torch.where(is_init[:, t].view(B, 1, 1), init[1:], slots)
-                slots = self.writer.step(slots, M[t], Z[t], v[t])
-                written.append(slots)
+            if torch.is_grad_enabled():  # the loop with a hand-written backward (same numbers)
+                norm = self.writer.norm
+                masks = [is_init[:, t].view(B, 1, 1) if resets[t] else None for t in range(T)]
+                content = WriteRecurrence.apply(slots, M, Z, v, norm.weight, norm.bias,
+                                                init[1:] if any_reset else None, masks, norm.eps)
+            else:
+                written = []
+                for t in range(T):
+                    if resets[t]:
+                        slots = torch.where(is_init[:, t].view(B, 1, 1), init[1:], slots)
+                    slots = self.writer.step(slots, M[t], Z[t], v[t])
+                    written.append(slots)
+                content = torch.stack(written, 1)  # [B, T, K, d]
             mode = buf[:, :1].unsqueeze(1)  # [B, 1, 1, d]
             if any_reset:  # the initial mode slot from a row's first reset on
                 mode = torch.where(is_init.cummax(1).values.view(B, T, 1, 1), init[:1], mode)
-            content = torch.stack(written, 1)  # [B, T, K, d]
             seen = torch.cat([mode.expand(B, T, 1, self.d_model), content], 2)  # [B, T, K+1, d]
             buf = seen[:, -1]
             seen = self.refine(seen.flatten(0, 1), None if refine is None else refine.flatten())
