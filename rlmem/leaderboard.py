@@ -193,6 +193,9 @@ def summary(tasks: Sequence[Task], core: Sequence[Task], entries: Sequence[Entry
     out.append(f"Ranked by IQM over the {len(core)} core tasks: "
                + ", ".join(f"{e.agent} {e.iqm.value:.2f}" for e in ranked) + ".")
     best = ranked[0]
+    if best.iqm.value < AT_CHANCE:
+        out.append(f"No IQM reaches {AT_CHANCE:g} (random = 0): on aggregate no memory beats the random policy "
+                   "at this budget.")
     tied = [e.agent for e in ranked[1:] if e.iqm.overlaps(best.iqm)]
     below = [e.agent for e in ranked[1:] if not e.iqm.overlaps(best.iqm)]
     if tied:
@@ -214,7 +217,7 @@ def summary(tasks: Sequence[Task], core: Sequence[Task], entries: Sequence[Entry
             continue
         top = max(means, key=lambda a: means[a].value)
         if means[top].value < AT_CHANCE:
-            per_task.append(f"{task.label}: none above chance (best {top} {means[top].value:.2f})")
+            per_task.append(f"{task.label}: none above chance (best mean {means[top].value:.2f})")
             continue
         close = [a for a in means if a != top and means[a].overlaps(means[top])]
         per_task.append(f"{task.label}: {top} {means[top].value:.2f}"

@@ -249,3 +249,13 @@ def test_throughput_has_a_row_for_every_memory_system_with_gru_first():
         ("gru", None), ("cmrn", None), ("cmrn", "rlmem.memory.reference.cmrn:CMRNReference")]
     with pytest.raises(SystemExit, match="'grux' is not a memory system; valid: all, adapter"):
         throughput_rows(argparse.Namespace(**{**vars(ns), "memories": ["grux"]}), cores=2, auto_threads=2)
+
+
+def test_a_leaderboard_section_goes_after_the_header_of_results_md(tmp_path):
+    from rlmem.commands.benchmark import insert_section
+
+    path = tmp_path / "results.md"
+    path.write_text("# Benchmark suite `x`\n\nheader line\n\n## g: eval_success\n\ntable\n")
+    insert_section(path, "## Leaderboard\n\nrows\n")
+    assert path.read_text() == ("# Benchmark suite `x`\n\nheader line\n\n## Leaderboard\n\nrows\n\n## g: eval_success\n\n"
+                                "table\n")
