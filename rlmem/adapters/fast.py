@@ -101,11 +101,11 @@ class Stack:
             xn = layer.input_layernorm(x)
             q = _lin(attn.q_proj, xn[..., -1:, :] if last_q else xn)
             if k_cs is not None and type(attn.k_proj) is torch.nn.Linear:
-                rot = self.rotation(k_cs, self.n_kv, x.dtype)  # [W, E, E]
-                k = torch.einsum("...pd,pde->...pe", xn, attn.k_proj.weight.t() @ rot)
+                rot = self.rotation(k_cs, x.dtype)  # [W, dh, dh]
+                w = torch.einsum("dhe,pef->pdhf", attn.k_proj.weight.t().unflatten(-1, (-1, dh)), rot)
+                k = torch.einsum("...pd,pdhf->...phf", xn, w)
                 if attn.k_proj.bias is not None:
-                    k = k + attn.k_proj.bias @ rot
-                k = k.unflatten(-1, (-1, dh))
+                    k = k + torch.einsum("he,pef->phf", attn.k_proj.bias.view(-1, dh), rot)
             else:
                 k = self.rotate(_lin(attn.k_proj, xn).unflatten(-1, (-1, dh)), k_cs)
             v = _lin(attn.v_proj, xn)
@@ -129,17 +129,16 @@ class Stack:
         ``x: [..., P, heads, dh]`` (P = 1: the same position everywhere).
 
         Written as one matmul per position with the rotation matrix of that position (``x @ R_p``, R_p
-        holding the same cos/sin entries, per head block): on CPU one batched matmul is cheaper than the
-        five elementwise passes (and their backward) over a window-sized tensor; the same numbers up to
-        rounding of the sums (the other terms are exact zeros)."""
+        holding the same cos/sin entries): on CPU one batched matmul is cheaper than the five elementwise
+        passes (and their backward) over a window-sized tensor; the same numbers up to rounding of the sums
+        (the other terms are exact zeros)."""
         if cs is None:
             return x
-        heads, dh = x.shape[-2], x.shape[-1]
-        return torch.einsum("...pe,ped->...pd", x.flatten(-2), Stack.rotation(cs, heads, x.dtype)).unflatten(-1, (heads, dh))
+        return torch.einsum("...phe,ped->...phd", x, Stack.rotation(cs, x.dtype))
 
     @staticmethod
-    def rotation(cs: tuple[torch.Tensor, torch.Tensor], heads: int, dtype: torch.dtype) -> torch.Tensor:
-        """The matrices of :meth:`rotate`: ``[P, heads * dh, heads * dh]`` (block diagonal, ``x @ R_p``)."""
+    def rotation(cs: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The matrices of :meth:`rotate`: ``[P, dh, dh]`` (``x @ R_p``)."""
         cos, sin = cs[0][:, 0], cs[1][:, 0]  # [P, dh]
         P, dh = cos.shape
         half = dh // 2
@@ -148,8 +147,7 @@ class Stack:
         # R[p, e, d]: out[d] = x[d] cos[d] + x[(d + half) % dh] sin[d] sign[d]
         eye = torch.eye(dh, dtype=cos.dtype, device=cos.device)
         rot = torch.diag_embed(cos) + eye.roll(half, 0) * (sin * sign).unsqueeze(1)  # [P, dh, dh]
-        blocks = torch.einsum("hg,ped->phegd", torch.eye(heads, dtype=cos.dtype, device=cos.device), rot)
-        return blocks.reshape(P, heads * dh, heads * dh).to(dtype)
+        return rot.to(dtype)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """``q: [N, Tq, H, dh]``, ``k, v: [N, Tk, Hkv, dh]`` -> ``[N, Tq, H * dh]`` (scaled dot product)."""
