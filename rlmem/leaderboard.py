@@ -3,9 +3,11 @@
 Written for a suite whose config says ``leaderboard: true`` (``rlmem/conf/suite/leaderboard.yaml``), from the
 rows of ``results.csv`` (:func:`rlmem.suite_report.result_row`):
 
-- a task is a (group, env, knobs) of the suite; a run's score is normalized by the env's own levels,
-  ``(score - chance) / (optimal - chance)`` (:func:`rlmem.suite_report.score_bounds`; chance = the uniformly
-  random policy): 0 = random, 1 = optimal;
+- a task is a (group, env, knobs) of the suite; a run's score is its greedy eval return normalized by the
+  env's own levels, ``(return - chance) / (optimal - chance)`` (:func:`rlmem.suite_report.score_bounds`;
+  chance = the uniformly random policy's expected return): 0 = random, 1 = optimal. The return, not the
+  success rate: a success is a whole episode at the optimal return, all-or-nothing on the card games,
+  AssocRecall and the control envs, where the return also counts a partly right episode;
 - per memory and task: the mean normalized score over seeds with a 95% bootstrap interval;
 - the aggregate: the interquartile mean (IQM) of every run on the *core tasks* (those every memory of the
   leaderboard was run on) with a 95% stratified-bootstrap interval (:mod:`rlmem.stats`); a memory missing
@@ -75,16 +77,15 @@ def tasks_of(rows: Sequence[Mapping[str, Any]]) -> list[Task]:
 
 
 def bounds(task: Task) -> tuple[float, float] | None:
-    """``(chance, optimal)`` of the task's score (eval_success for envs with a success flag, else eval_return)."""
-    found = score_bounds(task.script, task.env, task.knobs, "eval_success")
-    return found if found is not None else score_bounds(task.script, task.env, task.knobs, "eval_return")
+    """``(chance, optimal)`` of the task's greedy eval return (None: the env does not say)."""
+    return score_bounds(task.script, task.env, task.knobs, "eval_return")
 
 
 def normalized_score(row: Mapping[str, Any], levels: tuple[float, float] | None) -> float:
-    """The row's normalized score; NaN when not finished or the env has no levels."""
-    if row["status"] != "finished" or row.get("score") in (None, "") or levels is None:
+    """The row's normalized eval return; NaN when not finished or the env has no levels."""
+    if row["status"] != "finished" or row.get("eval_return") in (None, "") or levels is None:
         return math.nan
-    return float(stats.normalize(float(row["score"]), *levels))
+    return float(stats.normalize(float(row["eval_return"]), *levels))
 
 
 def core_tasks(rows: Sequence[Mapping[str, Any]], tasks: Sequence[Task], agents: Sequence[str],
@@ -300,9 +301,9 @@ def report(suite: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], suite_di
     if plot_cost(entries, suite_dir / "leaderboard_cost.png"):
         images.append("leaderboard_cost.png")
     missing = [r for r in rows if r["status"] != "finished"]
-    how = ("Normalized score = (score - chance) / (optimal - chance), with the env's own levels (chance = the "
-           "uniformly random policy; the score is eval_success, or eval_return for envs without a success "
-           f"flag): 0 = random, 1 = optimal. Cells: mean over seeds [{CONFIDENCE:.0%} bootstrap CI]. IQM: "
+    how = ("Normalized score = (eval return - chance) / (optimal - chance), with the env's own levels (eval "
+           "return: the mean return of the greedy policy's evaluation episodes at the end of the run; chance: the "
+           "uniformly random policy's expected return): 0 = random, 1 = optimal. Cells: mean over seeds [{CONFIDENCE:.0%} bootstrap CI]. IQM: "
            "interquartile mean of every run on the core tasks (columns without †: every memory ran them), "
            f"{CONFIDENCE:.0%} stratified-bootstrap CI ({REPS:,} resamples within each task, seed {SEED}; "
            "Agarwal et al. 2021). A run that failed or did not finish is left out, not scored as zero: a cell "

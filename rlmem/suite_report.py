@@ -113,9 +113,14 @@ def _chance_success(vec_cls, kwargs: dict[str, Any], chance_return: float, optim
     vec = vec_cls(num_envs=n, **kwargs)
     vec.reset(seed=0)
     rng = np.random.default_rng(0)
+    space = vec.single_action_space
     returns, done = np.zeros(n), np.zeros(n, dtype=bool)
     for _ in range(CHANCE_MAX_STEPS):
-        _, reward, terminated, truncated, _ = vec.step(rng.integers(vec.single_action_space.n, size=n))
+        if hasattr(space, "n"):  # discrete
+            actions = rng.integers(space.n, size=n)
+        else:  # a box (Pendulum's torque): uniform in its bounds
+            actions = rng.uniform(space.low, space.high, size=(n, *space.shape)).astype(space.dtype)
+        _, reward, terminated, truncated, _ = vec.step(actions)
         returns += np.where(done, 0.0, reward)  # each row's first episode only
         done |= terminated | truncated
         if done.all():

@@ -43,6 +43,9 @@ def test_chance_and_optimal_come_from_the_env():
     assert score_bounds("train_rl", "delayed_cue", "n_cues=8 delay=50", "eval_success") == (0.125, 1.0)
     assert score_bounds("train_rl", "delayed_cue", "-", "eval_return") == (0.25, 1.0)
     assert score_bounds("train_lm", "assoc_recall", "-", "eval_accuracy") is None
+    # a continuous action space: the random policy's torques are drawn in the box (a measured rate, not a crash)
+    chance, optimal = score_bounds("train_rl", "position_only_pendulum", "max_episode_length=20", "eval_success")
+    assert 0.0 <= chance < optimal == 1.0
 
 
 def test_a_tie_at_the_best_value_is_not_bold():
