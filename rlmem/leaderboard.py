@@ -69,7 +69,7 @@ class Entry:
     parameters: float
     mflops: float | None
     horizon: float | None  # largest delay solved in every seed (None: none)
-    horizon_ran: bool  # the memory ran DelayedCue at all
+    horizon_ran: bool  # a DelayedCue run of the memory finished
 
 
 def tasks_of(rows: Sequence[Mapping[str, Any]]) -> list[Task]:
@@ -143,7 +143,7 @@ def build(rows: Sequence[Mapping[str, Any]], threshold: float,
 
 def delay_solved(rows: Sequence[Mapping[str, Any]], threshold: float) -> tuple[float | None, bool]:
     """``(largest DelayedCue delay at which every planned seed finished with eval_success >= threshold, whether
-    the agent ran DelayedCue)`` from one agent's rows."""
+    any DelayedCue run of the agent finished)`` from one agent's rows."""
     by_delay: dict[float, list[Mapping[str, Any]]] = defaultdict(list)
     for r in rows:
         if r["env"] == HORIZON_ENV and r["knobs"].startswith(f"{HORIZON_KNOB}="):
@@ -151,7 +151,8 @@ def delay_solved(rows: Sequence[Mapping[str, Any]], threshold: float) -> tuple[f
     solved = [d for d, found in by_delay.items()
               if all(r["status"] == "finished" and r.get("eval_success") not in (None, "")
                      and float(r["eval_success"]) >= threshold - 1e-9 for r in found)]
-    return (max(solved) if solved else None), bool(by_delay)
+    ran = any(r["status"] == "finished" for found in by_delay.values() for r in found)
+    return (max(solved) if solved else None), ran
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -178,7 +179,9 @@ def table(tasks: Sequence[Task], core: Sequence[Task], entries: Sequence[Entry])
         iqm = e.iqm.text()
         if iqm != "-" and e.iqm_runs[0] < e.iqm_runs[1]:
             iqm += f" ({e.iqm_runs[0]}/{e.iqm_runs[1]} runs)"
-        horizon = _num(e.horizon, "g") if e.horizon is not None else ("none" if e.horizon_ran else "")
+        planned_cue = any(e.planned[:, t].any() for t, task in enumerate(tasks) if task.env == HORIZON_ENV)
+        horizon = (_num(e.horizon, "g") if e.horizon is not None else "none" if e.horizon_ran
+                   else "-" if planned_cue else "")
         lines.append(f"| {rank if not math.isnan(e.iqm.value) else '-'} | {e.agent} | {iqm} | " + " | ".join(cells)
                      + f" | {horizon} | {_num(e.fps, ',.0f')} | {_num(e.parameters, ',.0f')} | "
                        f"{_num(e.mflops, '.3g')} |")
@@ -308,8 +311,8 @@ def report(suite: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], suite_di
            f"{CONFIDENCE:.0%} stratified-bootstrap CI ({REPS:,} resamples within each task, seed {SEED}; "
            "Agarwal et al. 2021). A run that failed or did not finish is left out, not scored as zero: a cell "
            "says how many runs it has when some are missing, `-` when none. Largest delay solved: the largest "
-           f"DelayedCue delay with eval_success >= {threshold} in every seed; empty when the memory did not run "
-           "DelayedCue. Memory MFLOPs per acting step: FlopCounterMode over the memory of the agent config at "
+           f"DelayedCue delay with eval_success >= {threshold} in every seed (`-`: no DelayedCue run finished). "
+           "Memory MFLOPs per acting step: FlopCounterMode over the memory of the agent config at "
            "its defaults (batch 1, gated path on; matrix products and attention, not elementwise ops); `-` for "
            "the reference (not an rlmem memory) and where nothing is counted (torch's fused LSTM kernel). "
            "frames/s differ between envs (the median is over all the memory's runs).")

@@ -117,3 +117,4 @@ def test_a_delay_is_solved_only_in_every_seed(threshold, solved):
     assert leaderboard.delay_solved(rows, threshold) == (solved, True)
     missing = rows + [{"env": "delayed_cue", "knobs": "delay=10", "status": "missing"}]
     assert leaderboard.delay_solved(missing, threshold) == (None, True)  # a missing seed is no success
+    assert leaderboard.delay_solved(missing[-1:], threshold) == (None, False)  # no results: not "none solved"
