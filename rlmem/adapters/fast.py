@@ -88,10 +88,11 @@ class Stack:
 
     # -- pieces -----------------------------------------------------------------------------------------
 
-    def qkv(self, i: int, x: torch.Tensor, last_q: bool = False, k_cs=None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                         torch.Tensor]:
+    def qkv(self, i: int, x: torch.Tensor, last_q: bool = False, k_cs=None, q_rows: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i``'s q/k/v (no rotary): ``x: [..., W, D] -> ([..., W, H, dh], [..., W, Hkv, dh] x 2)``;
         ``last_q``: LLaMA's q at the last position only (``[..., 1, H, dh]``; GPT-2 fuses q/k/v: all);
+        ``q_rows``: ``x: [R, D]``, q at these rows only (``[len(q_rows), H, dh]``);
         ``k_cs``: the keys come rotated to positions ``0 .. W-1`` (:meth:`rope`), the rotation folded into
         the projection's weight when ``k_proj`` is a plain linear layer (one matmul per slot position
         instead of a projection and a rotation)."""
@@ -99,7 +100,7 @@ class Stack:
         if self.kind == "llama":
             attn = layer.self_attn
             xn = layer.input_layernorm(x)
-            q = _lin(attn.q_proj, xn[..., -1:, :] if last_q else xn)
+            q = _lin(attn.q_proj, xn[..., -1:, :] if last_q else xn if q_rows is None else xn.index_select(0, q_rows))
             if k_cs is not None and type(attn.k_proj) is torch.nn.Linear:
                 rot = self.rotation(k_cs, x.dtype)  # [W, dh, dh]
                 w = torch.einsum("dhe,pef->pdhf", attn.k_proj.weight.t().unflatten(-1, (-1, dh)), rot)
@@ -113,6 +114,8 @@ class Stack:
         else:
             xn = layer.ln_1(x)
             q, k, v = _lin(layer.attn.c_attn, xn).split(self.n_heads * dh, dim=-1)
+            if q_rows is not None:
+                q = q.index_select(0, q_rows)
         return q.unflatten(-1, (-1, dh)), k.unflatten(-1, (-1, dh)), v.unflatten(-1, (-1, dh))
 
     def rope(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -195,6 +198,10 @@ class Stack:
             self.folded[site] = bank_attention(read, bank)
         return read_folded(read, h, self.folded[site])
 
+    def routed(self) -> bool:
+        """Whether any memory read has a chapter router (its decisions pool over a window's positions)."""
+        return self.adapter is not None and any(r.router is not None for r in self.adapter.reads)
+
     def last_only(self) -> bool:
         """Whether the last layer may be computed at the last position only: its read (if any) has no
         chapter router, whose decisions and losses would cover every position."""
@@ -227,6 +234,12 @@ def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) 
 
     ``emb: [B, W - 1 + T, D]`` (the embedded inputs, oldest first), ``live: [B, T, W]`` (slot s of step t's
     window holds ``emb[:, t + s]`` where True, ``pad: [D]`` where False) -> ``[B, T, D]``.
+
+    Padding slots are a prefix of their window and attend (causally) only to padding, so at every layer
+    slot s of any window's padding holds what slot s of an all-padding window holds. Without chapter
+    routers (whose decisions pool over the window) and with two or more layers, the per-position work of
+    every layer (projections, memory reads, MLPs) is done once per *live* slot plus once per slot of one
+    all-padding window (:func:`_compact_hidden`); only the attention runs on the whole windows.
     """
     st = Stack(lm)
     B, T, W = live.shape
@@ -241,12 +254,16 @@ def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) 
         rows = (torch.arange(B, device=emb.device) * L).view(B, 1, 1) + torch.arange(T, device=emb.device).view(T, 1) \
             + torch.arange(W, device=emb.device)
         rows = torch.where(live, rows, B * L).flatten()
+        compact = n >= 2 and st.last_only() and not st.routed()
+        if compact:  # one more window, all padding, after the B * T real ones
+            rows = torch.cat([rows, rows.new_full((W,), B * L)])
+        N = B * T + compact
 
         def gather(per_token: torch.Tensor, per_pad: torch.Tensor) -> torch.Tensor:
-            """``[B, W - 1 + T, F]``, ``[F]`` -> windows ``[B * T, W, F]`` (one index_select: a copy per slot,
+            """``[B, W - 1 + T, F]``, ``[F]`` -> windows ``[N, W, F]`` (one index_select: a copy per slot,
             and a scatter-add back in backward)."""
             table = torch.cat([per_token.reshape(B * L, -1), per_pad.view(1, -1)])
-            return table.index_select(0, rows).view(B * T, W, -1)
+            return table.index_select(0, rows).view(N, W, -1)
 
         qkv = None
         if st.kind == "llama":  # layer 0's norm and q/k/v once per token (and once for the padding)
@@ -261,6 +278,8 @@ def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) 
         else:  # GPT-2: absolute positions enter before layer 0
             h = gather(emb, pad) + st.wpe.weight[:W].to(emb.dtype)
             h = lm.model.transformer.drop(h)
+        if compact:
+            return st.final_norm(_compact_hidden(st, h, qkv, live, cs)).view(B, T, D)
         last_only = st.last_only()
         for i in range(n):
             if i == n - 1 and last_only:
@@ -272,6 +291,51 @@ def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) 
     finally:
         if lm.adapter is not None:
             lm.adapter._now.mask = None
+
+
+def _compact_hidden(st: Stack, h: torch.Tensor, qkv, live: torch.Tensor, cs) -> torch.Tensor:
+    """The last layer's output at the last slot, ``[B * T, D]``, from layer 0's input windows ``h: [N, W, D]``
+    (``N = B * T + 1``: the real windows and one all-padding window last; ``qkv``: layer 0's gathered
+    unrotated q/k/v, or None) and ``live: [B, T, W]``.
+
+    Rows are kept *compact*: ``[R, D]``, the live slots of the real windows, then the W slots of the
+    padding window. Each layer gathers its keys/values (and queries) from the compact rows into whole
+    windows (``dense``: the padding slots of a real window read the padding window's row of that slot),
+    attends, and runs the rest of the layer on the compact rows only."""
+    N, W, D = h.shape
+    dev = h.device
+    flat_live = torch.cat([live.reshape(-1), torch.ones(W, dtype=torch.bool, device=dev)])  # [N * W]
+    to_compact = flat_live.nonzero().squeeze(1)  # [R]: dense position of each compact row
+    R = to_compact.shape[0]
+    slot = torch.arange(W, device=dev).repeat(N)
+    to_dense = torch.where(flat_live, flat_live.long().cumsum(0) - 1, R - W + slot)  # [N * W]: compact row
+    last = to_dense.view(N, W)[:-1, -1]  # [N - 1]: compact rows of the real windows' last slots (always live)
+
+    def dense(x: torch.Tensor) -> torch.Tensor:
+        """``[R, heads, dh]`` -> ``[N, W, heads, dh]``."""
+        return x.flatten(1).index_select(0, to_dense).view(N, W, *x.shape[1:])
+
+    def attend_compact(q, k, v):
+        """Whole-window causal attention of dense q/k/v, kept at the compact rows: ``[R, H * dh]``."""
+        out = st.attend(st.rotate(q, cs), st.rotate(k, cs), v, causal=True)
+        return out.flatten(0, 1).index_select(0, to_compact)
+
+    n = len(st.layers)
+    h = h.flatten(0, 1).index_select(0, to_compact)  # [R, D]
+    for i in range(n - 1):
+        if qkv is not None:  # layer 0 of a LLaMA: gathered per token, already whole windows
+            q, k, v = qkv
+            qkv = None
+        else:
+            q, k, v = (dense(x) for x in st.qkv(i, h))
+        h = st.finish(i, h, attend_compact(q, k, v))
+    # the last layer at the real windows' last slots: keys/values of every slot, the query of the last
+    i = n - 1
+    q, k, v = st.qkv(i, h, q_rows=last)
+    k, v = dense(k)[:-1], dense(v)[:-1]  # [N - 1, W, Hkv, dh]
+    last_cs = None if cs is None else (cs[0][-1:], cs[1][-1:])
+    out = st.attend(st.rotate(q.unsqueeze(1), last_cs), st.rotate(k, cs), v, causal=False)
+    return st.finish(i, h.index_select(0, last), out.squeeze(1))
 
 
 def pad_cache(lm, pad: torch.Tensor, W: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
