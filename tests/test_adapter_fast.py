@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rlmem
+from rlmem.adapters import fast
 from rlmem.memory import build_memory
 from rlmem.memory.reference import adapter as reference
 
@@ -75,10 +76,24 @@ def fast_forward(memory, x, state, is_init):
     return memory(x, state, is_init)
 
 
+#: configs whose window mode runs the per-position work on the live slots only (fast._compact_hidden):
+#: two or more layers and no chapter router
+COMPACT = {"A", "B", "three_layers_middle_read", "lora_on_k"}
+
+
 @pytest.mark.parametrize("source", ["tiny", "tiny-gpt2"])
-@pytest.mark.parametrize("config", list(CONFIGS))
-def test_window_mode_equals_the_reference_outputs_states_and_gradients(source, config):
-    memory = make(source, **CONFIGS[config])
+@pytest.mark.parametrize("config", [*CONFIGS, "lora_on_k"])
+def test_window_mode_equals_the_reference_outputs_states_and_gradients(source, config, monkeypatch):
+    if config == "lora_on_k":  # LoRA on all of LLaMA's q/k/v projections
+        if source != "tiny":
+            pytest.skip("GPT-2 fuses q/k/v into c_attn")
+        kwargs = {"lora_targets": ["q_proj", "k_proj", "v_proj"]}
+    else:
+        kwargs = CONFIGS[config]
+    compact_calls = []
+    real_compact = fast._compact_hidden
+    monkeypatch.setattr(fast, "_compact_hidden", lambda *a: compact_calls.append(1) or real_compact(*a))
+    memory = make(source, **kwargs)
     x, is_init = inputs()
     is_init[0, 0] = False  # row 0 continues the episode of the state carried in from an earlier call
     warm, _ = inputs(T=2, seed=2)
@@ -111,6 +126,7 @@ def test_window_mode_equals_the_reference_outputs_states_and_gradients(source, c
                 if g is not None:
                     close(g2, g)
     assert any(g is not None and g.abs().sum() > 0 for g in results["fast", "sequence"][3])
+    assert bool(compact_calls) == (config in COMPACT)
 
 
 def test_window_mode_keeps_parameters_and_state():

@@ -88,29 +88,17 @@ class Stack:
 
     # -- pieces -----------------------------------------------------------------------------------------
 
-    def qkv(self, i: int, x: torch.Tensor, last_q: bool = False, k_cs=None, q_rows: torch.Tensor | None = None
+    def qkv(self, i: int, x: torch.Tensor, last_q: bool = False, q_rows: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer ``i``'s q/k/v (no rotary): ``x: [..., W, D] -> ([..., W, H, dh], [..., W, Hkv, dh] x 2)``;
         ``last_q``: LLaMA's q at the last position only (``[..., 1, H, dh]``; GPT-2 fuses q/k/v: all);
-        ``q_rows``: ``x: [R, D]``, q at these rows only (``[len(q_rows), H, dh]``);
-        ``k_cs``: the keys come rotated to positions ``0 .. W-1`` (:meth:`rope`), the rotation folded into
-        the projection's weight when ``k_proj`` is a plain linear layer (one matmul per slot position
-        instead of a projection and a rotation)."""
+        ``q_rows``: ``x: [R, D]``, q at these rows only (``[len(q_rows), H, dh]``)."""
         layer, dh = self.layers[i], self.head_dim
         if self.kind == "llama":
             attn = layer.self_attn
             xn = layer.input_layernorm(x)
             q = _lin(attn.q_proj, xn[..., -1:, :] if last_q else xn if q_rows is None else xn.index_select(0, q_rows))
-            if k_cs is not None and type(attn.k_proj) is torch.nn.Linear:
-                rot = self.rotation(k_cs, x.dtype)  # [W, dh, dh]
-                w = torch.einsum("dhe,pef->pdhf", attn.k_proj.weight.t().unflatten(-1, (-1, dh)), rot)
-                k = torch.einsum("...pd,pdhf->...phf", xn, w)
-                if attn.k_proj.bias is not None:
-                    k = k + torch.einsum("he,pef->phf", attn.k_proj.bias.view(-1, dh), rot)
-            else:
-                k = self.rotate(_lin(attn.k_proj, xn).unflatten(-1, (-1, dh)), k_cs)
-            v = _lin(attn.v_proj, xn)
-            return q.unflatten(-1, (-1, dh)), k, v.unflatten(-1, (-1, dh))
+            k, v = _lin(attn.k_proj, xn), _lin(attn.v_proj, xn)
         else:
             xn = layer.ln_1(x)
             q, k, v = _lin(layer.attn.c_attn, xn).split(self.n_heads * dh, dim=-1)
@@ -218,13 +206,9 @@ class Stack:
 
     def last_layer(self, i: int, h: torch.Tensor, cs, qkv=None) -> torch.Tensor:
         """Layer ``i`` at the last position of ``h: [N, W, D]`` only -> ``[N, 1, D]``."""
-        if qkv is None:
-            q, k, v = self.qkv(i, h, last_q=True, k_cs=cs)  # keys rotated
-        else:
-            q, k, v = qkv
-            k = self.rotate(k, cs)
+        q, k, v = self.qkv(i, h, last_q=True) if qkv is None else qkv
         last = None if cs is None else (cs[0][-1:], cs[1][-1:])
-        out = self.attend(self.rotate(q[:, -1:], last), k, v, causal=False)
+        out = self.attend(self.rotate(q[:, -1:], last), self.rotate(k, cs), v, causal=False)
         return self.finish(i, h[:, -1:], out)
 
 
