@@ -19,7 +19,8 @@ State (all in the TensorDict):
 Sequence mode (T > 1) runs all T windows as one LM batch of ``B * T`` sequences of ``window`` tokens;
 step mode is the same computation with T = 1. For LLaMA- and GPT-2-style base models the LM is run by
 :func:`rlmem.adapters.fast.window_hidden`, exact rewrites of that computation (the last layer at the last
-position only, LLaMA's layer-0 norm and q/k/v once per token); :mod:`rlmem.memory.reference.adapter` is the
+position only, LLaMA's layer-0 norm and q/k/v once per token, the per-position work on the live slots
+only: padding slots hold the same numbers in every window); :mod:`rlmem.memory.reference.adapter` is the
 plain ``transformers`` forward it equals (tests/test_adapter_fast.py).
 
 ``mode="streaming"`` is a different, cheaper model: each step's token runs through the LM once, and every
