@@ -251,14 +251,11 @@ def window_hidden(lm, emb: torch.Tensor, live: torch.Tensor, pad: torch.Tensor) 
 
         qkv = None
         if st.kind == "llama":  # layer 0's norm and q/k/v once per token (and once for the padding)
-            tokens = torch.cat([emb, pad.expand(B, 1, D)], 1)
-            q, k, v = st.qkv(0, tokens)
-            feats = torch.cat([tokens, q.flatten(-2), k.flatten(-2), v.flatten(-2)], -1)
-            win = gather(feats[:, :-1], feats[0, -1])
-            sizes = [D, q.shape[-2] * st.head_dim, k.shape[-2] * st.head_dim, v.shape[-2] * st.head_dim]
-            h, q, k, v = win.split(sizes, -1)
-            qkv = (q.unflatten(-1, (-1, st.head_dim)), k.unflatten(-1, (-1, st.head_dim)),
-                   v.unflatten(-1, (-1, st.head_dim)))
+            tokens = torch.cat([emb.reshape(B * L, D), pad.view(1, D)])  # the table gather() reads
+            q, k, v = st.qkv(0, tokens)  # [B * L + 1, heads, dh]
+            # one gather each (the backward of one gather split four ways would concatenate the four grads)
+            h, q, k, v = (x.flatten(1).index_select(0, rows).view(N, W, *x.shape[1:]) for x in (tokens, q, k, v))
+            qkv = (q, k, v)
         else:  # GPT-2: absolute positions enter before layer 0
             h = gather(emb, pad) + st.wpe.weight[:W].to(emb.dtype)
             h = lm.model.transformer.drop(h)
