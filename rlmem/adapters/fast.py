@@ -145,8 +145,10 @@ class Stack:
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=-2)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=-2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, scale=self.scale(q))
+        # heads-major contiguous copies: the CPU kernel is slower (forward and backward) on the gathered and
+        # rotated layouts than the copies cost
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.scale(q))
         return out.transpose(1, 2).flatten(-2)
 
     def scale(self, q: torch.Tensor) -> float:
