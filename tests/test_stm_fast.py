@@ -9,7 +9,9 @@ LLaMA (fused read), a one-layer LLaMA (the first layer is the last), a LLaMA wit
 and biases saved with ``save_pretrained`` (fused), and a tiny GPT-2 (the transformers forward, no fused
 path). Tolerance: ``rtol = atol = 1e-9`` (the fast write folds ``W_q`` into the key and sums in another
 order; observed differences ~1e-15); for gradients the absolute tolerance is 1e-9 times the largest gradient
-(at least 1e-9).
+(at least 1e-9). The write loop's hand-written backward (``WriteRecurrence``) is also checked on its own
+against finite differences (``gradcheck``, with resets), and the fused read's cached generator weights after
+in-place edits and after a pass under ``inference_mode``.
 """
 
 from __future__ import annotations

@@ -6,14 +6,19 @@ position's last hidden state is used. ``transformers``' ``LlamaModel.forward`` s
 things this read does not need: building a causal mask, recomputing the rotary tables, three q/k/v and two
 gate/up matmuls per layer, and the whole last layer (attention queries, MLP, final norm) at every position.
 
-:func:`fused_last_hidden` computes the same numbers with: one matmul for q/k/v and one for gate/up per layer
-(the HF weights concatenated on the fly with ``torch.cat``: nothing is copied into new parameters or buffers,
-so ``state_dict``, ``load_state_dict``, ``.to()`` and checkpoints are untouched); the rotary ``cos``/``sin``
-from the model's own ``rotary_emb`` cached per (length, dtype, device, ``inv_freq`` version); SDPA with
+:func:`fused_last_hidden` computes the same numbers with: each position's rotary embedding folded into the
+q and k weights (``R_p W``: rotating a projection's output is a fixed linear map per position), so one
+batched matmul per layer projects every position to rotated queries, rotated keys and values (no
+``rotate_half``, no elementwise rotary in forward or backward); one matmul for gate/up; SDPA with
 ``is_causal`` instead of a mask; and the last layer at the last position only (its keys and values at every
-position). RMSNorm keeps HF's float32 computation. Gradients flow to the input embeddings as through the
-HF call. ``supports_fused(model)`` says whether a model qualifies (plain LLaMA: no sliding window, no
-cache, eval mode); anything else goes through the HF call.
+position). The derived weights (``S`` copies of the q/k weights; and the rotary ``cos``/``sin`` from the
+model's own ``rotary_emb``) are
+cached in a :class:`_RotaryCache` keyed on the length, dtype, device and every source tensor's storage and
+version, so ``.to()``, ``load_state_dict`` and in-place edits invalidate them; nothing is added to
+parameters, buffers or ``state_dict``. RMSNorm keeps HF's float32 computation (one fused ``rms_norm`` kernel
+for float32 inputs). Gradients flow to the input embeddings as through the HF call. ``supports_fused(model)``
+says whether a model qualifies (plain LLaMA: no sliding window, no cache, eval mode); anything else goes
+through the HF call.
 """
 
 from __future__ import annotations
