@@ -259,3 +259,24 @@ def test_a_leaderboard_section_goes_after_the_header_of_results_md(tmp_path):
     insert_section(path, "## Leaderboard\n\nrows\n")
     assert path.read_text() == ("# Benchmark suite `x`\n\nheader line\n\n## Leaderboard\n\nrows\n\n## g: eval_success\n\n"
                                 "table\n")
+
+
+def test_probe_tells_a_memory_that_carries_the_cue_from_one_that_cannot():
+    """The supervised DelayedCue probe: gru learns a 3-step delay (accuracy >= 0.9 within 300 updates); mlp,
+    which sees only the query flag at the query step, stays near chance (1/4) however long it trains."""
+    from rlmem.commands.bench_workers import worker_probe
+
+    args = {"delay": 3, "n_cues": 4, "batch": 32, "lr": 1e-3, "updates": 300, "seed": 0, "threads": 1}
+    gru = worker_probe({**args, "agent": "gru"})
+    mlp = worker_probe({**args, "agent": "mlp"})
+    assert gru["updates_to_0.9"] is not None and gru["updates_to_0.9"] <= 300 and gru["accuracy"] >= 0.9
+    assert mlp["updates_to_0.9"] is None and mlp["updates"] == 300 and mlp["accuracy"] < 0.45
+
+
+def test_probe_is_a_measurement_form_of_the_benchmark_cli():
+    from rlmem.commands.benchmark import MEASUREMENTS, measurement_parser
+
+    ns = measurement_parser().parse_args(["probe", "--agents", "gru", "transformer", "--delays", "100", "300",
+                                          "--seeds", "0", "1", "2"])
+    assert "probe" in MEASUREMENTS and ns.command == "probe"
+    assert (ns.agents, ns.delays, ns.seeds) == (["gru", "transformer"], [100, 300], [0, 1, 2])

@@ -1,4 +1,4 @@
-"""The measurements of ``rlmem-benchmark throughput`` / ``learning``, each run in a fresh interpreter
+"""The measurements of ``rlmem-benchmark throughput`` / ``learning`` / ``probe``, each run in a fresh interpreter
 (clean peak RSS, no shared warm-up): ``python -m rlmem.commands.bench_workers <kind> '<json args>'`` prints
 the result as JSON (with ``peak_rss_mb``) on its last stdout line. :func:`run_worker` does that."""
 
@@ -103,6 +103,57 @@ def worker_learning(a: dict) -> dict:
             "wall_seconds": time.perf_counter() - start, "history": history}
 
 
+def worker_probe(a: dict) -> dict:
+    """The supervised DelayedCue probe: the agent's encoder, memory and policy head trained with cross-entropy
+    on the cue at the query step of fresh episodes (``batch`` per update, Adam at ``lr``), no RL. Accuracy on
+    each update's fresh batch (before its step) is the measure; returns the update at which a 10-update
+    moving average first reached 0.9, the last such average, and seconds per update."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(a["threads"])
+    from rlmem.agents import build_agent
+    from rlmem.commands.overrides import group_config
+
+    delay, n_cues, B = a["delay"], a["n_cues"], a["batch"]
+    T = delay + 2  # cue, delay blanks, query
+    agent_cfg = {**group_config("agent", a["agent"]), **a.get("agent_overrides", {})}
+    if a["agent"] == "transformer":  # its window must reach the cue, as the long-episode PPO settings make it
+        agent_cfg["window"] = max(int(agent_cfg.get("window", 0)), T)
+    env_cfg = {"id": "rlmem/DelayedCue-v0", "delay": delay, "n_cues": n_cues}
+    agent = build_agent(agent_cfg, env_cfg, seed=a["seed"])
+    memory = agent.memory
+    params = [p for p in agent.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=a["lr"])
+    g = torch.Generator().manual_seed(a["seed"])
+    is_init = torch.zeros(B, T, dtype=torch.bool)
+    is_init[:, 0] = True
+    accuracy, history, reached = [], [], None
+    start = time.perf_counter()
+    for update in range(a["updates"]):
+        cue = torch.randint(n_cues, (B,), generator=g)
+        obs = torch.zeros(B, T, n_cues + 1)
+        obs[torch.arange(B), 0, cue] = 1.0
+        obs[:, -1, -1] = 1.0  # the query flag
+        y, _ = memory(agent.encoder(obs), memory.initial_state(B), is_init)
+        logits = agent.policy_head(y[:, -1])
+        loss = F.cross_entropy(logits, cue)
+        aux = agent.aux_loss()
+        optimizer.zero_grad()
+        (loss if aux is None else loss + aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+        optimizer.step()
+        accuracy.append(float((logits.argmax(-1) == cue).float().mean()))
+        history.append(sum(accuracy[-10:]) / len(accuracy[-10:]))
+        if reached is None and len(accuracy) >= 10 and history[-1] >= 0.9:
+            reached = update + 1
+            if a.get("stop_at_solved", True):
+                break
+    seconds = time.perf_counter() - start
+    return {"updates_to_0.9": reached, "accuracy": history[-1], "updates": len(accuracy),
+            "seconds_per_update": seconds / len(accuracy)}
+
+
 def long_delay_overrides(a: dict) -> list[str]:
     """The rollout overrides of a DelayedCue episode of ``delay + 2`` steps (see long_episode_overrides)."""
     from rlmem.suite import long_episode_overrides
@@ -110,7 +161,7 @@ def long_delay_overrides(a: dict) -> list[str]:
     return long_episode_overrides(a["agent"], a["delay"] + 2, default_rollout=0)
 
 
-WORKERS = {"rlmem": worker_rlmem, "sb3": worker_sb3, "learning": worker_learning}
+WORKERS = {"rlmem": worker_rlmem, "sb3": worker_sb3, "learning": worker_learning, "probe": worker_probe}
 
 
 def run_worker(kind: str, args: dict) -> dict:

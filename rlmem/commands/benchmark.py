@@ -25,6 +25,11 @@ one run's frames/s can move by a third).
 
 ``rlmem-benchmark learning --agents gru mamba --delays 50 200 --frames 1000000``: eval
 success on DelayedCue per agent and delay, and the frames at which it first reached 0.9.
+
+``rlmem-benchmark probe --agents gru transformer --delays 100 300 --seeds 0 1 2``: the supervised DelayedCue
+probe. The agent's encoder, memory and policy head learn the cue at the query step by cross-entropy on fresh
+episodes, without RL: a memory that fails here cannot carry the cue over that delay even with a perfect
+learning signal; one that passes here but fails in PPO is held back by the RL signal.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from rlmem.commands._hydra import run_hydra
 from rlmem.commands.bench_workers import long_delay_overrides, run_worker
 
 #: the argparse subcommands; anything else is the Hydra suite form (``pareto`` is ``suite=pareto``)
-MEASUREMENTS = ("throughput", "learning")
+MEASUREMENTS = ("throughput", "learning", "probe")
 
 def throughput_rows(ns: argparse.Namespace, cores: int, auto_threads: int) -> list[tuple[str, str, dict]]:
     """``(name, worker kind, worker args)`` of every measurement: rlmem gru and infinity with one thread, with
@@ -142,6 +147,22 @@ def learning(ns: argparse.Namespace) -> None:
             reached = "-" if r["frames_to_0.9"] is None else str(r["frames_to_0.9"])
             print(f"{agent:12s} {delay:6d} {r['eval_success']:8.2f} {reached:>14s} {r['fps']:9.0f} "
                   f"{r['wall_seconds'] / 60:8.1f}", flush=True)
+
+
+def probe(ns: argparse.Namespace) -> None:
+    """The supervised DelayedCue probe of every agent and delay (:func:`bench_workers.worker_probe`)."""
+    print(f"Supervised DelayedCue probe ({ns.n_cues} cues): cross-entropy on the cue at the query step, batch "
+          f"{ns.batch}, Adam lr {ns.lr}, at most {ns.updates} updates, seeds {ns.seeds}; solved = 10-update "
+          "moving accuracy >= 0.9")
+    print(f"{'agent':12s} {'delay':>6s} {'seed':>4s} {'solved at':>10s} {'accuracy':>9s} {'ms/update':>10s}")
+    for agent in ns.agents:
+        for delay in ns.delays:
+            for seed in ns.seeds:
+                r = run_worker("probe", {"agent": agent, "delay": delay, "n_cues": ns.n_cues, "batch": ns.batch,
+                                         "lr": ns.lr, "updates": ns.updates, "seed": seed, "threads": ns.threads})
+                solved = "-" if r["updates_to_0.9"] is None else str(r["updates_to_0.9"])
+                print(f"{agent:12s} {delay:6d} {seed:4d} {solved:>10s} {r['accuracy']:9.2f} "
+                      f"{1000 * r['seconds_per_update']:10.1f}", flush=True)
 
 
 def run_suite(cfg) -> None:
@@ -262,7 +283,7 @@ def publish_triggers(suite_dir: Path, root: Path) -> None:
 
 
 def measurement_parser() -> argparse.ArgumentParser:
-    """The argparse forms: ``throughput`` and ``learning``."""
+    """The argparse forms: ``throughput``, ``learning`` and ``probe``."""
     parser = argparse.ArgumentParser(prog="rlmem-benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +310,17 @@ def measurement_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=1)
     s.set_defaults(func=learning)
+    p = sub.add_parser("probe", help="supervised DelayedCue probe: can a memory carry the cue over the delay "
+                                     "when the gradient is given directly (no RL)?")
+    p.add_argument("--agents", nargs="+", default=["gru"])
+    p.add_argument("--delays", nargs="+", type=int, default=[10, 100])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--n-cues", type=int, default=4)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--updates", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=probe)
     return parser
 
 
