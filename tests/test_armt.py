@@ -499,9 +499,28 @@ def _reference_case(segment_len, T=15, seed=21, **kwargs):
 def test_sequence_mode_equals_the_reference_outputs_states_and_parameter_gradients(segment_len, kwargs):
     """The chained, segment-parallel sequence mode against the per-row step loop of the reference (float64):
     outputs, next state (A, z, cache, pos) and gradients w.r.t. every parameter and the incoming state."""
+    _assert_sequence_equals_the_reference(*_reference_case(segment_len, **kwargs))
+
+
+def test_short_episodes_equal_the_reference_when_only_some_chains_write():
+    """PPO's replay of short episodes at random phases: in a round most chains write (the others' memory tokens
+    are computed and dropped) or few do (their memory tokens run apart from the steps), and chains whose last
+    segment closes write only if their memory is the next state. All of it against the reference."""
+    memory = armt(segment_len=4)
+    B, T = 6, 26
+    start = used_state(memory, B)
+    x = torch.randn(B, T, D_IN, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    phase = torch.tensor([0, 1, 2, 3, 4, 5])
+    is_init = (torch.arange(T) + phase.unsqueeze(1)) % 6 == 0  # 6-step episodes: segments of 4 and 2 steps
+    is_init[4] = False
+    is_init[4, T - 8] = True  # row 4 ends with two complete segments: its last chain writes in round 1
+    is_init[5, T - 4] = True  # row 5 ends with one complete segment, after a chain that ends unwritten
+    _assert_sequence_equals_the_reference(memory, x, start, is_init)
+
+
+def _assert_sequence_equals_the_reference(memory, x, start, is_init):
     from rlmem.memory.reference import armt as reference
 
-    memory, x, start, is_init = _reference_case(segment_len, **kwargs)
     float_keys = ("A", "z", "cache")
     results = []
     for run in (memory, lambda *a: reference.forward(memory, *a)):

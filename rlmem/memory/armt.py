@@ -358,17 +358,26 @@ class ARMT(MemorySystem):
         last_at = torch.cat([first_at[1:] - 1, first_at.new_tensor([B * T - 1])])
         n_seg = k[last_at] + 1  # [C] segments per chain
         C = n_seg.shape[0]
-        order = torch.argsort(n_seg, descending=True, stable=True)  # deepest chains first: round r runs a prefix
+        # a write is read by a later segment of its chain or, from a row's last chain, as the next state; a
+        # chain's last segment writes for nothing unless it closes and the chain is its row's last
+        last_writes = (pf[last_at] == S - 1) & ((last_at + 1) % T == 0)  # [C]
+        # deepest chains first (round r runs a prefix); among equally deep ones, those whose last write counts
+        order = torch.argsort(2 * n_seg + last_writes.long(), descending=True, stable=True)
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(C, device=dev))
         slot = rank[chain]  # [B*T] row of each step's chain in the round batches
         R = int(n_seg.max())  # host sync: the number of rounds
         depth = torch.zeros(R, C, dtype=torch.long, device=dev)
-        active = (n_seg[order].unsqueeze(0) > torch.arange(R, device=dev).unsqueeze(1)).sum(1)  # [R]
-        closes = depth.index_put((k, slot), (pf == S - 1).long(), accumulate=True) > 0  # [R, C]: segment complete
+        rounds = torch.arange(R, device=dev).unsqueeze(1)
+        n_seg_s, last_writes_s = n_seg[order].unsqueeze(0), last_writes[order].unsqueeze(0)
+        active = (n_seg_s > rounds).sum(1)  # [R]
+        # [R]: round r's first `writing` chains write (a prefix, by the order above); the others end in round r
+        writing = ((n_seg_s > rounds + 1) | ((n_seg_s == rounds + 1) & last_writes_s)).sum(1)
         tokens = state.get("mem", None)  # recurrent memory tokens (a subclass's); None: the learned constants
-        hooked = closes  # [R, C]: where _next_tokens runs
+        hooked = depth[:, :0]  # [R, C]: where _next_tokens runs
         last = (T - 1) + T * torch.arange(B, device=dev)  # [B] each row's last step
         if tokens is not None:
+            closes = depth.index_put((k, slot), (pf == S - 1).long(), accumulate=True) > 0  # [R, C]: segment complete
+            hooked = closes
             if gate is not None:
                 hooked = depth.index_put((k, slot), ((pf == S - 1) & gate.flatten()).long(), accumulate=True) > 0
             # new tokens are read only by a later segment of the chain that writes them (one that closes) or
@@ -379,7 +388,7 @@ class ARMT(MemorySystem):
             hooked = hooked & (closes_later | in_state)
         # a round in which no segment completes writes nothing: it runs without memory tokens, on its used slots
         used = torch.zeros(R, dtype=torch.long, device=dev).scatter_reduce(0, k, pf + 1, "amax")
-        active_n, closed_n, used_n, hooked_n = torch.stack([active, closes.sum(1), used, hooked.sum(1)]).tolist()
+        active_n, writing_n, used_n, hooked_n = torch.stack([active, writing, used, hooked.sum(1)]).tolist()
         grid = x.new_zeros(R, C, S, d).index_put((k, slot, pf), self.embed(x).flatten(0, 1))  # empty slots: 0
         # each row's first chain continues the state unless it starts with a reset; later chains start from 0
         row_chain = rank[chain.view(B, T)[:, 0]]  # [B]
@@ -406,7 +415,7 @@ class ARMT(MemorySystem):
         finished_tokens = []
         outs, inps = [], []
         for r in range(R):
-            c = active_n[r]
+            c, w = active_n[r], writing_n[r]
             if c < A[0].shape[0]:
                 for i in range(L):  # chains that ended in the last round keep their final memory
                     finished[i][0].append(A[i][c:])
@@ -415,13 +424,19 @@ class ARMT(MemorySystem):
                 if tokens is not None:
                     finished_tokens.append(tokens[c:])
                     tokens = tokens[:c]
-            if closed_n[r]:
-                mem = self.mem_tokens.expand(c, M, d) if tokens is None else tokens
-                n_tok, tok = S, torch.cat([grid[r, :c], mem], 1)  # [c, S+M, d]
-                r_dist, r_allowed = dist, allowed
-            else:
+            # memory tokens only for the writing chains: a segment's steps do not attend to them (causal)
+            if w == 0:  # no write: the round runs on its used slots only
                 n_tok = used_n[r]
                 tok, r_dist, r_allowed = grid[r, :c, :n_tok], dist[:n_tok, :n_tok], allowed[:, :n_tok, :n_tok]
+            else:  # the writers' segments are complete, so all S slots are used
+                n_tok = S
+                mem = self.mem_tokens.expand(w, M, d) if tokens is None else tokens[:w]
+                split = 2 * w < c  # few writers: their memory tokens run apart from the steps (fewer tokens)
+                if split:
+                    tok, r_dist, r_allowed = grid[r, :c], dist[:S, :S], allowed[:, :S, :S]
+                else:  # most chains write: one batch, the non-writers' memory tokens computed and dropped
+                    mem = mem if w == c else torch.cat([mem, self.mem_tokens.expand(c - w, M, d)])
+                    tok, r_dist, r_allowed = torch.cat([grid[r, :c], mem], 1), dist, allowed  # [c, S+M, d]
             round_inps = []
             for i, (layer, memory) in enumerate(zip(self.layers, self.memories)):
                 inp = tok + memory.read(tok, A[i], z[i])
@@ -430,15 +445,23 @@ class ARMT(MemorySystem):
                     inp = torch.cat([seg, inp[:, n_tok:]], 1)
                 round_inps.append(F.pad(inp[:, :n_tok], (0, 0, 0, S - n_tok)))
                 tok = layer(inp, inp, r_allowed, r_dist)
-                if closed_n[r] == c:
-                    A[i], z[i] = memory.write(tok[:, S:], A[i], z[i])
-                elif closed_n[r]:  # a chain's last segment may be unfinished: it does not write
-                    close = closes[r, :c]
-                    A_w, z_w = memory.write(tok[:, S:], A[i], z[i])
-                    A[i] = torch.where(close.view(c, 1, 1), A_w, A[i])
-                    z[i] = torch.where(close.view(c, 1), z_w, z[i])
-            if tokens is not None and hooked_n[r]:
-                tokens = self._next_tokens(tokens, tok[:, S:], A, z, hooked[r, :c], hooked_n[r])
+                if w and split:  # [w, M, d] queries against [the writers' steps; memory tokens]
+                    m_inp = mem + memory.read(mem, A[i][:w], z[i][:w])
+                    mem = layer(m_inp, torch.cat([inp[:w], m_inp], 1), allowed[:, S:], dist[S:])
+                if w:
+                    written = memory.write(mem if split else tok[:w, S:], A[i][:w], z[i][:w])
+                    if w < c:  # the non-writers end here with their memory unchanged
+                        finished[i][0].append(A[i][w:])
+                        finished[i][1].append(z[i][w:])
+                    A[i], z[i] = written
+            if tokens is not None:
+                if hooked_n[r]:  # hooked chains are writers
+                    new = self._next_tokens(tokens[:w], mem if split else tok[:w, S:], A, z, hooked[r, :w],
+                                            hooked_n[r])
+                    tokens = new if w == c else torch.cat([new, tokens[w:]])
+                if w and w < c:
+                    finished_tokens.append(tokens[w:])
+                    tokens = tokens[:w]
             outs.append(F.pad(tok[:, :n_tok], (0, 0, 0, S - n_tok)))
             inps.append(torch.stack(round_inps, 1))
         # round r's chains are rows offset[r] .. offset[r] + active[r] - 1 of the concatenated round outputs
