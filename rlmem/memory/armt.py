@@ -102,6 +102,11 @@ def dpfp(x: torch.Tensor, nu: int = NU) -> torch.Tensor:
     return torch.cat([u * u.roll(j, -1) for j in range(1, nu + 1)], -1)
 
 
+def _stack(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """Per-layer ``[B, ...]`` tensors -> ``[B, L, ...]`` (one layer: a view, not a copy)."""
+    return per_layer[0].unsqueeze(1) if len(per_layer) == 1 else torch.stack(per_layer, 1)
+
+
 class AssociativeMemory(nn.Module):
     """One layer's associative memory: the projections ``W_q, W_k, W_v, W_b``; ``A, z`` live in the state.
 
@@ -288,46 +293,50 @@ class ARMT(MemorySystem):
                 tokens = torch.where(keep.view(B, 1, 1), tokens, self.mem_tokens)
         closing = pos == S - 1  # [B]
         n_closing = int(closing.sum())  # host sync: run the memory tokens only if some row closes
-        write = n_closing > 0
-        # context: [cache (indices S-1-pos .. S-2 hold this segment's earlier steps); new step; memory tokens]
-        q_index = torch.arange(S - 1, S + M if write else S, device=x.device)
-        dist, causal = self._distances(q_index, x.device)
-        if not write:
-            dist, causal = dist[:, :S], causal[:, :S]
-        allowed = causal.expand(B, -1, -1).clone()  # [B, Q, context]
-        allowed[:, 0] &= torch.arange(allowed.shape[-1], device=x.device) >= (S - 1 - pos).view(B, 1)
+        # the new step's query against [cache (indices S-1-pos .. S-2 hold this segment's earlier steps); itself]
+        dist, causal = self._distances(torch.arange(S - 1, S + M, device=x.device), x.device)  # [1 + M, S + M]
+        allowed = (torch.arange(S, device=x.device) >= (S - 1 - pos).view(B, 1)).unsqueeze(1)  # [B, 1, S]
         tok = self.embed(x)
-        if write:
-            tok = torch.cat([tok, self.mem_tokens.expand(B, M, self.d_model) if tokens is None else tokens], 1)
-        As, zs, caches = [], [], []
+        if n_closing:  # the closing rows' memory tokens, [n_closing, M, d]: their cache is full, so only causal
+            every = n_closing == B
+            idx = None if every else closing.nonzero().squeeze(1)
+            if tokens is None:
+                mem = self.mem_tokens.expand(n_closing, M, self.d_model)
+            else:
+                mem = tokens if every else tokens[idx]
+        As, zs, caches, written = [], [], [], []
         for i, (layer, memory) in enumerate(zip(self.layers, self.memories)):
             A_i, z_i = A[:, i], z[:, i]
             inp = tok + memory.read(tok, A_i, z_i)
-            context = torch.cat([cache[:, i], inp], 1)
+            context = torch.cat([cache[:, i], inp], 1)  # [B, S, d]
             caches.append(context[:, 1:S])  # the last S-1 layer inputs, the new step's included
-            tok = layer(inp, context, allowed, dist)
-            if n_closing == B:
-                A_i, z_i = memory.write(tok[:, 1:], A_i, z_i)
-            elif write:  # only the rows whose segment closes write
-                A_w, z_w = memory.write(tok[:, 1:], A_i, z_i)
-                A_i = torch.where(closing.view(B, 1, 1), A_w, A_i)
-                z_i = torch.where(closing.view(B, 1), z_w, z_i)
+            tok = layer(inp, context, allowed, dist[:1, :S])
+            if n_closing:  # the memory tokens attend to the closing rows' segment and causally to each other
+                A_c, z_c = (A_i, z_i) if every else (A_i[idx], z_i[idx])
+                m_inp = mem + memory.read(mem, A_c, z_c)
+                mem = layer(m_inp, torch.cat([context if every else context[idx], m_inp], 1), causal[None, 1:], dist[1:])
+                A_c, z_c = memory.write(mem, A_c, z_c)
+                written.append((A_c, z_c))
+                A_i, z_i = (A_c, z_c) if every else (A_i.index_copy(0, idx, A_c), z_i.index_copy(0, idx, z_c))
             As.append(A_i)
             zs.append(z_i)
         next_pos = (pos + 1) % S
         next_state = TensorDict(
-            {"A": torch.stack(As, 1), "z": torch.stack(zs, 1),
-             "cache": self._clear_stale(torch.stack(caches, 1), next_pos), "pos": next_pos},
+            {"A": _stack(As), "z": _stack(zs), "cache": self._clear_stale(_stack(caches), next_pos), "pos": next_pos},
             batch_size=state.batch_size,
         )
         if tokens is not None:
-            if write:
-                rows = closing if gate is None else closing & gate
+            if n_closing:
+                rows = None if gate is None else gate if every else gate[idx]  # of the closing rows
                 n_rows = n_closing if gate is None else int(rows.sum())  # host sync: skip the hook if no row
                 if n_rows:
-                    tokens = self._next_tokens(tokens, tok[:, 1:], As, zs, rows, n_rows)
+                    if rows is None:
+                        rows = closing.new_ones(n_closing)
+                    new = self._next_tokens(tokens if every else tokens[idx], mem, [a for a, _ in written],
+                                            [b for _, b in written], rows, n_rows)
+                    tokens = new if every else tokens.index_copy(0, idx, new)
             next_state["mem"] = tokens
-        return self.norm_f(tok[:, :1]), next_state
+        return self.norm_f(tok), next_state
 
     def _clear_stale(self, cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Zero the slots of a right-aligned ``cache: [B, L, S-1, d]`` that hold no step of the running
