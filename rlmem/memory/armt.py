@@ -398,13 +398,16 @@ class ARMT(MemorySystem):
         # a round in which no segment completes writes nothing: it runs without memory tokens, on its used slots
         used = torch.zeros(R, dtype=torch.long, device=dev).scatter_reduce(0, k, pf + 1, "amax")
         active_n, writing_n, used_n, hooked_n = torch.stack([active, writing, used, hooked.sum(1)]).tolist()
-        grid = x.new_zeros(R, C, S, d).index_put((k, slot, pf), self.embed(x).flatten(0, 1))  # empty slots: 0
+        grid = x.new_zeros(R, C, S, d).index_put_((k, slot, pf), self.embed(x).flatten(0, 1))  # empty slots: 0
         # each row's first chain continues the state unless it starts with a reset; later chains start from 0
         row_chain = rank[chain.view(B, T)[:, 0]]  # [B]
         carries = (~is_init[:, 0]).to(x.dtype)
-        A0 = x.new_zeros(C, L, self.d_key, d).index_put((row_chain,), state["A"] * carries.view(B, 1, 1, 1))
-        z0 = x.new_zeros(C, L, self.d_key).index_put((row_chain,), state["z"] * carries.view(B, 1, 1))
+        A0 = x.new_zeros(C, L, self.d_key, d).index_put_((row_chain,), state["A"] * carries.view(B, 1, 1, 1))
+        z0 = x.new_zeros(C, L, self.d_key).index_put_((row_chain,), state["z"] * carries.view(B, 1, 1))
         A, z = list(A0.unbind(1)), list(z0.unbind(1))
+        # in round 0 the chains that start with a reset read an empty memory (0): only the carried ones read
+        carry_slots = row_chain[~is_init[:, 0]]
+        n_carry = carry_slots.shape[0]
         if tokens is not None:  # every chain starts from the learned tokens, a continuing first chain from its state's
             row_tokens = torch.where(is_init[:, 0].view(B, 1, 1), self.mem_tokens, tokens)
             tokens = self.mem_tokens.expand(C, M, d).index_put((row_chain,), row_tokens)
@@ -416,8 +419,8 @@ class ARMT(MemorySystem):
             rows_h = state["cache"].gather(2, src[:, None, :, None].expand(B, L, S - 1, d))
             rows_h = torch.cat([rows_h, rows_h.new_zeros(B, L, 1, d)], 2)  # [B, L, S, d]
             mask = torch.arange(S, device=dev) < n_cached.unsqueeze(1)  # [B, S]
-            cached = (torch.zeros(C, S, 1, dtype=torch.bool, device=dev).index_put((row_chain,), mask.unsqueeze(-1)),
-                      x.new_zeros(C, L, S, d).index_put((row_chain,), rows_h))
+            cached = (torch.zeros(C, S, 1, dtype=torch.bool, device=dev).index_put_((row_chain,), mask.unsqueeze(-1)),
+                      x.new_zeros(C, L, S, d).index_put_((row_chain,), rows_h))
         dist, allowed = self._distances(torch.arange(S + M, device=dev), dev)
         allowed = allowed.unsqueeze(0)
         finished = [([], []) for _ in range(L)]  # per layer: (A, z) of chains as they finish, deepest last
@@ -448,7 +451,13 @@ class ARMT(MemorySystem):
                     tok, r_dist, r_allowed = torch.cat([grid[r, :c], mem], 1), dist, allowed  # [c, S+M, d]
             round_inps = []
             for i, (layer, memory) in enumerate(zip(self.layers, self.memories)):
-                inp = tok + memory.read(tok, A[i], z[i])
+                if r > 0 or n_carry == c:
+                    inp = tok + memory.read(tok, A[i], z[i])
+                elif n_carry:
+                    read = memory.read(tok[carry_slots], A[i][carry_slots], z[i][carry_slots])
+                    inp = tok.index_add(0, carry_slots, read)
+                else:
+                    inp = tok
                 if r == 0 and cached is not None:
                     seg = torch.where(cached[0][:, :n_tok], cached[1][:, i, :n_tok], inp[:, :n_tok])
                     inp = torch.cat([seg, inp[:, n_tok:]], 1)
