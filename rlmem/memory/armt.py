@@ -98,7 +98,7 @@ def dpfp(x: torch.Tensor, nu: int = NU) -> torch.Tensor:
     ``u = [relu(x), relu(-x)]`` (``2d``), then ``[u * roll(u, 1), ..., u * roll(u, nu)]`` along the last
     dim (``roll(u, j)[i] = u[i - j]``). Nonnegative, so ``z . phi(q)`` is a sum of nonnegative terms.
     """
-    u = torch.cat([F.relu(x), F.relu(-x)], -1)
+    u = F.relu(torch.cat([x, -x], -1))  # [relu(x), relu(-x)]
     return torch.cat([u * u.roll(j, -1) for j in range(1, nu + 1)], -1)
 
 
@@ -140,10 +140,10 @@ class AssociativeMemory(nn.Module):
         beta = torch.sigmoid(self.w_b(m))  # [B, M, 1] per-token write strength
         if self.rule == "delta":  # unit keys: k A is what a read with k returns now, so only the difference is written
             k = F.normalize(k, dim=-1, eps=self.eps)
-            return A + (beta * k).transpose(1, 2) @ (self.w_v(m) - k @ A), z
+            return torch.baddbmm(A, (beta * k).transpose(1, 2), self.w_v(m) - k @ A), z  # A + (beta k)^T (...)
         zk = k @ z.unsqueeze(-1)  # [B, M, 1]
         v_bar = (k @ A) / (zk + self.eps)  # what the memory returns for k now: only the difference is written
-        A = A + (beta * k).transpose(1, 2) @ (self.w_v(m) - v_bar)
+        A = torch.baddbmm(A, (beta * k).transpose(1, 2), self.w_v(m) - v_bar)  # no [B, K, d] temporary
         if not self.correction:  # z = the sum of all keys: a read is a weighted mean of the written differences
             return A, z + k.sum(1)
         # the normalizer grows only by the part of k that z does not already cover (delta-rule correction)
