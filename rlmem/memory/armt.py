@@ -57,11 +57,14 @@ reset zeroes the whole state, so chains share nothing and all chains of all rows
 step gets its position in its segment (counted from the last reset, else from the state's ``pos``) and
 its segment number inside its chain; round ``r`` then processes the r-th segment of every chain that has
 one, whole segments at once (causally masked, ``[chains, S + M]`` tokens), so the number of rounds is the
-segment count of the longest chain, not T. A chain's last segment may be unfinished: it does not write,
-and a round in which no segment completes runs without memory tokens on its used slots only. The first
-chain of a row continues the given state (its memory, and in round 0 the cached layer inputs of a
-segment begun earlier) unless the row starts with a reset. Step mode (T = 1) runs the new step's query
-against the cache, plus the memory tokens only when some row's segment closes.
+segment count of the longest chain, not T. A chain's last segment may be unfinished: it does not write.
+A write that nothing reads (a chain's last segment, unless the chain is its row's last: its memory is the
+next state) is skipped, so a round runs memory tokens only for its writing chains (apart from the steps
+when they are few: the steps do not attend to them) and a round without writers runs on its used slots
+only. The first chain of a row continues the given state (its memory, and in round 0 the cached layer
+inputs of a segment begun earlier) unless the row starts with a reset; only those chains read the memory
+in round 0 (an empty memory reads 0). Step mode (T = 1) runs the new step's query against the cache, plus
+the memory tokens, read and write of the rows whose segment closes.
 
 Recurrent memory tokens (the hook DARMT builds on, :mod:`rlmem.memory.darmt`): ARMT appends the same learned
 tokens to every segment. If the state has a key ``"mem": [B, M, d_model]``, those are the tokens of each
