@@ -128,6 +128,16 @@ def assert_grads_equal(fast, ref, loss_f, loss_r, inputs_f, inputs_r):
         torch.testing.assert_close(gf[name], gr[name], **tol, msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
+def assert_sequences_equal(fast, ref, x, is_init, refine, state):
+    """Sequence mode of ``fast`` and ``ref`` from the same inputs: equal outputs and gradients (input included)."""
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_f = run_sequence(fast, xf, is_init, refine, state)
+    out_r = run_sequence(ref, xr, is_init, refine, state)
+    for a, b in zip(out_f, out_r):
+        torch.testing.assert_close(a, b, **TOL)
+    assert_grads_equal(fast, ref, loss_of(*out_f), loss_of(*out_r), [xf], [xr])
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("refine_kind", ["random", "all", "none", "absent"])
 def test_sequence_mode_matches_the_reference(config, refine_kind):
@@ -183,12 +193,7 @@ def test_fused_llama_with_grouped_query_attention_and_biases(gqa_llama):
     fast, ref = pair(seed=4, generator=gqa_llama, d_model=16, n_heads=4)
     assert fast._fused_read
     x, is_init, refine, state = data(fast, seed=8)
-    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_f = run_sequence(fast, xf, is_init, refine, state)
-    out_r = run_sequence(ref, xr, is_init, refine, state)
-    for a, b in zip(out_f, out_r):
-        torch.testing.assert_close(a, b, **TOL)
-    assert_grads_equal(fast, ref, loss_of(*out_f), loss_of(*out_r), [xf], [xr])
+    assert_sequences_equal(fast, ref, x, is_init, refine, state)
 
 
 def test_same_parameters_state_and_checkpoint_keys():
@@ -240,12 +245,7 @@ def test_cached_generator_weights_follow_in_place_edits_and_inference_mode():
             module.generator.layers[0].self_attn.q_proj.weight.mul_(1.5)
             module.generator.layers[-1].self_attn.k_proj.weight.add_(0.1)
             module.generator.layers[-1].mlp.up_proj.weight.mul_(-1.0)
-    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_f = run_sequence(fast, xf, is_init, refine, state)
-    out_r = run_sequence(ref, xr, is_init, refine, state)
-    for a, b in zip(out_f, out_r):
-        torch.testing.assert_close(a, b, **TOL)
-    assert_grads_equal(fast, ref, loss_of(*out_f), loss_of(*out_r), [xf], [xr])
+    assert_sequences_equal(fast, ref, x, is_init, refine, state)
 
 
 @pytest.mark.parametrize("reset_steps", [[], [0], [1, 3], [0, 2, 3]])
