@@ -46,7 +46,7 @@ def one_line_error(main, args, capsys) -> str:
     (train_lm.main, ["model=gruu"], ("train_lm: invalid configuration: model='gruu' is not a config of "
      f"rlmem/conf/model/ (did you mean 'gru'?); valid: {MODELS}")),
     (benchmark.main, ["suite=smok"], ("benchmark: invalid configuration: suite='smok' is not a config of "
-     "rlmem/conf/suite/ (did you mean 'smoke'?); valid: all, collectors, horizon, lm, pareto, popgym, reward_scales, "
+     "rlmem/conf/suite/ (did you mean 'smoke'?); valid: all, collectors, horizon, leaderboard, lm, pareto, popgym, reward_scales, "
      "smoke")),
 ])
 def test_a_wrong_config_name_is_one_line_with_the_choices(main, args, expected, capsys):
