@@ -5,6 +5,8 @@ float64, same weights, step and sequence mode, resets mid-sequence, next states 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -81,12 +83,10 @@ def fast_forward(memory, x, state, is_init):
 COMPACT = {"A", "B", "three_layers_middle_read", "lora_on_k"}
 
 
-@pytest.mark.parametrize("source", ["tiny", "tiny-gpt2"])
-@pytest.mark.parametrize("config", [*CONFIGS, "lora_on_k"])
+# LoRA on all of LLaMA's q/k/v projections: LLaMA only (GPT-2 fuses q/k/v into one c_attn)
+@pytest.mark.parametrize("source, config", [*itertools.product(["tiny", "tiny-gpt2"], CONFIGS), ("tiny", "lora_on_k")])
 def test_window_mode_equals_the_reference_outputs_states_and_gradients(source, config, monkeypatch):
-    if config == "lora_on_k":  # LoRA on all of LLaMA's q/k/v projections
-        if source != "tiny":
-            pytest.skip("GPT-2 fuses q/k/v into c_attn")
+    if config == "lora_on_k":
         kwargs = {"lora_targets": ["q_proj", "k_proj", "v_proj"]}
     else:
         kwargs = CONFIGS[config]
