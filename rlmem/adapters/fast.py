@@ -131,7 +131,7 @@ class Stack:
     def rotation(cs: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The matrices of :meth:`rotate`: ``[P, dh, dh]`` (``x @ R_p``)."""
         cos, sin = cs[0][:, 0], cs[1][:, 0]  # [P, dh]
-        P, dh = cos.shape
+        dh = cos.shape[1]
         half = dh // 2
         sign = torch.ones(dh, dtype=sin.dtype, device=sin.device)
         sign[:half] = -1
@@ -285,7 +285,7 @@ def _compact_hidden(st: Stack, h: torch.Tensor, qkv, live: torch.Tensor, cs) -> 
     padding window. Each layer gathers its keys/values (and queries) from the compact rows into whole
     windows (``dense``: the padding slots of a real window read the padding window's row of that slot),
     attends, and runs the rest of the layer on the compact rows only."""
-    N, W, D = h.shape
+    N, W, _ = h.shape
     dev = h.device
     flat_live = torch.cat([live.reshape(-1), torch.ones(W, dtype=torch.bool, device=dev)])  # [N * W]
     to_compact = flat_live.nonzero().squeeze(1)  # [R]: dense position of each compact row
