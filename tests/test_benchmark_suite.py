@@ -280,3 +280,20 @@ def test_probe_is_a_measurement_form_of_the_benchmark_cli():
                                           "--seeds", "0", "1", "2"])
     assert "probe" in MEASUREMENTS and ns.command == "probe"
     assert (ns.agents, ns.delays, ns.seeds) == (["gru", "transformer"], [100, 300], [0, 1, 2])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--agents", "grux"], "'grux' is not an agent config; valid: "),
+    (["--delays", "-1"], "needs --delays >= 0"),
+    (["--n-cues", "1"], "--n-cues >= 2"),
+])
+def test_probe_refuses_bad_arguments_before_running_anything(args, message):
+    from rlmem.commands.benchmark import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["probe", *args])
+    assert message in str(err.value)
+    if "agent config" in message:  # every agent config on disk is named
+        from rlmem.conf import CONF_DIR
+
+        assert all(p.stem in str(err.value) for p in (CONF_DIR / "agent").glob("*.yaml"))

@@ -151,6 +151,15 @@ def learning(ns: argparse.Namespace) -> None:
 
 def probe(ns: argparse.Namespace) -> None:
     """The supervised DelayedCue probe of every agent and delay (:func:`bench_workers.worker_probe`)."""
+    from rlmem.conf import available
+
+    unknown = [a for a in ns.agents if a not in available("agent")]
+    if unknown:
+        raise SystemExit(f"rlmem-benchmark probe: --agents {unknown[0]!r} is not an agent config; "
+                         f"valid: {', '.join(available('agent'))}")
+    if min(ns.delays) < 0 or ns.n_cues < 2 or ns.batch < 1 or ns.updates < 1 or ns.lr <= 0:
+        raise SystemExit("rlmem-benchmark probe: needs --delays >= 0, --n-cues >= 2, --batch >= 1, --updates >= 1 "
+                         "and --lr > 0")
     print(f"Supervised DelayedCue probe ({ns.n_cues} cues): cross-entropy on the cue at the query step, batch "
           f"{ns.batch}, Adam lr {ns.lr}, at most {ns.updates} updates, seeds {ns.seeds}; solved = 10-update "
           "moving accuracy >= 0.9")
