@@ -306,7 +306,8 @@ def report(suite: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], suite_di
     missing = [r for r in rows if r["status"] != "finished"]
     how = ("Normalized score = (eval return - chance) / (optimal - chance), with the env's own levels (eval "
            "return: the mean return of the greedy policy's evaluation episodes at the end of the run; chance: the "
-           "uniformly random policy's expected return): 0 = random, 1 = optimal. Cells: mean over seeds [{CONFIDENCE:.0%} bootstrap CI]. IQM: "
+           f"uniformly random policy's expected return): 0 = random, 1 = optimal. Cells: mean over seeds "
+           f"[{CONFIDENCE:.0%} bootstrap CI]. IQM: "
            "interquartile mean of every run on the core tasks (columns without †: every memory ran them), "
            f"{CONFIDENCE:.0%} stratified-bootstrap CI ({REPS:,} resamples within each task, seed {SEED}; "
            "Agarwal et al. 2021). A run that failed or did not finish is left out, not scored as zero: a cell "

@@ -107,6 +107,7 @@ def test_report_from_run_dirs_has_the_hand_computed_numbers(tmp_path):
     assert "4 of 18 runs without results" in text and "`dc` (delayed_cue, delay 10, 100): 100 frames" in text
     assert "Ranked by IQM over the 2 core tasks: gru" in text and f"aggregate (no finished run on some core task): " \
         f"{REFERENCE_AGENT}" in text
+    assert "mean over seeds [95% bootstrap CI]" in text and "{" not in text  # every placeholder filled
     assert images == ["leaderboard_horizon.png", "leaderboard_cost.png"]
     assert all((tmp_path / i).stat().st_size > 0 for i in images)
 
