@@ -42,7 +42,9 @@ def _count_flops(fn) -> int:
 def measure_path_flops(memory, steps: int = 8, seed: int = 0) -> PathCost:
     """FLOPs of ``steps`` acting steps (``T = 1`` calls, one row, from the initial state) of ``memory`` with
     its trigger all on and all off, per step. ``steps`` covers periodic paths (a coprocessor that runs when a
-    segment closes costs its FLOPs spread over the segment's steps)."""
+    segment closes costs its FLOPs spread over the segment's steps). A memory without a gated path
+    (``trigger_path`` None) is called without a trigger: its whole cost is ``base``, ``path`` is 0."""
+    gated = getattr(memory, "trigger_path", None) is not None
     g = torch.Generator().manual_seed(seed)
     param = next(memory.parameters(), None)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
@@ -59,10 +61,12 @@ def measure_path_flops(memory, steps: int = 8, seed: int = 0) -> PathCost:
         state = memory.initial_state(1)
         for t in range(steps):
             is_init = torch.tensor([[t == 0]])
-            _, state = memory(xs[t], state, is_init, trigger=torch.full((1, 1), fire))
+            trigger = {"trigger": torch.full((1, 1), fire)} if gated else {}
+            _, state = memory(xs[t], state, is_init, **trigger)
 
     try:
-        on, off = _count_flops(lambda: run(True)), _count_flops(lambda: run(False))
+        off = _count_flops(lambda: run(False))
+        on = _count_flops(lambda: run(True)) if gated else off
     finally:
         memory.train(was_training)
         for p in needs_grad:

@@ -297,3 +297,18 @@ def test_probe_refuses_bad_arguments_before_running_anything(args, message):
         from rlmem.conf import CONF_DIR
 
         assert all(p.stem in str(err.value) for p in (CONF_DIR / "agent").glob("*.yaml"))
+
+
+def test_memory_mflops_counts_one_acting_step_by_hand():
+    """mlp: one Linear(encoder_dim -> hidden): 2 d h FLOPs; gru: three gates of [x; h]: 2 * 3 h (d + h); lstm's
+    fused kernel counts nothing and the reference is no rlmem memory: unknown (None), never 0."""
+    from rlmem.commands.benchmark import memory_mflops
+    from rlmem.commands.overrides import group_config
+    from rlmem.suite import REFERENCE_AGENT
+
+    mlp, gru = group_config("agent", "mlp"), group_config("agent", "gru")
+    d, h = mlp["encoder_dim"], mlp["hidden_size"]
+    assert memory_mflops("mlp") == pytest.approx(2 * d * h / 1e6)
+    d, h = gru["encoder_dim"], gru["hidden_size"]
+    assert memory_mflops("gru") == pytest.approx(2 * 3 * h * (d + h) / 1e6)
+    assert memory_mflops("lstm") is None and memory_mflops(REFERENCE_AGENT) is None

@@ -214,7 +214,6 @@ def memory_mflops(agent: str) -> float | None:
     :func:`rlmem.compute.measure_path_flops`'s count); None for a name without an agent config (the reference)
     or a memory of which FlopCounterMode counts nothing."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from rlmem.commands.overrides import group_config
     from rlmem.compute import measure_path_flops
@@ -227,18 +226,8 @@ def memory_mflops(agent: str) -> float | None:
     cfg.pop("name", None)
     memory, d_in = cfg.pop("memory"), int(cfg.pop("encoder_dim", 64))
     torch.manual_seed(0)
-    built = build_memory(memory, d_in=d_in, **cfg)
-    if getattr(built, "trigger_path", None) is not None:
-        cost = measure_path_flops(built)
-        return (cost.base + cost.path) / 1e6
-    steps = 8  # as measure_path_flops: acting steps (T = 1, one row) from the initial state, per step
-    xs = torch.randn(steps, 1, 1, d_in, generator=torch.Generator().manual_seed(0))
-    built.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        state = built.initial_state(1)
-        for t in range(steps):
-            _, state = built(xs[t], state, torch.tensor([[t == 0]]))
-    flops = counter.get_total_flops() / steps
+    cost = measure_path_flops(build_memory(memory, d_in=d_in, **cfg))
+    flops = cost.base + cost.path
     return flops / 1e6 if flops else None  # nothing counted (torch's fused LSTM is no op it knows): unknown, not 0
 
 
