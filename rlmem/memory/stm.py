@@ -82,7 +82,7 @@ from rlmem.causal_lm import TINY_SOURCES, load_causal_lm
 from rlmem.validate import check_float, check_int
 from rlmem.memory.base import MemorySystem, check_inputs
 from rlmem.memory.registry import register_memory
-from rlmem.memory.stm_generator import _RotaryCache, fused_last_hidden, supports_fused
+from rlmem.memory.stm_generator import GeneratorCache, fused_last_hidden, supports_fused
 
 
 def parameters_to_buffers(module: nn.Module) -> nn.Module:
@@ -417,7 +417,7 @@ class STM(MemorySystem):
         self._aux = _LastAux()
         # a LLaMA generator is read by the fused forward (same numbers; rlmem/memory/stm_generator.py)
         self._fused_read = supports_fused(self.generator)
-        self._rotary = _RotaryCache()
+        self._generator_cache = GeneratorCache()
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_model={self.d_model}, n_slots={self.n_slots}, n_refine={self.n_refine}, "
@@ -464,7 +464,7 @@ class STM(MemorySystem):
         else:
             tokens = self.to_generator(tokens) * self.input_scale  # [N, K+2, hidden]
         if self._fused_read:
-            return self.from_generator(fused_last_hidden(self.generator, tokens, self._rotary))
+            return self.from_generator(fused_last_hidden(self.generator, tokens, self._generator_cache))
         hidden = self.generator(inputs_embeds=tokens, use_cache=False).last_hidden_state
         return self.from_generator(hidden[:, -1])
 

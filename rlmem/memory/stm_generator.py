@@ -13,7 +13,7 @@ batched matmul per layer projects every position to rotated queries, rotated key
 ``is_causal`` instead of a mask; and the last layer at the last position only (its keys and values at every
 position). The derived weights (``S`` copies of the q/k weights; and the rotary ``cos``/``sin`` from the
 model's own ``rotary_emb``) are
-cached in a :class:`_RotaryCache` keyed on the length, dtype, device and every source tensor's storage and
+cached in a :class:`GeneratorCache` keyed on the length, dtype, device and every source tensor's storage and
 version, so ``.to()``, ``load_state_dict`` and in-place edits invalidate them; nothing is added to
 parameters, buffers or ``state_dict``. RMSNorm keeps HF's float32 computation (one fused ``rms_norm`` kernel
 for float32 inputs). Gradients flow to the input embeddings as through the HF call. ``supports_fused(model)``
@@ -73,7 +73,7 @@ def _rotated(w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: in
     return cos * w + sin * _rotate_rows(w, head_dim)
 
 
-class _RotaryCache:
+class GeneratorCache:
     """What the fused read derives from the frozen weights, recomputed only when they change.
 
     ``get``: ``(cos, sin)`` of positions ``0 .. S-1``, ``[1, 1, S, head_dim]``, from the model's own
@@ -111,7 +111,7 @@ class _RotaryCache:
         return hit[1]
 
     def __deepcopy__(self, memo):
-        return _RotaryCache()
+        return GeneratorCache()
 
     def __getstate__(self):
         return {"key": None, "value": None, "layers": {}}
@@ -150,13 +150,13 @@ def _layer_weights(layer: nn.Module, last: bool, cos: torch.Tensor, sin: torch.T
     return weight, bias, q_weight, q_bias, gate_up_weight, gate_up_bias
 
 
-def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCache) -> torch.Tensor:
+def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, cache: GeneratorCache) -> torch.Tensor:
     """``model(inputs_embeds=embeds).last_hidden_state[:, -1]`` of a LLaMA model (:func:`supports_fused`):
     ``embeds: [N, S, hidden]`` -> ``[N, hidden]``."""
     config = model.config
     layers = model.layers[: config.num_hidden_layers]
     N, S, _ = embeds.shape
-    cos, sin = rotary.get(model, S, embeds)
+    cos, sin = cache.get(model, S, embeds)
     cos, sin = cos[0, 0], sin[0, 0]  # [S, head_dim]
     h = embeds
     last = len(layers) - 1
@@ -165,7 +165,7 @@ def fused_last_hidden(model: nn.Module, embeds: torch.Tensor, rotary: _RotaryCac
         hd = attn.head_dim
         n_q, n_kv = attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
         x = _rms_norm(layer.input_layernorm, h)
-        weight, bias, q_weight, q_bias, gate_up_weight, gate_up_bias = rotary.weights(i, layer, i == last, cos, sin)
+        weight, bias, q_weight, q_bias, gate_up_weight, gate_up_bias = cache.weights(i, layer, i == last, cos, sin)
         # every position's projection in one batched matmul (position-major), rotary included
         proj = torch.bmm(x.transpose(0, 1), weight) if bias is None else torch.baddbmm(bias, x.transpose(0, 1), weight)
         if i < last:
